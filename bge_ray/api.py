@@ -1,0 +1,178 @@
+"""The Python API: ``finetune(config) -> FinetuneResult``. The CLI and ``jobs/`` scripts call this."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from bge_ray.config import FinetuneConfig, resolve_config
+
+
+@dataclass
+class FinetuneResult:
+    """What a fine-tune produced."""
+
+    model_dir: str
+    metrics: dict[str, Any]
+    checkpoint: Any
+    num_rows: int
+    num_bad_rows: int
+    config: FinetuneConfig
+
+
+def _log(msg: str) -> None:
+    print(f"[bge-ray] {msg}", file=sys.stderr, flush=True)
+
+
+def ensure_ray(cfg: FinetuneConfig) -> None:
+    """Connect to the cluster in ``ray_address``/``RAY_ADDRESS``, or start a local one sized for the run."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        return
+    # A local cluster: the training workers' CPUs plus room for the Ray Data tasks that feed them,
+    # even on a machine with fewer cores than workers (CPU slots are logical).
+    per_worker = cfg.worker_resources.get("CPU", 1)
+    num_cpus = max(os.cpu_count() or 1, int(math.ceil(cfg.num_workers * per_worker)) + 1)
+    ray.init(num_cpus=num_cpus, runtime_env=env, include_dashboard=False, log_to_driver=True)
+
+
+
+class _ProgressPrinter(threading.Thread):
+    """Prints the workers' step metrics on the driver as they arrive."""
+
+    def __init__(self, queue: Any, launch_time: float) -> None:
+        super().__init__(daemon=True)
+        self.queue = queue
+        self.launch_time = launch_time
+        self.stop_event = threading.Event()
+        self.first_step_s: Optional[float] = None
+
+    def run(self) -> None:
+        from ray.util.queue import Empty
+
+        while not self.stop_event.is_set():
+            try:
+                item = self.queue.get(timeout=0.5)
+            except Empty:
+                continue
+            except Exception:  # the queue actor is gone: the run is ending
+                return
+            self.show(item)
+
+    def show(self, m: dict[str, Any]) -> None:
+        if self.first_step_s is None:
+            self.first_step_s = m["time"] - self.launch_time
+        done = m["step"] / m["total_steps"]
+        elapsed = m["time"] - self.launch_time
+        eta = (elapsed / done - elapsed) if done > 0 else float("nan")
+        print(
+            f"step {m['step']:>5}/{m['total_steps']} | epoch {m['epoch']:.2f} | loss {m['loss']:.4f} | "
+            f"lr {m['learning_rate']:.2e} | grad {m['grad_norm']:.3f} | {m['groups_per_s']:.2f} groups/s | "
+            f"{m['tokens_per_s']:,.0f} tok/s | data wait {100 * m['data_wait_frac']:.1f}% | "
+            f"elapsed {elapsed:,.0f}s | eta {eta:,.0f}s",
+            flush=True,
+        )
+
+
+def _publish_model(src: str, output_dir: str) -> str:
+    """Copy the exported model to ``output_dir``, replacing an old one only once the new one is complete."""
+    output_dir = os.path.abspath(output_dir)
+    parent = os.path.dirname(output_dir)
+    os.makedirs(parent, exist_ok=True)
+    staging = f"{output_dir}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(src, staging)
+    if os.path.exists(output_dir):
+        old = f"{output_dir}.old-{os.getpid()}"
+        os.replace(output_dir, old)
+        os.replace(staging, output_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, output_dir)
+    return output_dir
+
+
+def finetune(config: FinetuneConfig | dict[str, Any] | str) -> FinetuneResult:
+    """Fine-tune an embedder on a Ray cluster and write the model to ``output_dir``.
+
+    ``config``: a :class:`FinetuneConfig`, a dict of its fields, or a YAML path. It is validated
+    before Ray starts. Connects to ``ray_address`` (or ``RAY_ADDRESS``) or starts a local Ray.
+    """
+    cfg = resolve_config(config)
+    launch = time.time()
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.util.queue import Queue
+
+    from bge_ray.data import build_train_dataset
+    from bge_ray.deepspeed_config import build_deepspeed_config
+    from bge_ray.train import MODEL_SUBDIR, TrainPlan, train_loop
+
+    ensure_ray(cfg)
+    dataset, summary = build_train_dataset(cfg)
+    _log(f"training data: {summary.describe()}")
+    plan = TrainPlan.make(cfg, summary.num_rows)
+    ds_config = build_deepspeed_config(cfg, cfg.num_workers, plan.total_steps, plan.warmup_steps)
+    _log(
+        f"plan: {plan.total_steps} optimizer steps ({plan.steps_per_epoch}/epoch, {plan.num_epochs} epoch(s)) on "
+        f"{cfg.num_workers} worker(s) x batch {cfg.per_device_train_batch_size} x group {cfg.train_group_size}, "
+        f"ZeRO-{ds_config['zero_optimization'].get('stage', 0)}"
+        f"{', bf16' if cfg.bf16 else ', fp16' if cfg.fp16 else ''}"
+    )
+    progress = Queue(maxsize=10_000)
+    storage = cfg.storage_path or os.path.join(os.path.expanduser("~"), "ray_results")
+    if "://" not in storage:
+        storage = os.path.abspath(storage)
+    run_name = cfg.run_name or f"bge-ray-{os.path.basename(os.path.abspath(cfg.output_dir))}"
+    trainer = TorchTrainer(
+        train_loop_per_worker=train_loop,
+        train_loop_config={"cfg": cfg.to_dict(), "plan": dataclasses.asdict(plan), "ds_config": ds_config,
+                           "progress": progress},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker=cfg.worker_resources),
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=run_name, storage_path=storage,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.save_total_limit),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+        ),
+        datasets={"train": dataset},
+    )
+    printer = _ProgressPrinter(progress, launch)
+    printer.start()
+    try:
+        result = trainer.fit()
+    finally:
+        printer.stop_event.set()
+        printer.join(timeout=2)
+        while not progress.empty():  # show what arrived after the printer's last look
+            printer.show(progress.get_nowait())
+        ray.kill(progress.actor)
+    if result.checkpoint is None:
+        raise RuntimeError(f"training finished without a checkpoint; see the run in {storage}/{run_name}")
+    with result.checkpoint.as_directory() as ckpt_dir:
+        src = os.path.join(ckpt_dir, MODEL_SUBDIR)
+        if not os.path.isdir(src):
+            raise RuntimeError(f"the final checkpoint {result.checkpoint.path} holds no exported model")
+        model_dir = _publish_model(src, cfg.output_dir)
+    metrics = dict(result.metrics or {})
+    if printer.first_step_s is not None:
+        metrics["driver_time_to_first_log_s"] = printer.first_step_s
+    metrics["wall_s"] = time.time() - launch
+    _log(f"model written to {model_dir}")
+    return FinetuneResult(model_dir=model_dir, metrics=metrics, checkpoint=result.checkpoint,
+                          num_rows=summary.num_rows, num_bad_rows=summary.num_bad, config=cfg)

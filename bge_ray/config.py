@@ -1,0 +1,432 @@
+"""One typed config for a fine-tune, with FlagEmbedding's argument names and defaults.
+
+Loaded from YAML, overridden from the command line (``--key value``, ``--key=value``, a bare
+``--flag`` for booleans, several values after a list field such as ``--train_data a.jsonl b/``),
+and validated once, before Ray starts. Every error is a :class:`ConfigError` whose message says
+what to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import glob
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+POOLING_METHODS = ("cls", "mean", "last_token")
+KD_LOSS_TYPES = ("kl_div", "m3_kd_loss")
+ZERO_SHORTHANDS = {"zero0": 0, "zero1": 1, "zero2": 2, "zero3": 3, "0": 0, "1": 1, "2": 2, "3": 3}
+REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "hdfs://", "abfs://", "abfss://", "az://", "file://")
+
+# Flags that FlagEmbedding / HF TrainingArguments commands commonly carry and that have no
+# meaning here; accepted so that a working torchrun command moves over unchanged.
+COMPAT_IGNORED = {
+    "overwrite_output_dir": "bge-ray never writes over a finished model: output_dir is replaced atomically",
+    "dataloader_drop_last": "bge-ray always drops the last incomplete batch so every worker runs the same steps",
+    "cache_path": "Ray Data streams the data; there is no tokenized cache on disk",
+    "report_to": "metrics go through ray.train.report; use Ray's integrations for trackers",
+    "use_cpu": "set use_gpu instead",
+    "ddp_backend": "Ray Train picks gloo on CPU and nccl on GPU",
+    "ddp_find_unused_parameters": "DeepSpeed handles unused parameters",
+    "same_dataset_within_batch": "batches mix rows from all files",
+    "small_threshold": "only used with same_dataset_within_batch",
+    "drop_threshold": "only used with same_dataset_within_batch",
+    "local_rank": "set by Ray Train",
+}
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message says which field and what to change."""
+
+
+@dataclass
+class FinetuneConfig:
+    """Every knob of a fine-tune. Field names follow FlagEmbedding's runner."""
+
+    # --- model ---
+    model_name_or_path: Optional[str] = None
+    cache_dir: Optional[str] = None
+    trust_remote_code: bool = False
+
+    # --- data ---
+    train_data: list[str] = field(default_factory=list)
+    query_max_len: int = 32
+    passage_max_len: int = 128
+    pad_to_multiple_of: Optional[int] = None
+    train_group_size: int = 8
+    query_instruction_for_retrieval: Optional[str] = None
+    query_instruction_format: str = "{}{}"
+    passage_instruction_for_retrieval: Optional[str] = None
+    passage_instruction_format: str = "{}{}"
+    knowledge_distillation: bool = False
+    max_example_num_per_dataset: int = 100_000_000
+    skip_bad_rows: bool = False
+    shuffle_buffer_size: int = 1000
+
+    # --- training ---
+    temperature: float = 0.02
+    sentence_pooling_method: str = "cls"
+    normalize_embeddings: bool = True
+    negatives_cross_device: bool = False
+    kd_loss_type: str = "kl_div"
+    fix_position_embedding: bool = False
+    learning_rate: float = 5e-5
+    num_train_epochs: float = 3.0
+    max_steps: int = -1
+    per_device_train_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    warmup_ratio: float = 0.0
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    fp16: bool = False
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    deepspeed: Optional[str] = None
+    seed: int = 42
+    logging_steps: int = 500
+    save_steps: int = 500
+    save_total_limit: Optional[int] = None
+    output_dir: Optional[str] = None
+
+    # --- scaling ---
+    num_workers: int = 1
+    use_gpu: bool = False
+    resources_per_worker: Optional[dict[str, float]] = None
+    storage_path: Optional[str] = None
+    run_name: Optional[str] = None
+    max_failures: int = 0
+    ray_address: Optional[str] = None
+
+    # ------------------------------------------------------------------ helpers
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def zero_stage(self) -> int:
+        """The ZeRO stage this run uses (from the shorthand or the user's JSON)."""
+        if self.deepspeed is None:
+            return 0
+        if str(self.deepspeed).lower() in ZERO_SHORTHANDS:
+            return ZERO_SHORTHANDS[str(self.deepspeed).lower()]
+        with open(self.deepspeed, encoding="utf-8") as f:
+            return int(json.load(f).get("zero_optimization", {}).get("stage", 0))
+
+    @property
+    def worker_resources(self) -> dict[str, float]:
+        if self.resources_per_worker:
+            return dict(self.resources_per_worker)
+        return {"CPU": 1, "GPU": 1} if self.use_gpu else {"CPU": 1}
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(FinetuneConfig)}
+_HINTS = typing.get_type_hints(FinetuneConfig)
+
+
+def _base_type(hint: Any) -> Any:
+    """Strip Optional[...] from a type hint."""
+    if typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return args[0]
+    return hint
+
+
+def _unknown_key_error(key: str, where: str) -> ConfigError:
+    names = FinetuneConfig.field_names()
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else "; run `bge-ray train --help` for the list"
+    return ConfigError(f"unknown config key '{key}' ({where}){hint}")
+
+
+_TRUE = {"true", "1", "yes", "y", "on"}
+_FALSE = {"false", "0", "no", "n", "off"}
+
+
+def coerce(name: str, value: Any) -> Any:
+    """Convert ``value`` (from YAML or the command line) to the type of field ``name``."""
+    hint = _HINTS[name]
+    optional = typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
+    base = _base_type(hint)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
+        if optional:
+            return None
+        raise ConfigError(f"{name} must not be empty")
+    want = getattr(base, "__name__", str(base))
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+                return value.lower() in _TRUE
+            raise ValueError
+        if base is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if base is str:
+            if isinstance(value, (dict, list, bool)):
+                raise ValueError
+            return str(value)
+        if typing.get_origin(base) is list:
+            want = "a list of strings"
+            items = [value] if isinstance(value, str) else value
+            if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
+                raise ValueError
+            return list(items)
+        if typing.get_origin(base) is dict:
+            want = "a mapping such as {\"CPU\": 2, \"GPU\": 1}"
+            if isinstance(value, str):
+                value = json.loads(value)
+            if not isinstance(value, dict) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value.values()
+            ):
+                raise ValueError
+            return {str(k): float(v) for k, v in value.items()}
+    except (ValueError, TypeError, json.JSONDecodeError):
+        raise ConfigError(f"{name} must be {want}, got {value!r}") from None
+    raise ConfigError(f"{name}: unsupported field type {hint}")
+
+
+def parse_overrides(argv: list[str]) -> dict[str, Any]:
+    """Parse ``--key value`` / ``--key=value`` / ``--flag`` / ``--list a b c`` into a dict."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if not tok.startswith("--") or len(tok) == 2:
+            raise ConfigError(f"unexpected argument {tok!r}: options look like --key value or --key=value")
+        key, eq, inline = tok[2:].partition("=")
+        key = key.replace("-", "_")
+        i += 1
+        if key in COMPAT_IGNORED:
+            if not eq and i < len(argv) and not argv[i].startswith("--"):
+                i += 1
+            continue
+        if key not in _FIELDS:
+            raise _unknown_key_error(key, "command line")
+        if eq:
+            values = [inline]
+        else:
+            values = []
+            while i < len(argv) and not argv[i].startswith("--"):
+                values.append(argv[i])
+                i += 1
+        base = _base_type(_HINTS[key])
+        if typing.get_origin(base) is list:
+            if len(values) == 1 and "," in values[0] and not os.path.exists(values[0]):
+                values = [v for v in values[0].split(",") if v]
+            out[key] = values
+        elif not values:
+            if base is not bool:
+                raise ConfigError(f"--{key} needs a value")
+            out[key] = True
+        elif len(values) > 1:
+            raise ConfigError(f"--{key} takes one value, got {values}")
+        else:
+            out[key] = values[0]
+    return out
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    """Read a YAML config file into a flat dict (sections ``model:``/``data:``/... are flattened)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        try:
+            raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of config keys")
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in ("model", "data", "training", "scaling") and isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    base = os.path.dirname(os.path.abspath(path))
+    # Relative paths in a config file are relative to the file, so configs can be moved with data.
+    for key in ("train_data",):
+        if key in flat and flat[key] is not None:
+            vals = [flat[key]] if isinstance(flat[key], str) else flat[key]
+            if isinstance(vals, list):
+                flat[key] = [_rel_to(base, v) for v in vals]
+    for key in ("model_name_or_path", "deepspeed", "output_dir"):
+        v = flat.get(key)
+        if isinstance(v, str) and (v.startswith("./") or v.startswith("../")):
+            flat[key] = _rel_to(base, v)
+    return flat
+
+
+def _rel_to(base: str, value: Any) -> Any:
+    if not isinstance(value, str) or value.startswith(REMOTE_SCHEMES) or os.path.isabs(value):
+        return value
+    return os.path.normpath(os.path.join(base, value))
+
+
+def build_config(values: dict[str, Any], where: str = "config") -> FinetuneConfig:
+    """Build a config from a flat dict, converting types; unknown keys are errors."""
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in COMPAT_IGNORED:
+            continue
+        if key not in _FIELDS:
+            raise _unknown_key_error(key, where)
+        kwargs[key] = coerce(key, value)
+    return FinetuneConfig(**kwargs)
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str] | dict[str, Any]] = None) -> FinetuneConfig:
+    """YAML file (optional) + command-line overrides -> a validated :class:`FinetuneConfig`."""
+    values = load_yaml(path) if path else {}
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    values.update(overrides or {})
+    cfg = build_config(values, where=path or "config")
+    validate(cfg)
+    return cfg
+
+
+def resolve_config(config: FinetuneConfig | dict[str, Any] | str) -> FinetuneConfig:
+    """Accept a config object, a dict of fields, or a YAML path; return it validated."""
+    if isinstance(config, FinetuneConfig):
+        cfg = dataclasses.replace(config)
+    elif isinstance(config, dict):
+        cfg = build_config(config)
+    elif isinstance(config, (str, os.PathLike)):
+        cfg = build_config(load_yaml(str(config)), where=str(config))
+    else:
+        raise ConfigError(f"config must be a FinetuneConfig, a dict or a YAML path, got {type(config).__name__}")
+    validate(cfg)
+    return cfg
+
+
+def _check_format(name: str, fmt: str) -> None:
+    try:
+        fmt.format("INSTRUCTION", "TEXT")
+    except (IndexError, KeyError, ValueError):
+        raise ConfigError(f"{name} must be a format string with two {{}} slots (instruction, text), got {fmt!r}") from None
+    if fmt.count("{}") != 2:
+        raise ConfigError(f"{name} must contain exactly two {{}} slots (instruction, text), got {fmt!r}")
+
+
+def cpu_supports_bf16() -> bool:
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def validate(cfg: FinetuneConfig) -> None:
+    """Raise :class:`ConfigError` for any impossible value or combination. Touches no cluster."""
+    if not cfg.model_name_or_path:
+        raise ConfigError("model_name_or_path is required: a local model directory or a hub id such as BAAI/bge-base-en-v1.5")
+    if not cfg.train_data:
+        raise ConfigError("train_data is required: one or more JSONL files, directories or globs")
+    for path in cfg.train_data:
+        if path.startswith(REMOTE_SCHEMES) and not path.startswith("file://"):
+            continue
+        local = path[len("file://"):] if path.startswith("file://") else path
+        if not (os.path.exists(local) or glob.glob(local)):
+            raise ConfigError(f"train_data: no file or directory matches {path!r}")
+    if not cfg.output_dir:
+        raise ConfigError("output_dir is required: where the fine-tuned model is written")
+    for name in ("query_max_len", "passage_max_len"):
+        if getattr(cfg, name) < 2:
+            raise ConfigError(f"{name} must be at least 2 tokens, got {getattr(cfg, name)}")
+    if cfg.pad_to_multiple_of is not None and cfg.pad_to_multiple_of < 1:
+        raise ConfigError(f"pad_to_multiple_of must be >= 1 or unset, got {cfg.pad_to_multiple_of}")
+    if cfg.train_group_size < 1:
+        raise ConfigError(
+            f"train_group_size must be >= 1 (1 positive + train_group_size-1 negatives), got {cfg.train_group_size}"
+        )
+    _check_format("query_instruction_format", cfg.query_instruction_format)
+    _check_format("passage_instruction_format", cfg.passage_instruction_format)
+    if cfg.max_example_num_per_dataset < 1:
+        raise ConfigError(f"max_example_num_per_dataset must be >= 1, got {cfg.max_example_num_per_dataset}")
+    if cfg.shuffle_buffer_size < 0:
+        raise ConfigError(f"shuffle_buffer_size must be >= 0 (0 = no shuffle), got {cfg.shuffle_buffer_size}")
+    if not cfg.temperature > 0:
+        raise ConfigError(f"temperature must be > 0, got {cfg.temperature}")
+    if cfg.sentence_pooling_method not in POOLING_METHODS:
+        raise ConfigError(
+            f"sentence_pooling_method must be one of {', '.join(POOLING_METHODS)}, got {cfg.sentence_pooling_method!r}"
+        )
+    if cfg.kd_loss_type not in KD_LOSS_TYPES:
+        raise ConfigError(f"kd_loss_type must be one of {', '.join(KD_LOSS_TYPES)}, got {cfg.kd_loss_type!r}")
+    if cfg.kd_loss_type == "m3_kd_loss" and not cfg.knowledge_distillation:
+        raise ConfigError(
+            "kd_loss_type m3_kd_loss needs knowledge_distillation: true (and pos_scores/neg_scores in the data); "
+            "set knowledge_distillation: true or use kd_loss_type: kl_div"
+        )
+    if cfg.knowledge_distillation and cfg.train_group_size < 2:
+        raise ConfigError("knowledge_distillation needs train_group_size >= 2 so each query has a group to distil over")
+    if not cfg.learning_rate > 0:
+        raise ConfigError(f"learning_rate must be > 0, got {cfg.learning_rate}")
+    if cfg.max_steps <= 0 and not cfg.num_train_epochs > 0:
+        raise ConfigError("set num_train_epochs > 0 or max_steps > 0")
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps",
+                 "num_workers"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if not 0 <= cfg.warmup_ratio < 1:
+        raise ConfigError(f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
+    if cfg.warmup_steps < 0:
+        raise ConfigError(f"warmup_steps must be >= 0, got {cfg.warmup_steps}")
+    if cfg.weight_decay < 0 or cfg.max_grad_norm < 0:
+        raise ConfigError("weight_decay and max_grad_norm must be >= 0 (max_grad_norm 0 turns clipping off)")
+    if cfg.save_total_limit is not None and cfg.save_total_limit < 1:
+        raise ConfigError(f"save_total_limit must be >= 1 or unset, got {cfg.save_total_limit}")
+    if cfg.max_failures < -1:
+        raise ConfigError(f"max_failures must be >= 0 (or -1 for unlimited), got {cfg.max_failures}")
+    if cfg.fp16 and cfg.bf16:
+        raise ConfigError("fp16 and bf16 are both on: pick one (bf16 on Ampere or newer GPUs, fp16 on older ones)")
+    if cfg.fp16 and not cfg.use_gpu:
+        raise ConfigError("fp16 needs GPUs (DeepSpeed has no fp16 on CPU): set use_gpu: true, or use bf16 or fp32")
+    if cfg.bf16 and not cfg.use_gpu and not cpu_supports_bf16():
+        raise ConfigError("bf16 on CPU needs a CPU with bf16 support (AVX512-BF16 or AMX); this one has none: turn bf16 off")
+    if cfg.deepspeed is not None:
+        ds = str(cfg.deepspeed)
+        if ds.lower() not in ZERO_SHORTHANDS:
+            if not os.path.isfile(ds):
+                raise ConfigError(
+                    f"deepspeed must be a DeepSpeed JSON file or a ZeRO stage (zero0, zero1, zero2, zero3); {ds!r} is neither"
+                )
+            try:
+                with open(ds, encoding="utf-8") as f:
+                    ds_cfg = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"deepspeed: {ds} is not valid JSON: {e}") from None
+            if not isinstance(ds_cfg, dict):
+                raise ConfigError(f"deepspeed: {ds} must hold a JSON object")
+            stage = ds_cfg.get("zero_optimization", {}).get("stage", 0)
+            if stage not in (0, 1, 2, 3):
+                raise ConfigError(f"deepspeed: {ds} has zero_optimization.stage {stage!r}; use 0, 1, 2 or 3")
+    res = cfg.worker_resources
+    if any(v < 0 for v in res.values()):
+        raise ConfigError(f"resources_per_worker must not be negative, got {res}")
+    if cfg.use_gpu and res.get("GPU", 0) <= 0:
+        raise ConfigError("use_gpu is true but resources_per_worker gives no GPU: add \"GPU\": 1")
+    if not cfg.use_gpu and res.get("GPU", 0) > 0:
+        raise ConfigError("resources_per_worker asks for a GPU but use_gpu is false: set use_gpu: true")

@@ -1,0 +1,452 @@
+"""Training data on Ray Data: read triplet JSONL shards, validate, tokenize, sample groups.
+
+Flow (one way, streaming):
+
+    TripletDatasource (one read task per file, line by line, every row validated)
+      -> drop rows marked bad (only with ``skip_bad_rows``; otherwise the scan has already failed)
+      -> map_batches(tokenize_rows): instructions applied, every query/positive/negative tokenized
+      -> each Ray Train worker: get_dataset_shard("train").iter_batches(...)
+      -> GroupCollator: per epoch, per row, sample 1 positive + train_group_size-1 negatives from
+         the token ids (seeded by seed, epoch and the row's file:line, so the draw does not depend
+         on which worker reads the row), pad to the longest sequence in the batch.
+
+A row is ``{"query": str, "pos": [str, ...], "neg": [str, ...]}`` with optional ``pos_scores``,
+``neg_scores`` (teacher scores, same lengths as ``pos``/``neg``) and ``prompt`` (a query
+instruction for this row that overrides ``query_instruction_for_retrieval``).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import random
+import zlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterator, Optional
+
+import numpy as np
+import pyarrow as pa
+
+from ray.data.datasource.file_based_datasource import FileBasedDatasource
+
+if TYPE_CHECKING:
+    import ray.data
+
+    from bge_ray.config import FinetuneConfig
+
+TRIPLET_EXTENSIONS = ["jsonl", "json", "jsonl.gz", "json.gz"]
+_MAX_ERRORS_KEPT = 5
+_ROWS_PER_BLOCK = 512
+_READ_CHUNK = 1 << 20
+DEFAULT_MAX_EXAMPLES = 100_000_000
+
+ROW_SCHEMA = pa.schema(
+    [
+        ("query", pa.string()),
+        ("pos", pa.list_(pa.string())),
+        ("neg", pa.list_(pa.string())),
+        ("pos_scores", pa.list_(pa.float64())),
+        ("neg_scores", pa.list_(pa.float64())),
+        ("prompt", pa.string()),
+        ("source", pa.string()),
+        ("row_key", pa.int64()),
+        ("error", pa.string()),
+    ]
+)
+
+
+class DataValidationError(ValueError):
+    """Training data that cannot be used; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class RowRules:
+    """What a valid row must satisfy, from the config."""
+
+    train_group_size: int = 8
+    knowledge_distillation: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: "FinetuneConfig") -> "RowRules":
+        return cls(train_group_size=cfg.train_group_size, knowledge_distillation=cfg.knowledge_distillation)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_texts(row: dict, key: str, required: bool) -> Optional[str]:
+    if key not in row:
+        return f"missing '{key}'" if required else None
+    value = row[key]
+    if not isinstance(value, list):
+        return f"'{key}' must be a list of strings, got {type(value).__name__}"
+    if required and not value:
+        return f"'{key}' is empty: each row needs at least one {key} passage"
+    for i, text in enumerate(value):
+        if not isinstance(text, str):
+            return f"'{key}[{i}]' must be a string, got {type(text).__name__}"
+        if not text.strip():
+            return f"'{key}[{i}]' is an empty string"
+    return None
+
+
+def _check_scores(row: dict, key: str, texts_key: str, required: bool) -> Optional[str]:
+    if key not in row or row[key] is None:
+        if required:
+            return f"knowledge_distillation needs '{key}' (teacher scores; `bge-ray score` adds them)"
+        return None
+    scores = row[key]
+    if not isinstance(scores, list):
+        return f"'{key}' must be a list of numbers, got {type(scores).__name__}"
+    for i, s in enumerate(scores):
+        if not _is_number(s):
+            return f"'{key}[{i}]' must be a finite number, got {s!r}"
+    n_texts = len(row.get(texts_key) or [])
+    if len(scores) != n_texts:
+        return f"'{key}' has {len(scores)} scores but '{texts_key}' has {n_texts} texts"
+    return None
+
+
+def validate_row(obj: Any, rules: RowRules) -> Optional[str]:
+    """Return why ``obj`` is not a usable training row, or None if it is."""
+    if not isinstance(obj, dict):
+        return f"expected a JSON object, got {type(obj).__name__}"
+    query = obj.get("query")
+    if "query" not in obj:
+        return "missing 'query'"
+    if not isinstance(query, str):
+        return f"'query' must be a string, got {type(query).__name__}"
+    if not query.strip():
+        return "'query' is empty"
+    for key, required in (("pos", True), ("neg", False)):
+        err = _check_texts(obj, key, required)
+        if err:
+            return err
+    if rules.train_group_size > 1 and not obj.get("neg"):
+        return (
+            f"has no negatives but train_group_size is {rules.train_group_size}: "
+            "mine negatives first (bge-ray mine) or set train_group_size: 1 to train on in-batch negatives only"
+        )
+    for key, texts_key in (("pos_scores", "pos"), ("neg_scores", "neg")):
+        err = _check_scores(obj, key, texts_key, rules.knowledge_distillation)
+        if err:
+            return err
+    prompt = obj.get("prompt")
+    if prompt is not None and not isinstance(prompt, str):
+        return f"'prompt' must be a string, got {type(prompt).__name__}"
+    return None
+
+
+def row_key(path: str, line: int) -> int:
+    """A stable id for a row, used to seed its per-epoch sampling."""
+    return zlib.crc32(f"{path}:{line}".encode("utf-8"))
+
+
+def parse_line(raw: bytes, path: str, line: int, rules: RowRules) -> dict:
+    """Parse and validate one JSONL line into a row dict (``error`` set when the row is bad)."""
+    source = f"{path}:{line}"
+    out = {"query": None, "pos": [], "neg": [], "pos_scores": [], "neg_scores": [], "prompt": None,
+           "source": source, "row_key": row_key(path, line), "error": None}
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        out["error"] = f"{source}: not valid UTF-8 ({e.reason} at byte {e.start})"
+        return out
+    try:
+        obj = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        msg = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+        out["error"] = f"{source}: not valid JSON ({msg})"
+        return out
+    err = validate_row(obj, rules)
+    if err:
+        out["error"] = f"{source}: {err}"
+        return out
+    out["query"] = obj["query"]
+    out["pos"] = obj["pos"]
+    out["neg"] = obj.get("neg") or []
+    out["pos_scores"] = [float(s) for s in obj.get("pos_scores") or []]
+    out["neg_scores"] = [float(s) for s in obj.get("neg_scores") or []]
+    out["prompt"] = obj.get("prompt")
+    return out
+
+
+def iter_lines(f: Any) -> Iterator[tuple[int, bytes]]:
+    """Yield (1-based line number, bytes) for each non-blank line of a binary stream."""
+    buf = b""
+    line_no = 0
+    while True:
+        chunk = f.read(_READ_CHUNK)
+        if not chunk:
+            break
+        buf += chunk
+        *lines, buf = buf.split(b"\n")
+        for raw in lines:
+            line_no += 1
+            if raw.strip():
+                yield line_no, raw
+    if buf.strip():
+        yield line_no + 1, buf
+
+
+class TripletDatasource(FileBasedDatasource):
+    """Reads triplet JSONL files (plain or gzip) from local paths or any pyarrow filesystem URI.
+
+    Every non-blank line becomes a row; a bad row keeps its ``error`` (``path:line: why``) so the
+    pipeline can count or skip it instead of dying deep inside a Ray task.
+    """
+
+    _FILE_EXTENSIONS = TRIPLET_EXTENSIONS
+
+    def __init__(self, paths: list[str] | str, rules: RowRules, max_examples: int = DEFAULT_MAX_EXAMPLES,
+                 seed: int = 42, **kwargs: Any) -> None:
+        super().__init__(paths, file_extensions=TRIPLET_EXTENSIONS, **kwargs)
+        self._rules = rules
+        self._max_examples = max_examples
+        self._seed = seed
+
+    def _read_stream(self, f: Any, path: str) -> Iterator[pa.Table]:
+        # With max_example_num_per_dataset below the row count, FlagEmbedding keeps a uniform
+        # random sample; here a seeded reservoir of that many rows (held by this read task).
+        capped = self._max_examples < DEFAULT_MAX_EXAMPLES
+        rng = random.Random(f"{self._seed}:{path}")
+        rows: list[dict] = []
+        reservoir: list[tuple[int, dict]] = []
+        n_good = 0
+        for line_no, raw in iter_lines(f):
+            row = parse_line(raw, path, line_no, self._rules)
+            if line_no == 1 and raw.lstrip().startswith(b"["):
+                row["error"] = f"{path}:1: the file is a JSON array; bge-ray reads JSON Lines (one object per line)"
+                rows = [row]
+                break
+            if capped and row["error"] is None:
+                n_good += 1
+                if len(reservoir) < self._max_examples:
+                    reservoir.append((line_no, row))
+                else:
+                    j = rng.randrange(n_good)
+                    if j < self._max_examples:
+                        reservoir[j] = (line_no, row)
+                continue
+            rows.append(row)
+            if len(rows) >= _ROWS_PER_BLOCK:
+                yield pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+                rows = []
+        rows.extend(r for _, r in sorted(reservoir, key=lambda t: t[0]))
+        if rows:
+            yield pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+
+
+def read_triplets(paths: list[str], rules: RowRules, max_examples: int = DEFAULT_MAX_EXAMPLES,
+                  seed: int = 42) -> "ray.data.Dataset":
+    """A Ray Dataset of validated triplet rows (bad rows carry their ``error``)."""
+    import ray.data
+
+    return ray.data.read_datasource(TripletDatasource(paths, rules, max_examples=max_examples, seed=seed))
+
+
+@dataclass
+class DataSummary:
+    """What a pass over the training data found."""
+
+    num_rows: int = 0
+    num_bad: int = 0
+    first_errors: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        text = f"{self.num_rows} usable rows"
+        if self.num_bad:
+            text += f", {self.num_bad} bad rows skipped; first: " + "; ".join(self.first_errors)
+        return text
+
+
+def _summarize_block(batch: pa.Table) -> pa.Table:
+    errors = batch.column("error").to_pylist()
+    bad = [e for e in errors if e is not None]
+    return pa.table({"good": [len(errors) - len(bad)], "bad": [len(bad)], "errors": [bad[:_MAX_ERRORS_KEPT]]})
+
+
+def scan_triplets(ds: "ray.data.Dataset", skip_bad_rows: bool) -> DataSummary:
+    """Count usable rows; without ``skip_bad_rows`` the first bad row is a :class:`DataValidationError`."""
+    summary = DataSummary()
+    parts = ds.select_columns(["error"]).map_batches(_summarize_block, batch_format="pyarrow", batch_size=None)
+    for part in parts.iter_rows():
+        summary.num_rows += int(part["good"])
+        summary.num_bad += int(part["bad"])
+        for err in part["errors"]:
+            if len(summary.first_errors) < _MAX_ERRORS_KEPT:
+                summary.first_errors.append(err)
+    if summary.num_bad and not skip_bad_rows:
+        more = f" ({summary.num_bad - 1} more bad rows)" if summary.num_bad > 1 else ""
+        raise DataValidationError(
+            f"bad training row: {sorted(summary.first_errors)[0]}{more}. "
+            "Fix the data, or set skip_bad_rows: true to skip bad rows and count them"
+        )
+    if summary.num_rows == 0:
+        raise DataValidationError("the training data holds no usable rows")
+    return summary
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(name_or_path: str, cache_dir: Optional[str] = None, trust_remote_code: bool = False) -> Any:
+    """A fast tokenizer, loaded once per process."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(name_or_path, cache_dir=cache_dir, trust_remote_code=trust_remote_code,
+                                        use_fast=True)
+    if tok.pad_token_id is None:
+        # Decoder models (last_token pooling) often ship without a pad token.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+@dataclass(frozen=True)
+class TokenizeSpec:
+    """Everything the tokenize step needs; picklable for Ray tasks."""
+
+    tokenizer: str
+    cache_dir: Optional[str]
+    trust_remote_code: bool
+    query_max_len: int
+    passage_max_len: int
+    query_instruction: Optional[str]
+    query_instruction_format: str
+    passage_instruction: Optional[str]
+    passage_instruction_format: str
+    append_eos: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: "FinetuneConfig") -> "TokenizeSpec":
+        return cls(
+            tokenizer=cfg.model_name_or_path, cache_dir=cfg.cache_dir, trust_remote_code=cfg.trust_remote_code,
+            query_max_len=cfg.query_max_len, passage_max_len=cfg.passage_max_len,
+            query_instruction=cfg.query_instruction_for_retrieval,
+            query_instruction_format=cfg.query_instruction_format,
+            passage_instruction=cfg.passage_instruction_for_retrieval,
+            passage_instruction_format=cfg.passage_instruction_format,
+        )
+
+    def query_text(self, query: str, prompt: Optional[str]) -> str:
+        instruction = prompt if prompt is not None else self.query_instruction
+        return self.query_instruction_format.format(instruction, query) if instruction is not None else query
+
+    def passage_text(self, passage: str) -> str:
+        if self.passage_instruction is None:
+            return passage
+        return self.passage_instruction_format.format(self.passage_instruction, passage)
+
+
+def tokenize_rows(batch: pa.Table, spec: TokenizeSpec) -> pa.Table:
+    """Apply instructions and tokenize every text of every row (truncated, not padded)."""
+    tok = load_tokenizer(spec.tokenizer, spec.cache_dir, spec.trust_remote_code)
+    queries = [spec.query_text(q, p) for q, p in zip(batch.column("query").to_pylist(),
+                                                     batch.column("prompt").to_pylist())]
+    pos = batch.column("pos").to_pylist()
+    neg = batch.column("neg").to_pylist()
+    flat = [spec.passage_text(t) for texts in pos for t in texts] + [spec.passage_text(t) for texts in neg for t in texts]
+    q_ids = tok(queries, truncation=True, max_length=spec.query_max_len, add_special_tokens=True)["input_ids"]
+    p_ids = tok(flat, truncation=True, max_length=spec.passage_max_len, add_special_tokens=True)["input_ids"] if flat else []
+    pos_ids, neg_ids, k = [], [], 0
+    for texts in pos:
+        pos_ids.append(p_ids[k:k + len(texts)])
+        k += len(texts)
+    for texts in neg:
+        neg_ids.append(p_ids[k:k + len(texts)])
+        k += len(texts)
+    ids_type = pa.list_(pa.list_(pa.int32()))
+    return pa.table({
+        "q_ids": pa.array(q_ids, type=pa.list_(pa.int32())),
+        "pos_ids": pa.array(pos_ids, type=ids_type),
+        "neg_ids": pa.array(neg_ids, type=ids_type),
+        "pos_scores": batch.column("pos_scores"),
+        "neg_scores": batch.column("neg_scores"),
+        "row_key": batch.column("row_key"),
+    })
+
+
+def _drop_bad(batch: pa.Table) -> pa.Table:
+    import pyarrow.compute as pc
+
+    return batch.filter(pc.is_null(batch.column("error")))
+
+
+def build_train_dataset(cfg: "FinetuneConfig") -> tuple["ray.data.Dataset", DataSummary]:
+    """Validate the training data (one streaming pass) and return the tokenized dataset and its summary."""
+    rules = RowRules.from_config(cfg)
+    rows = read_triplets(cfg.train_data, rules, max_examples=cfg.max_example_num_per_dataset, seed=cfg.seed)
+    summary = scan_triplets(rows, skip_bad_rows=cfg.skip_bad_rows)
+    spec = TokenizeSpec.from_config(cfg)
+    ds = rows.map_batches(_drop_bad, batch_format="pyarrow").map_batches(
+        tokenize_rows, fn_kwargs={"spec": spec}, batch_format="pyarrow", batch_size=256
+    )
+    return ds, summary
+
+
+def sample_group(num_pos: int, num_neg: int, group_size: int, seed: int, epoch: int, key: int) -> tuple[int, list[int]]:
+    """Pick one positive and ``group_size-1`` negatives for a row, FlagEmbedding's way.
+
+    Negatives are drawn without replacement when there are enough, otherwise from the list
+    repeated ``ceil((group_size-1)/num_neg)`` times. The draw depends only on (seed, epoch, key).
+    """
+    rng = random.Random((seed * 1_000_003 + epoch) * 4_294_967_296 + key)
+    pos_idx = rng.randrange(num_pos)
+    need = group_size - 1
+    if need == 0:
+        return pos_idx, []
+    if num_neg == 0:
+        raise DataValidationError("a row without negatives needs train_group_size: 1")
+    pool = list(range(num_neg))
+    if num_neg < need:
+        pool = pool * math.ceil(need / num_neg)
+    return pos_idx, rng.sample(pool, need)
+
+
+def pad_ids(seqs: list[list[int]], pad_id: int, side: str = "right", multiple_of: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+    """Pad token id lists to the longest (rounded up to ``multiple_of``); return ids and mask."""
+    longest = max(len(s) for s in seqs)
+    if multiple_of:
+        longest = int(math.ceil(longest / multiple_of) * multiple_of)
+    ids = np.full((len(seqs), longest), pad_id, dtype=np.int64)
+    mask = np.zeros((len(seqs), longest), dtype=np.int64)
+    for i, s in enumerate(seqs):
+        if side == "left":
+            ids[i, longest - len(s):] = s
+            mask[i, longest - len(s):] = 1
+        else:
+            ids[i, :len(s)] = s
+            mask[i, :len(s)] = 1
+    return ids, mask
+
+
+@dataclass
+class GroupCollator:
+    """Turns a batch of tokenized rows into model inputs for one epoch."""
+
+    group_size: int
+    seed: int
+    pad_token_id: int
+    padding_side: str = "right"
+    pad_to_multiple_of: Optional[int] = None
+    knowledge_distillation: bool = False
+
+    def __call__(self, batch: dict[str, Any], epoch: int) -> dict[str, Any]:
+        queries, passages, teacher = [], [], []
+        for i in range(len(batch["row_key"])):
+            pos, neg = batch["pos_ids"][i], batch["neg_ids"][i]
+            pos_idx, neg_idx = sample_group(len(pos), len(neg), self.group_size, self.seed, epoch,
+                                            int(batch["row_key"][i]))
+            queries.append(list(batch["q_ids"][i]))
+            passages.append(list(pos[pos_idx]))
+            passages.extend(list(neg[j]) for j in neg_idx)
+            if self.knowledge_distillation:
+                teacher.append([float(batch["pos_scores"][i][pos_idx])]
+                               + [float(batch["neg_scores"][i][j]) for j in neg_idx])
+        q_ids, q_mask = pad_ids(queries, self.pad_token_id, self.padding_side, self.pad_to_multiple_of)
+        p_ids, p_mask = pad_ids(passages, self.pad_token_id, self.padding_side, self.pad_to_multiple_of)
+        out: dict[str, Any] = {"q_input_ids": q_ids, "q_attention_mask": q_mask,
+                               "p_input_ids": p_ids, "p_attention_mask": p_mask}
+        if self.knowledge_distillation:
+            out["teacher_scores"] = np.asarray(teacher, dtype=np.float32)
+        return out

@@ -1,0 +1,85 @@
+"""DeepSpeed configs: the shipped ZeRO 0-3 files or the user's JSON, with ``"auto"`` filled from our config."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from typing import Any, Optional
+
+from bge_ray.config import ZERO_SHORTHANDS, ConfigError, FinetuneConfig
+
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "deepspeed_configs")
+
+
+def load_base_config(deepspeed: Optional[str]) -> dict[str, Any]:
+    """The JSON for a ZeRO shorthand (``zero2``) or a user file; ZeRO-0 when unset."""
+    if deepspeed is None:
+        name = "zero0"
+    elif str(deepspeed).lower() in ZERO_SHORTHANDS:
+        name = f"zero{ZERO_SHORTHANDS[str(deepspeed).lower()]}"
+    else:
+        with open(deepspeed, encoding="utf-8") as f:
+            return json.load(f)
+    with open(os.path.join(CONFIG_DIR, f"{name}.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _fill(section: dict[str, Any], key: str, value: Any, where: str) -> None:
+    """Fill an ``auto`` (or missing) value; an explicit value that disagrees is an error."""
+    current = section.get(key, "auto")
+    if current == "auto":
+        section[key] = value
+    elif key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size") and current != value:
+        raise ConfigError(
+            f"deepspeed config sets {where}{key}={current} but the bge-ray config gives {value}; "
+            "set it to \"auto\" in the JSON or change the bge-ray field"
+        )
+
+
+def build_deepspeed_config(cfg: FinetuneConfig, world_size: int, total_steps: int = 1,
+                           warmup_steps: int = 0, hidden_size: Optional[int] = None) -> dict[str, Any]:
+    """The DeepSpeed config dict for this run, every ``auto`` resolved."""
+    ds = copy.deepcopy(load_base_config(cfg.deepspeed))
+    _fill(ds, "train_micro_batch_size_per_gpu", cfg.per_device_train_batch_size, "")
+    _fill(ds, "gradient_accumulation_steps", cfg.gradient_accumulation_steps, "")
+    _fill(ds, "train_batch_size", cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world_size, "")
+    _fill(ds, "gradient_clipping", cfg.max_grad_norm, "")
+    for name, enabled in (("fp16", cfg.fp16), ("bf16", cfg.bf16)):
+        section = ds.setdefault(name, {})
+        if section.get("enabled", "auto") == "auto":
+            section["enabled"] = enabled
+        elif bool(section["enabled"]) != enabled:
+            raise ConfigError(f"deepspeed config has {name}.enabled={section['enabled']} but the bge-ray config has {name}: {enabled}")
+    zero = ds.setdefault("zero_optimization", {"stage": 0})
+    if hidden_size:
+        for key, value in (("reduce_bucket_size", hidden_size * hidden_size),
+                           ("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size)),
+                           ("stage3_param_persistence_threshold", 10 * hidden_size)):
+            if zero.get(key) == "auto":
+                zero[key] = value
+    else:
+        for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"):
+            if zero.get(key) == "auto":
+                zero[key] = int(5e8) if key == "reduce_bucket_size" else (int(5e8) if "prefetch" in key else int(1e5))
+    if "optimizer" in ds:
+        params = ds["optimizer"].setdefault("params", {})
+        for key, value in (("lr", cfg.learning_rate), ("betas", [cfg.adam_beta1, cfg.adam_beta2]),
+                           ("eps", cfg.adam_epsilon), ("weight_decay", cfg.weight_decay)):
+            _fill(params, key, value, "optimizer.params.")
+    if "scheduler" in ds:
+        params = ds["scheduler"].setdefault("params", {})
+        for key, value in (("total_num_steps", total_steps), ("warmup_num_steps", warmup_steps),
+                           ("warmup_max_lr", cfg.learning_rate), ("warmup_min_lr", 0.0)):
+            _fill(params, key, value, "scheduler.params.")
+    ds.setdefault("steps_per_print", 10**9)
+    leftover = _find_auto(ds)
+    if leftover:
+        raise ConfigError(f"deepspeed config: bge-ray cannot fill \"auto\" for {', '.join(leftover)}; give explicit values")
+    return ds
+
+
+def _find_auto(obj: Any, prefix: str = "") -> list[str]:
+    if isinstance(obj, dict):
+        return [k for key, v in obj.items() for k in _find_auto(v, f"{prefix}{key}.")]
+    return [prefix.rstrip(".")] if obj == "auto" else []

@@ -1,0 +1,103 @@
+"""Write a fine-tuned model directory that transformers, FlagEmbedding and sentence-transformers load.
+
+Layout::
+
+    model/
+      config.json, model.safetensors          # transformers save_pretrained
+      tokenizer files                         # the tokenizer that was trained with
+      modules.json, sentence_bert_config.json # sentence-transformers: Transformer -> Pooling [-> Normalize]
+      1_Pooling/config.json                   # the pooling that was trained (cls / mean / last_token)
+      2_Normalize/                            # only when normalize_embeddings
+      config_sentence_transformers.json       # the query instruction as the "query" prompt
+      bge_ray.json                            # pooling, normalisation, instructions, the resolved config
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional
+
+from bge_ray import __version__
+
+METADATA_FILE = "bge_ray.json"
+
+
+def prompt_prefix(fmt: str, instruction: Optional[str]) -> Optional[str]:
+    """The instruction as a text prefix (sentence-transformers prompts are prefixes), if the format allows."""
+    if instruction is None:
+        return None
+    marker = "\x00TEXT\x00"
+    rendered = fmt.format(instruction, marker)
+    return rendered[: -len(marker)] if rendered.endswith(marker) else None
+
+
+def write_sentence_transformers_files(out_dir: str, hidden_size: int, pooling: str, normalize: bool,
+                                      max_seq_length: int, query_prompt: Optional[str],
+                                      passage_prompt: Optional[str]) -> None:
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+        os.makedirs(os.path.join(out_dir, "2_Normalize"), exist_ok=True)
+    _write_json(os.path.join(out_dir, "modules.json"), modules)
+    _write_json(os.path.join(out_dir, "sentence_bert_config.json"),
+                {"max_seq_length": max_seq_length, "do_lower_case": False})
+    os.makedirs(os.path.join(out_dir, "1_Pooling"), exist_ok=True)
+    _write_json(os.path.join(out_dir, "1_Pooling", "config.json"), {
+        "word_embedding_dimension": hidden_size,
+        "pooling_mode_cls_token": pooling == "cls",
+        "pooling_mode_mean_tokens": pooling == "mean",
+        "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False,
+        "pooling_mode_weightedmean_tokens": False,
+        "pooling_mode_lasttoken": pooling == "last_token",
+        "include_prompt": True,
+    })
+    prompts = {}
+    if query_prompt:
+        prompts["query"] = query_prompt
+    if passage_prompt:
+        prompts["document"] = passage_prompt
+    _write_json(os.path.join(out_dir, "config_sentence_transformers.json"), {
+        "__version__": {"bge_ray": __version__},
+        "prompts": prompts,
+        "default_prompt_name": None,
+        "similarity_fn_name": "cosine" if normalize else "dot",
+    })
+
+
+def _write_json(path: str, obj: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def export_model(hf_model: Any, tokenizer: Any, state_dict: dict, out_dir: str, cfg_dict: dict[str, Any]) -> str:
+    """Save weights (safetensors), tokenizer, sentence-transformers files and bge-ray metadata."""
+    os.makedirs(out_dir, exist_ok=True)
+    hf_model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    pooling = cfg_dict["sentence_pooling_method"]
+    normalize = bool(cfg_dict["normalize_embeddings"])
+    query_prompt = prompt_prefix(cfg_dict["query_instruction_format"], cfg_dict["query_instruction_for_retrieval"])
+    passage_prompt = prompt_prefix(cfg_dict["passage_instruction_format"], cfg_dict["passage_instruction_for_retrieval"])
+    write_sentence_transformers_files(
+        out_dir, hidden_size=int(hf_model.config.hidden_size), pooling=pooling, normalize=normalize,
+        max_seq_length=int(cfg_dict["passage_max_len"]), query_prompt=query_prompt, passage_prompt=passage_prompt,
+    )
+    _write_json(os.path.join(out_dir, METADATA_FILE), {
+        "bge_ray_version": __version__,
+        "sentence_pooling_method": pooling,
+        "normalize_embeddings": normalize,
+        "query_instruction_for_retrieval": cfg_dict["query_instruction_for_retrieval"],
+        "query_instruction_format": cfg_dict["query_instruction_format"],
+        "passage_instruction_for_retrieval": cfg_dict["passage_instruction_for_retrieval"],
+        "passage_instruction_format": cfg_dict["passage_instruction_format"],
+        "query_max_len": cfg_dict["query_max_len"],
+        "passage_max_len": cfg_dict["passage_max_len"],
+        "training_config": cfg_dict,
+    })
+    return out_dir

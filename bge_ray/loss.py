@@ -1,0 +1,128 @@
+"""Contrastive loss with FlagEmbedding's semantics (InfoNCE, in-batch and cross-device negatives, KD).
+
+Shapes: ``q`` is (B, D) query embeddings, ``p`` is (B*G, D) passage embeddings laid out in
+groups of G = train_group_size: row ``i*G`` is query i's positive, rows ``i*G+1 .. i*G+G-1`` its
+hard negatives.
+
+Hard loss (InfoNCE)::
+
+    scores = q @ p.T / temperature            # (B, B*G): every passage of the batch competes
+    loss   = cross_entropy(scores, target)    # target[i] = i * G
+
+With ``cross_device=True`` q and p are all-gathered across workers first (the local slice keeps
+its gradient), so every query also sees every other worker's passages; the loss is then the
+mean over the global batch, identical to a single process holding the whole batch. Its
+gradient is scaled by the world size (value unchanged) so that, once DeepSpeed averages the
+workers' gradients, the update is exactly the gradient of that global loss. (FlagEmbedding
+leaves it 1/world_size too small; with Adam this mostly matters through gradient clipping.)
+
+Knowledge distillation (``teacher_scores``: (B, G), one score per passage of the query's group;
+targets = softmax(teacher_scores)):
+
+* ``kl_div``: soft cross-entropy ``-sum(targets * log_softmax(student_group_scores))``, averaged
+  over queries and added to the hard loss. ``student_group_scores`` are the query's scores over
+  its own group.
+* ``m3_kd_loss`` (BGE-M3): for each group position j, a cross-entropy against passage ``i*G+j``
+  over all passages of the batch, with the passages of earlier positions masked out, weighted by
+  ``targets[:, j]``; replaces the hard loss.
+
+Example::
+
+    >>> q = torch.nn.functional.normalize(torch.randn(2, 8), dim=-1)
+    >>> p = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    >>> contrastive_loss(q, p, temperature=0.02).shape
+    torch.Size([])
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+KD_LOSS_TYPES = ("kl_div", "m3_kd_loss")
+
+
+def gather_with_grad(t: torch.Tensor) -> torch.Tensor:
+    """All-gather ``t`` along dim 0; only the local slice carries gradient (as in FlagEmbedding)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    t = t.contiguous()
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t)
+    parts[dist.get_rank()] = t
+    return torch.cat(parts, dim=0)
+
+
+def _global_grad(x: torch.Tensor) -> torch.Tensor:
+    """Same value, gradient times world size: undoes the data-parallel gradient average."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return x
+    w = dist.get_world_size()
+    return x if w == 1 else x * w - x.detach() * (w - 1)
+
+
+def group_scores(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """From (B, B*G) scores take each query's own group: (B, G)."""
+    b = scores.size(0)
+    rows = torch.arange(b, device=scores.device).unsqueeze(1)
+    cols = rows * group_size + torch.arange(group_size, device=scores.device).unsqueeze(0)
+    return scores[rows, cols]
+
+
+def kl_div_loss(student_group_scores: torch.Tensor, teacher_targets: torch.Tensor) -> torch.Tensor:
+    """Soft cross-entropy of the student's group scores against the teacher's distribution."""
+    return -(F.log_softmax(student_group_scores, dim=-1) * teacher_targets).sum(dim=-1).mean()
+
+
+def m3_kd_loss(scores: torch.Tensor, teacher_targets: torch.Tensor, group_size: int) -> torch.Tensor:
+    """BGE-M3's distillation loss over all (B, B*G) scores; see the module docstring."""
+    labels = torch.arange(scores.size(0), device=scores.device) * group_size
+    mask = torch.zeros_like(scores)
+    loss = scores.new_zeros(())
+    for j in range(group_size):
+        target = labels + j
+        ce = F.cross_entropy(scores + mask, target, reduction="none")
+        loss = loss + (teacher_targets[:, j] * ce).mean()
+        mask = mask.scatter(1, target.unsqueeze(1), torch.finfo(scores.dtype).min)
+    return loss
+
+
+def contrastive_loss(
+    q: torch.Tensor,
+    p: torch.Tensor,
+    temperature: float,
+    teacher_scores: Optional[torch.Tensor] = None,
+    kd_loss_type: str = "kl_div",
+    cross_device: bool = False,
+) -> torch.Tensor:
+    """The training loss for one batch (see the module docstring for the maths)."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if kd_loss_type not in KD_LOSS_TYPES:
+        raise ValueError(f"kd_loss_type must be one of {KD_LOSS_TYPES}, got {kd_loss_type!r}")
+    if q.size(0) == 0 or p.size(0) % q.size(0):
+        raise ValueError(f"passages ({p.size(0)}) must be a whole number of groups per query ({q.size(0)})")
+    group_size = p.size(0) // q.size(0)
+    local_b = q.size(0)
+    if cross_device:
+        q, p = gather_with_grad(q), gather_with_grad(p)
+    scores = q @ p.T / temperature
+    targets = torch.arange(q.size(0), device=q.device) * group_size
+    if teacher_scores is None:
+        hard = F.cross_entropy(scores, targets)
+        return _global_grad(hard) if cross_device else hard
+    teacher_targets = F.softmax(teacher_scores.detach().float().view(local_b, group_size), dim=-1).to(scores.dtype)
+    if kd_loss_type == "m3_kd_loss":
+        if cross_device:
+            teacher_targets = gather_with_grad(teacher_targets)
+        kd = m3_kd_loss(scores, teacher_targets, group_size)
+        return _global_grad(kd) if cross_device else kd
+    student = group_scores(scores, group_size)
+    if cross_device and q.size(0) != local_b:
+        rank = dist.get_rank()
+        student = student[rank * local_b:(rank + 1) * local_b]
+    hard = F.cross_entropy(scores, targets)
+    return kl_div_loss(student, teacher_targets) + (_global_grad(hard) if cross_device else hard)

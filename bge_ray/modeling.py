@@ -1,0 +1,73 @@
+"""The embedder: a transformers ``AutoModel`` plus pooling and optional L2 normalisation."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, method: str) -> torch.Tensor:
+    """Sentence embedding from token states, correct under left or right padding.
+
+    ``cls``: the first real token; ``last_token``: the last real token; ``mean``: the mean over
+    real tokens.
+    """
+    mask = attention_mask.to(hidden.dtype)
+    if method == "mean":
+        summed = (hidden * mask.unsqueeze(-1)).sum(dim=1)
+        return summed / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
+    rows = torch.arange(hidden.size(0), device=hidden.device)
+    if method == "cls":
+        first = attention_mask.long().argmax(dim=1)
+        return hidden[rows, first]
+    if method == "last_token":
+        seq_len = attention_mask.size(1)
+        last = seq_len - 1 - attention_mask.long().flip(dims=[1]).argmax(dim=1)
+        return hidden[rows, last]
+    raise ValueError(f"unknown pooling method {method!r}; use cls, mean or last_token")
+
+
+class Embedder(nn.Module):
+    """Encoder + pooling (+ normalisation). ``forward`` returns (queries, passages) embeddings."""
+
+    def __init__(self, model: nn.Module, pooling: str = "cls", normalize: bool = True) -> None:
+        super().__init__()
+        if pooling not in ("cls", "mean", "last_token"):
+            raise ValueError(f"unknown pooling method {pooling!r}; use cls, mean or last_token")
+        self.model = model
+        self.pooling = pooling
+        self.normalize = normalize
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, pooling: str = "cls", normalize: bool = True,
+                        cache_dir: Optional[str] = None, trust_remote_code: bool = False,
+                        attn_implementation: Optional[str] = None, **kwargs: Any) -> "Embedder":
+        from transformers import AutoModel
+
+        extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        model = AutoModel.from_pretrained(name_or_path, cache_dir=cache_dir, trust_remote_code=trust_remote_code,
+                                          use_safetensors=None, **extra, **kwargs)
+        return cls(model, pooling=pooling, normalize=normalize)
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
+        emb = pool(out.last_hidden_state, attention_mask, self.pooling)
+        if self.normalize:
+            emb = F.normalize(emb, dim=-1)
+        return emb
+
+    def forward(self, q_input_ids: torch.Tensor, q_attention_mask: torch.Tensor,
+                p_input_ids: torch.Tensor, p_attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encode(q_input_ids, q_attention_mask), self.encode(p_input_ids, p_attention_mask)
+
+    def freeze_position_embeddings(self) -> int:
+        """FlagEmbedding's ``fix_position_embedding``: stop training position embeddings."""
+        n = 0
+        for name, param in self.model.named_parameters():
+            if "position_embeddings" in name:
+                param.requires_grad_(False)
+                n += 1
+        return n

@@ -1,0 +1,297 @@
+"""The per-worker training recipe: build data, build the DeepSpeed engine, loop, report, checkpoint, export.
+
+Runs inside each Ray Train worker (``TorchTrainer(train_loop_per_worker=train_loop)``). Read it top
+to bottom: :func:`train_loop` is the whole story.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+import ray.train
+from ray.train import Checkpoint
+
+from bge_ray.config import FinetuneConfig
+from bge_ray.data import GroupCollator, load_tokenizer
+from bge_ray.loss import contrastive_loss
+from bge_ray.modeling import Embedder
+
+STATE_FILE = "trainer_state.json"
+DS_TAG = "deepspeed"
+MODEL_SUBDIR = "model"
+
+
+@dataclass
+class TrainPlan:
+    """Step arithmetic decided on the driver, from the row count and the config."""
+
+    num_rows: int
+    micro_batches_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    num_epochs: int
+    warmup_steps: int
+
+    @classmethod
+    def make(cls, cfg: FinetuneConfig, num_rows: int) -> "TrainPlan":
+        from bge_ray.config import ConfigError
+
+        per_worker_rows = num_rows // cfg.num_workers  # Ray Data's equal split
+        micro = per_worker_rows // cfg.per_device_train_batch_size
+        steps_per_epoch = micro // cfg.gradient_accumulation_steps
+        if steps_per_epoch < 1:
+            need = cfg.num_workers * cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+            raise ConfigError(
+                f"{num_rows} training rows are fewer than one optimizer step needs ({need} = num_workers "
+                f"{cfg.num_workers} x per_device_train_batch_size {cfg.per_device_train_batch_size} x "
+                f"gradient_accumulation_steps {cfg.gradient_accumulation_steps}): add data or lower one of these"
+            )
+        if cfg.max_steps > 0:
+            total = cfg.max_steps
+        else:
+            total = max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
+        epochs = math.ceil(total / steps_per_epoch)
+        warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else math.ceil(cfg.warmup_ratio * total)
+        return cls(num_rows, micro, steps_per_epoch, total, epochs, warmup)
+
+
+def linear_schedule(warmup_steps: int, total_steps: int):
+    """HF's 'linear' schedule: warm up from 0, then decay linearly to 0 at total_steps."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return float(step) / float(max(1, warmup_steps))
+        return max(0.0, float(total_steps - step) / float(max(1, total_steps - warmup_steps)))
+
+    return factor
+
+
+def build_optimizer(model: torch.nn.Module, cfg: FinetuneConfig, use_gpu: bool) -> torch.optim.Optimizer:
+    """AdamW without weight decay on biases and norms (as HF's Trainer does)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    kwargs: dict[str, Any] = {"lr": cfg.learning_rate, "betas": (cfg.adam_beta1, cfg.adam_beta2), "eps": cfg.adam_epsilon}
+    if use_gpu:
+        kwargs["fused"] = True
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce(values: list[float], op: Any = None) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t.cpu().tolist()
+
+
+def _peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 ** 2)
+
+
+def _batches_in_lockstep(it: Iterator[dict], limit: int, device: torch.device) -> Iterator[tuple[dict, float]]:
+    """Yield up to ``limit`` batches, stopping on every worker as soon as any worker runs dry.
+
+    A collective with a missing participant hangs forever, so workers agree each step.
+    Also yields the seconds spent waiting for the batch.
+    """
+    for _ in range(limit):
+        t0 = time.perf_counter()
+        batch = next(it, None)
+        waited = time.perf_counter() - t0
+        have = torch.tensor([1 if batch is not None else 0], dtype=torch.int64, device=device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(have, op=dist.ReduceOp.MIN)
+        if int(have.item()) == 0:
+            return
+        yield batch, waited
+
+
+def _save_checkpoint(engine: Any, state: dict, metrics: dict, export: Optional[tuple] = None) -> None:
+    """Every worker writes its DeepSpeed shards into a local dir; Ray merges them in storage."""
+    rank, _ = _world()
+    ckpt_dir = tempfile.mkdtemp(prefix="bge_ray_ckpt_")
+    try:
+        engine.save_checkpoint(ckpt_dir, tag=DS_TAG, client_state={"bge_ray": state})
+        if export is not None:
+            export_fn = export[0]
+            export_fn(os.path.join(ckpt_dir, MODEL_SUBDIR))
+        if rank == 0:
+            with open(os.path.join(ckpt_dir, STATE_FILE), "w", encoding="utf-8") as f:
+                json.dump(state, f)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(ckpt_dir),
+                         checkpoint_dir_name=f"checkpoint_step_{state['global_step']:08d}")
+    finally:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+
+def _consolidated_state_dict(engine: Any, zero_stage: int) -> Optional[dict]:
+    """Full weights on rank 0 (a collective under ZeRO-3), keys of the inner transformers model."""
+    rank, _ = _world()
+    if zero_stage == 3:
+        sd = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        sd = engine.module.state_dict() if rank == 0 else None
+    if rank != 0 or sd is None:
+        return None
+    prefix = "model."
+    return {k[len(prefix):]: v.detach().cpu().contiguous() for k, v in sd.items() if k.startswith(prefix)}
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """Ray Train worker entry point. ``loop_config``: ``cfg`` (dict), ``plan`` (dict), ``ds_config``, ``progress``."""
+    import deepspeed
+
+    from bge_ray.export import export_model
+
+    cfg = FinetuneConfig(**loop_config["cfg"])
+    plan = TrainPlan(**loop_config["plan"])
+    progress = loop_config.get("progress")
+    t_start = time.time()
+    rank, world = _world()
+    ctx = ray.train.get_context()
+    cpus = max(1, int(cfg.worker_resources.get("CPU", 1)))
+    torch.set_num_threads(cpus)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    torch.manual_seed(cfg.seed + rank)
+    device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
+
+    # --- data ---
+    tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.cache_dir, cfg.trust_remote_code)
+    collate = GroupCollator(
+        group_size=cfg.train_group_size, seed=cfg.seed, pad_token_id=tokenizer.pad_token_id,
+        padding_side=tokenizer.padding_side, pad_to_multiple_of=cfg.pad_to_multiple_of,
+        knowledge_distillation=cfg.knowledge_distillation,
+    )
+    shard = ray.train.get_dataset_shard("train")
+
+    # --- model and engine ---
+    model = Embedder.from_pretrained(cfg.model_name_or_path, pooling=cfg.sentence_pooling_method,
+                                     normalize=cfg.normalize_embeddings, cache_dir=cfg.cache_dir,
+                                     trust_remote_code=cfg.trust_remote_code)
+    if cfg.gradient_checkpointing:
+        model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.model.config.use_cache = False
+    if cfg.fix_position_embedding:
+        model.freeze_position_embeddings()
+    ds_config = dict(loop_config["ds_config"])
+    zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+    optimizer = scheduler = None
+    if "optimizer" not in ds_config:
+        optimizer = build_optimizer(model, cfg, cfg.use_gpu)
+        if "scheduler" not in ds_config:
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(plan.warmup_steps, plan.total_steps))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
+        model_parameters=[p for p in model.parameters() if p.requires_grad] if optimizer is None else None,
+        dist_init_required=False,
+    )
+    engine.train()
+
+    # --- resume ---
+    global_step, start_epoch, skip_micro = 0, 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            _, client = engine.load_checkpoint(ckpt_dir, tag=DS_TAG)
+            state = client["bge_ray"]
+        global_step = int(state["global_step"])
+        start_epoch = global_step // plan.steps_per_epoch
+        skip_micro = (global_step % plan.steps_per_epoch) * cfg.gradient_accumulation_steps
+        if rank == 0:
+            print(f"[bge-ray] resumed from {checkpoint.path} at step {global_step}", flush=True)
+
+    def export(out_dir: str) -> None:
+        sd = _consolidated_state_dict(engine, zero_stage)
+        if rank == 0:
+            export_model(engine.module.model, tokenizer, sd, out_dir, cfg.to_dict())
+
+    # --- loop ---
+    ga = cfg.gradient_accumulation_steps
+    window = {"loss": 0.0, "micro": 0, "groups": 0, "tokens": 0, "wait": 0.0, "t0": time.perf_counter()}
+    totals = {"loss": 0.0, "micro": 0}
+    first_step_s: Optional[float] = None
+    last_metrics: dict[str, Any] = {}
+    done = global_step >= plan.total_steps
+    for epoch in range(start_epoch, plan.num_epochs):
+        if done:
+            break
+        buffer = max(cfg.shuffle_buffer_size, cfg.per_device_train_batch_size) if cfg.shuffle_buffer_size else None
+        batches = iter(shard.iter_batches(
+            batch_size=cfg.per_device_train_batch_size, batch_format="numpy", drop_last=True,
+            local_shuffle_buffer_size=buffer, local_shuffle_seed=cfg.seed * 7919 + epoch * 104729 + rank if buffer else None,
+            prefetch_batches=2,
+        ))
+        for micro, (raw, waited) in enumerate(_batches_in_lockstep(batches, plan.micro_batches_per_epoch, device)):
+            if epoch == start_epoch and micro < skip_micro:
+                continue
+            batch = collate(raw, epoch)
+            inputs = {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
+            q, p = engine(inputs["q_input_ids"], inputs["q_attention_mask"],
+                          inputs["p_input_ids"], inputs["p_attention_mask"])
+            loss = contrastive_loss(q.float(), p.float(), cfg.temperature, teacher_scores=inputs.get("teacher_scores"),
+                                    kd_loss_type=cfg.kd_loss_type, cross_device=cfg.negatives_cross_device)
+            engine.backward(loss)
+            engine.step()
+            window["loss"] += float(loss.detach())
+            window["micro"] += 1
+            window["groups"] += int(inputs["q_input_ids"].shape[0])
+            window["tokens"] += int(batch["q_attention_mask"].sum() + batch["p_attention_mask"].sum())
+            window["wait"] += waited
+            totals["loss"] += float(loss.detach())
+            totals["micro"] += 1
+            if (micro + 1) % ga:
+                continue
+            global_step += 1
+            if first_step_s is None:
+                first_step_s = time.time() - t_start
+            if global_step % cfg.logging_steps == 0 or global_step == plan.total_steps:
+                elapsed = time.perf_counter() - window["t0"]
+                loss_sum, micro_n, groups, tokens, wait = _all_reduce(
+                    [window["loss"], window["micro"], window["groups"], window["tokens"], window["wait"]])
+                grad_norm = engine.get_global_grad_norm()
+                last_metrics = {
+                    "step": global_step, "total_steps": plan.total_steps,
+                    "epoch": round(epoch + (micro + 1) / plan.micro_batches_per_epoch, 4),
+                    "loss": loss_sum / max(1, micro_n),
+                    "learning_rate": float(engine.get_lr()[0]),
+                    "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                    "groups_per_s": groups / elapsed, "tokens_per_s": tokens / elapsed,
+                    "data_wait_frac": wait / world / elapsed, "time_to_first_step_s": first_step_s,
+                }
+                if rank == 0 and progress is not None:
+                    progress.put_nowait(dict(last_metrics, kind="log", time=time.time()))
+                window = {"loss": 0.0, "micro": 0, "groups": 0, "tokens": 0, "wait": 0.0, "t0": time.perf_counter()}
+            if global_step >= plan.total_steps:
+                done = True
+                break
+            if global_step % cfg.save_steps == 0:
+                _save_checkpoint(engine, {"global_step": global_step, "epoch": epoch}, dict(last_metrics, step=global_step))
+    # --- final checkpoint with the exported model ---
+    loss_sum, micro_n = _all_reduce([totals["loss"], totals["micro"]])
+    (peak,) = _all_reduce([_peak_rss_gib()], op=dist.ReduceOp.MAX if dist.is_initialized() else None)
+    final = dict(last_metrics, step=global_step, train_loss=loss_sum / max(1, micro_n),
+                 peak_rss_gib_per_worker=peak, train_runtime_s=time.time() - t_start, world_size=world,
+                 worker_rank=ctx.get_world_rank())
+    _save_checkpoint(engine, {"global_step": global_step, "epoch": plan.num_epochs, "final": True}, final, export=(export,))
