@@ -18,6 +18,7 @@ instruction for this row that overrides ``query_instruction_for_retrieval``).
 from __future__ import annotations
 
 import functools
+import glob
 import json
 import math
 import random
@@ -239,12 +240,26 @@ class TripletDatasource(FileBasedDatasource):
             yield pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
 
 
+def expand_paths(paths: list[str]) -> list[str]:
+    """Expand local globs (``data/*.jsonl``); directories and URIs are listed by Ray Data itself."""
+    out: list[str] = []
+    for path in paths:
+        if "://" not in path and any(c in path for c in "*?["):
+            matches = sorted(glob.glob(path, recursive=True))
+            if not matches:
+                raise DataValidationError(f"train_data: no file matches {path!r}")
+            out.extend(matches)
+        else:
+            out.append(path)
+    return out
+
+
 def read_triplets(paths: list[str], rules: RowRules, max_examples: int = DEFAULT_MAX_EXAMPLES,
                   seed: int = 42) -> "ray.data.Dataset":
     """A Ray Dataset of validated triplet rows (bad rows carry their ``error``)."""
     import ray.data
 
-    return ray.data.read_datasource(TripletDatasource(paths, rules, max_examples=max_examples, seed=seed))
+    return ray.data.read_datasource(TripletDatasource(expand_paths(paths), rules, max_examples=max_examples, seed=seed))
 
 
 @dataclass

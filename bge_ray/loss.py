@@ -114,7 +114,7 @@ def contrastive_loss(
     if teacher_scores is None:
         hard = F.cross_entropy(scores, targets)
         return _global_grad(hard) if cross_device else hard
-    teacher_targets = F.softmax(teacher_scores.detach().float().view(local_b, group_size), dim=-1).to(scores.dtype)
+    teacher_targets = F.softmax(teacher_scores.detach().to(scores.dtype).view(local_b, group_size), dim=-1)
     if kd_loss_type == "m3_kd_loss":
         if cross_device:
             teacher_targets = gather_with_grad(teacher_targets)

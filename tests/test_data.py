@@ -1,0 +1,214 @@
+"""bge_ray/data.py: row validation, real Ray Data reads, group sampling, tokenization, collation."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from collections import Counter
+
+import pytest
+
+from bge_ray.config import FinetuneConfig
+from bge_ray.data import (
+    DataValidationError,
+    GroupCollator,
+    RowRules,
+    TokenizeSpec,
+    build_train_dataset,
+    pad_ids,
+    parse_line,
+    read_triplets,
+    sample_group,
+    scan_triplets,
+    tokenize_rows,
+)
+from tests.helpers import FE_EXAMPLES
+
+GOOD = {"query": "what is a cell", "pos": ["a cell is a unit of life"], "neg": ["rocks", "cars", "rain"]}
+
+
+def _line(obj) -> bytes:
+    return json.dumps(obj).encode()
+
+
+@pytest.mark.parametrize("raw, rules, match", [
+    (b'{"query": "q", "pos": ["p"]', RowRules(), "not valid JSON"),
+    (b'["query", "pos"]', RowRules(), "expected a JSON object"),
+    (_line({"pos": ["p"], "neg": ["n"]}), RowRules(), "missing 'query'"),
+    (_line({"query": "  ", "pos": ["p"], "neg": ["n"]}), RowRules(), "'query' is empty"),
+    (_line({"query": 3, "pos": ["p"], "neg": ["n"]}), RowRules(), "'query' must be a string"),
+    (_line({"query": "q", "neg": ["n"]}), RowRules(), "missing 'pos'"),
+    (_line({"query": "q", "pos": [], "neg": ["n"]}), RowRules(), "'pos' is empty"),
+    (_line({"query": "q", "pos": "p", "neg": ["n"]}), RowRules(), "'pos' must be a list"),
+    (_line({"query": "q", "pos": ["p", 7], "neg": ["n"]}), RowRules(), r"'pos\[1\]' must be a string"),
+    (_line({"query": "q", "pos": ["p"], "neg": ["n", None]}), RowRules(), r"'neg\[1\]' must be a string"),
+    (_line({"query": "q", "pos": ["p"], "neg": [""]}), RowRules(), r"'neg\[0\]' is an empty string"),
+    (_line({"query": "q", "pos": ["p"], "neg": []}), RowRules(train_group_size=8), "mine negatives"),
+    (_line({"query": "q", "pos": ["p"], "neg": ["n"], "pos_scores": [1.0, 2.0], "neg_scores": [0.1]}),
+     RowRules(), "'pos_scores' has 2 scores but 'pos' has 1"),
+    (b'{"query": "q", "pos": ["p"], "neg": ["n"], "pos_scores": [NaN], "neg_scores": [0.1]}',
+     RowRules(), "finite number"),
+    (_line({"query": "q", "pos": ["p"], "neg": ["n"], "pos_scores": [True], "neg_scores": [0.1]}),
+     RowRules(), "finite number"),
+    (_line({"query": "q", "pos": ["p"], "neg": ["n"]}), RowRules(knowledge_distillation=True),
+     "knowledge_distillation needs 'pos_scores'"),
+    (_line({"query": "q", "pos": ["p"], "neg": ["n"], "prompt": 5}), RowRules(), "'prompt' must be a string"),
+    (b'{"query": "caf\xe9", "pos": ["p"], "neg": ["n"]}', RowRules(), "not valid UTF-8"),
+])
+def test_each_bad_row_kind_names_file_and_line(raw, rules, match):
+    row = parse_line(raw, "data/train.jsonl", 17, rules)
+    assert row["error"] is not None
+    assert row["error"].startswith("data/train.jsonl:17: ")
+    assert __import__("re").search(match, row["error"]), row["error"]
+
+
+def test_good_rows_pass():
+    assert parse_line(_line(GOOD), "f", 1, RowRules())["error"] is None
+    kd = dict(GOOD, pos_scores=[0.9], neg_scores=[0.1, 0.2, 0.3], prompt="Represent: ")
+    row = parse_line(_line(kd), "f", 1, RowRules(knowledge_distillation=True))
+    assert row["error"] is None and row["prompt"] == "Represent: " and row["neg_scores"] == [0.1, 0.2, 0.3]
+    # no negatives is fine for in-batch-only training
+    assert parse_line(_line({"query": "q", "pos": ["p"]}), "f", 1, RowRules(train_group_size=1))["error"] is None
+
+
+# ---- sampling ----------------------------------------------------------------------------------
+
+def test_sample_group_counts_and_no_repeats_when_enough():
+    pos_idx, neg = sample_group(num_pos=3, num_neg=15, group_size=8, seed=1, epoch=0, key=42)
+    assert 0 <= pos_idx < 3 and len(neg) == 7 and len(set(neg)) == 7 and all(0 <= j < 15 for j in neg)
+
+
+def test_sample_group_with_replacement_when_too_few():
+    _, neg = sample_group(num_pos=1, num_neg=3, group_size=8, seed=1, epoch=0, key=42)
+    counts = Counter(neg)
+    assert len(neg) == 7 and set(counts) == {0, 1, 2} and max(counts.values()) <= 3  # ceil(7/3) copies
+
+
+def test_sample_group_is_seeded_and_changes_each_epoch():
+    a = [sample_group(2, 15, 8, seed=7, epoch=0, key=k) for k in range(50)]
+    assert a == [sample_group(2, 15, 8, seed=7, epoch=0, key=k) for k in range(50)]
+    assert a != [sample_group(2, 15, 8, seed=7, epoch=1, key=k) for k in range(50)]
+    assert a != [sample_group(2, 15, 8, seed=8, epoch=0, key=k) for k in range(50)]
+
+
+def test_group_size_one_needs_no_negatives():
+    assert sample_group(1, 0, 1, seed=0, epoch=0, key=0) == (0, [])
+
+
+# ---- collation -----------------------------------------------------------------------------------
+
+def test_collator_layout_padding_and_teacher_alignment():
+    batch = {
+        "q_ids": [[101, 5, 102], [101, 6, 7, 8, 102]],
+        "pos_ids": [[[101, 10, 102]], [[101, 20, 21, 102]]],
+        "neg_ids": [[[101, 11, 102], [101, 12, 12, 102]], [[101, 22, 102], [101, 23, 102]]],
+        "pos_scores": [[5.0], [6.0]],
+        "neg_scores": [[1.0, 2.0], [3.0, 4.0]],
+        "row_key": [1, 2],
+    }
+    out = GroupCollator(group_size=3, seed=0, pad_token_id=0, pad_to_multiple_of=8, knowledge_distillation=True)(batch, 0)
+    assert out["q_input_ids"].shape == (2, 8) and out["p_input_ids"].shape == (6, 8)
+    assert out["q_attention_mask"].sum(1).tolist() == [3, 5]
+    # positive first in each group; teacher scores follow the same sampled passages
+    first_tokens = out["p_input_ids"][:, 1].tolist()
+    assert first_tokens[0] == 10 and first_tokens[3] == 20
+    score_of = {10: 5.0, 11: 1.0, 12: 2.0, 20: 6.0, 22: 3.0, 23: 4.0}
+    assert out["teacher_scores"].reshape(-1).tolist() == [score_of[t] for t in first_tokens]
+
+
+def test_pad_ids_left_and_right():
+    ids, mask = pad_ids([[1, 2], [3]], pad_id=0, side="left")
+    assert ids.tolist() == [[1, 2], [0, 3]] and mask.tolist() == [[1, 1], [0, 1]]
+    ids, mask = pad_ids([[1, 2], [3]], pad_id=0, side="right")
+    assert ids.tolist() == [[1, 2], [3, 0]] and mask.tolist() == [[1, 1], [1, 0]]
+
+
+# ---- tokenization --------------------------------------------------------------------------------
+
+def test_tokenize_applies_instructions_and_truncates(tiny_model):
+    import pyarrow as pa
+    from transformers import AutoTokenizer
+
+    spec = TokenizeSpec(tokenizer=tiny_model, cache_dir=None, trust_remote_code=False, query_max_len=8,
+                        passage_max_len=6, query_instruction="search: ", query_instruction_format="{}{}",
+                        passage_instruction="doc: ", passage_instruction_format="{}{}")
+    rows = [parse_line(_line(GOOD), "f", 1, RowRules()),
+            parse_line(_line(dict(GOOD, prompt="find: ", pos=["one two three four five six seven eight"])), "f", 2,
+                       RowRules())]
+    from bge_ray.data import ROW_SCHEMA
+
+    out = tokenize_rows(pa.Table.from_pylist(rows, schema=ROW_SCHEMA), spec).to_pylist()
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    assert out[0]["q_ids"] == tok("search: what is a cell")["input_ids"]
+    assert out[1]["q_ids"] == tok("find: what is a cell")["input_ids"]  # per-row prompt wins
+    assert out[0]["neg_ids"][0] == tok("doc: rocks")["input_ids"]
+    assert len(out[1]["pos_ids"][0]) == 6 and out[1]["pos_ids"][0][-1] == tok.sep_token_id
+    assert all(len(q) <= 8 for q in (o["q_ids"] for o in out))
+
+
+# ---- real Ray Data reads -------------------------------------------------------------------------
+
+def _write(path, lines, gz=False):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    data = "".join(line + "\n" for line in lines).encode()
+    with (gzip.open(path, "wb") if gz else open(path, "wb")) as f:
+        f.write(data)
+
+
+def test_reads_files_dirs_globs_and_gzip(ray_cluster, tmp_path):
+    good = json.dumps(GOOD)
+    _write(str(tmp_path / "a" / "one.jsonl"), [good] * 3)
+    _write(str(tmp_path / "a" / "two.jsonl.gz"), [good] * 4 + [""], gz=True)
+    _write(str(tmp_path / "b" / "three.json"), [good] * 5)
+    (tmp_path / "a" / "notes.txt").write_text("not data")
+    ds = read_triplets([str(tmp_path / "a"), str(tmp_path / "b" / "*.json")], RowRules())
+    summary = scan_triplets(ds, skip_bad_rows=False)
+    assert summary.num_rows == 12 and summary.num_bad == 0
+
+
+def test_bad_row_fails_the_scan_with_file_and_line(ray_cluster, tmp_path):
+    good = json.dumps(GOOD)
+    path = str(tmp_path / "train.jsonl")
+    _write(path, [good, good, '{"query": "q", "pos": ["p"]  oops', good])
+    with pytest.raises(DataValidationError, match=rf"{path}:3: not valid JSON"):
+        scan_triplets(read_triplets([path], RowRules()), skip_bad_rows=False)
+
+
+def test_skip_bad_rows_counts_and_reports(ray_cluster, tmp_path):
+    good = json.dumps(GOOD)
+    path = str(tmp_path / "train.jsonl")
+    _write(path, [good, "garbage", good, json.dumps({"query": "q", "pos": []}), good])
+    summary = scan_triplets(read_triplets([path], RowRules()), skip_bad_rows=True)
+    assert (summary.num_rows, summary.num_bad) == (3, 2)
+    assert any(e.startswith(f"{path}:2:") for e in summary.first_errors)
+    assert any(e.startswith(f"{path}:4:") for e in summary.first_errors)
+    assert "2 bad rows skipped" in summary.describe()
+
+
+def test_json_array_file_is_explained(ray_cluster, tmp_path):
+    path = str(tmp_path / "train.json")
+    (tmp_path / "train.json").write_text(json.dumps([GOOD, GOOD]))
+    with pytest.raises(DataValidationError, match="JSON Lines"):
+        scan_triplets(read_triplets([path], RowRules()), skip_bad_rows=False)
+
+
+def test_max_example_num_per_dataset_is_a_seeded_sample(ray_cluster, tmp_path):
+    path = str(tmp_path / "train.jsonl")
+    _write(path, [json.dumps(dict(GOOD, query=f"q{i}")) for i in range(40)])
+
+    def queries(seed):
+        return sorted(r["query"] for r in read_triplets([path], RowRules(), max_examples=10, seed=seed).take_all())
+
+    first = queries(1)
+    assert len(first) == 10 and first == queries(1) and first != queries(2)
+
+
+def test_build_train_dataset_tokenizes_fe_examples(ray_cluster, tiny_model, tmp_path):
+    cfg = FinetuneConfig(model_name_or_path=tiny_model, train_data=[FE_EXAMPLES], output_dir=str(tmp_path),
+                         train_group_size=4, query_max_len=16, passage_max_len=24)
+    ds, summary = build_train_dataset(cfg)
+    rows = ds.take_all()
+    assert summary.num_rows == len(rows) == 50
+    assert all(len(r["q_ids"]) <= 16 and all(len(p) <= 24 for p in r["neg_ids"]) for r in rows)
+    assert len({r["row_key"] for r in rows}) == 50
