@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 from bge_ray.config import FinetuneConfig, resolve_config
 
@@ -58,7 +58,7 @@ class _ProgressPrinter(threading.Thread):
         self.queue = queue
         self.launch_time = launch_time
         self.stop_event = threading.Event()
-        self.first_step_s: Optional[float] = None
+        self.first_step_s: float | None = None
 
     def run(self) -> None:
         from ray.util.queue import Empty

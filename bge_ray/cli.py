@@ -6,7 +6,6 @@ import dataclasses
 import json
 import os
 import sys
-from typing import Optional
 
 from bge_ray.config import COMPAT_IGNORED, ConfigError, FinetuneConfig, load_config
 
@@ -32,7 +31,7 @@ def _train_help() -> str:
     return "\n".join(lines)
 
 
-def split_config_arg(argv: list[str]) -> tuple[Optional[str], list[str]]:
+def split_config_arg(argv: list[str]) -> tuple[str | None, list[str]]:
     """Pull ``--config PATH`` / ``--config=PATH`` out of the arguments."""
     rest, path = [], None
     i = 0
@@ -73,7 +72,7 @@ def cmd_train(argv: list[str]) -> int:
 COMMANDS = {"train": cmd_train}
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)

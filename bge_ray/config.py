@@ -13,9 +13,10 @@ import difflib
 import glob
 import json
 import os
+import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -50,19 +51,19 @@ class FinetuneConfig:
     """Every knob of a fine-tune. Field names follow FlagEmbedding's runner."""
 
     # --- model ---
-    model_name_or_path: Optional[str] = None
-    cache_dir: Optional[str] = None
+    model_name_or_path: str | None = None
+    cache_dir: str | None = None
     trust_remote_code: bool = False
 
     # --- data ---
     train_data: list[str] = field(default_factory=list)
     query_max_len: int = 32
     passage_max_len: int = 128
-    pad_to_multiple_of: Optional[int] = None
+    pad_to_multiple_of: int | None = None
     train_group_size: int = 8
-    query_instruction_for_retrieval: Optional[str] = None
+    query_instruction_for_retrieval: str | None = None
     query_instruction_format: str = "{}{}"
-    passage_instruction_for_retrieval: Optional[str] = None
+    passage_instruction_for_retrieval: str | None = None
     passage_instruction_format: str = "{}{}"
     knowledge_distillation: bool = False
     max_example_num_per_dataset: int = 100_000_000
@@ -91,21 +92,21 @@ class FinetuneConfig:
     fp16: bool = False
     bf16: bool = False
     gradient_checkpointing: bool = False
-    deepspeed: Optional[str] = None
+    deepspeed: str | None = None
     seed: int = 42
     logging_steps: int = 500
     save_steps: int = 500
-    save_total_limit: Optional[int] = None
-    output_dir: Optional[str] = None
+    save_total_limit: int | None = None
+    output_dir: str | None = None
 
     # --- scaling ---
     num_workers: int = 1
     use_gpu: bool = False
-    resources_per_worker: Optional[dict[str, float]] = None
-    storage_path: Optional[str] = None
-    run_name: Optional[str] = None
+    resources_per_worker: dict[str, float] | None = None
+    storage_path: str | None = None
+    run_name: str | None = None
     max_failures: int = 0
-    ray_address: Optional[str] = None
+    ray_address: str | None = None
 
     # ------------------------------------------------------------------ helpers
     @classmethod
@@ -136,9 +137,13 @@ _FIELDS = {f.name: f for f in dataclasses.fields(FinetuneConfig)}
 _HINTS = typing.get_type_hints(FinetuneConfig)
 
 
+def _is_union(hint: Any) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType)
+
+
 def _base_type(hint: Any) -> Any:
-    """Strip Optional[...] from a type hint."""
-    if typing.get_origin(hint) is typing.Union:
+    """Strip Optional[...] / ``X | None`` from a type hint."""
+    if _is_union(hint):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         return args[0]
     return hint
@@ -158,7 +163,7 @@ _FALSE = {"false", "0", "no", "n", "off"}
 def coerce(name: str, value: Any) -> Any:
     """Convert ``value`` (from YAML or the command line) to the type of field ``name``."""
     hint = _HINTS[name]
-    optional = typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
+    optional = _is_union(hint) and type(None) in typing.get_args(hint)
     base = _base_type(hint)
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
         if optional:
@@ -288,7 +293,7 @@ def build_config(values: dict[str, Any], where: str = "config") -> FinetuneConfi
     return FinetuneConfig(**kwargs)
 
 
-def load_config(path: Optional[str] = None, overrides: Optional[list[str] | dict[str, Any]] = None) -> FinetuneConfig:
+def load_config(path: str | None = None, overrides: list[str] | dict[str, Any] | None = None) -> FinetuneConfig:
     """YAML file (optional) + command-line overrides -> a validated :class:`FinetuneConfig`."""
     values = load_yaml(path) if path else {}
     if isinstance(overrides, list):

@@ -23,12 +23,12 @@ import json
 import math
 import random
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-
 from ray.data.datasource.file_based_datasource import FileBasedDatasource
 
 if TYPE_CHECKING:
@@ -69,7 +69,7 @@ class RowRules:
     knowledge_distillation: bool = False
 
     @classmethod
-    def from_config(cls, cfg: "FinetuneConfig") -> "RowRules":
+    def from_config(cls, cfg: FinetuneConfig) -> RowRules:
         return cls(train_group_size=cfg.train_group_size, knowledge_distillation=cfg.knowledge_distillation)
 
 
@@ -77,7 +77,7 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _check_texts(row: dict, key: str, required: bool) -> Optional[str]:
+def _check_texts(row: dict, key: str, required: bool) -> str | None:
     if key not in row:
         return f"missing '{key}'" if required else None
     value = row[key]
@@ -93,7 +93,7 @@ def _check_texts(row: dict, key: str, required: bool) -> Optional[str]:
     return None
 
 
-def _check_scores(row: dict, key: str, texts_key: str, required: bool) -> Optional[str]:
+def _check_scores(row: dict, key: str, texts_key: str, required: bool) -> str | None:
     if key not in row or row[key] is None:
         if required:
             return f"knowledge_distillation needs '{key}' (teacher scores; `bge-ray score` adds them)"
@@ -110,7 +110,7 @@ def _check_scores(row: dict, key: str, texts_key: str, required: bool) -> Option
     return None
 
 
-def validate_row(obj: Any, rules: RowRules) -> Optional[str]:
+def validate_row(obj: Any, rules: RowRules) -> str | None:
     """Return why ``obj`` is not a usable training row, or None if it is."""
     if not isinstance(obj, dict):
         return f"expected a JSON object, got {type(obj).__name__}"
@@ -142,7 +142,7 @@ def validate_row(obj: Any, rules: RowRules) -> Optional[str]:
 
 def row_key(path: str, line: int) -> int:
     """A stable id for a row, used to seed its per-epoch sampling."""
-    return zlib.crc32(f"{path}:{line}".encode("utf-8"))
+    return zlib.crc32(f"{path}:{line}".encode())
 
 
 def parse_line(raw: bytes, path: str, line: int, rules: RowRules) -> dict:
@@ -255,7 +255,7 @@ def expand_paths(paths: list[str]) -> list[str]:
 
 
 def read_triplets(paths: list[str], rules: RowRules, max_examples: int = DEFAULT_MAX_EXAMPLES,
-                  seed: int = 42) -> "ray.data.Dataset":
+                  seed: int = 42) -> ray.data.Dataset:
     """A Ray Dataset of validated triplet rows (bad rows carry their ``error``)."""
     import ray.data
 
@@ -283,7 +283,7 @@ def _summarize_block(batch: pa.Table) -> pa.Table:
     return pa.table({"good": [len(errors) - len(bad)], "bad": [len(bad)], "errors": [bad[:_MAX_ERRORS_KEPT]]})
 
 
-def scan_triplets(ds: "ray.data.Dataset", skip_bad_rows: bool) -> DataSummary:
+def scan_triplets(ds: ray.data.Dataset, skip_bad_rows: bool) -> DataSummary:
     """Count usable rows; without ``skip_bad_rows`` the first bad row is a :class:`DataValidationError`."""
     summary = DataSummary()
     parts = ds.select_columns(["error"]).map_batches(_summarize_block, batch_format="pyarrow", batch_size=None)
@@ -305,7 +305,7 @@ def scan_triplets(ds: "ray.data.Dataset", skip_bad_rows: bool) -> DataSummary:
 
 
 @functools.lru_cache(maxsize=4)
-def load_tokenizer(name_or_path: str, cache_dir: Optional[str] = None, trust_remote_code: bool = False) -> Any:
+def load_tokenizer(name_or_path: str, cache_dir: str | None = None, trust_remote_code: bool = False) -> Any:
     """A fast tokenizer, loaded once per process."""
     from transformers import AutoTokenizer
 
@@ -322,18 +322,18 @@ class TokenizeSpec:
     """Everything the tokenize step needs; picklable for Ray tasks."""
 
     tokenizer: str
-    cache_dir: Optional[str]
+    cache_dir: str | None
     trust_remote_code: bool
     query_max_len: int
     passage_max_len: int
-    query_instruction: Optional[str]
+    query_instruction: str | None
     query_instruction_format: str
-    passage_instruction: Optional[str]
+    passage_instruction: str | None
     passage_instruction_format: str
     append_eos: bool = False
 
     @classmethod
-    def from_config(cls, cfg: "FinetuneConfig") -> "TokenizeSpec":
+    def from_config(cls, cfg: FinetuneConfig) -> TokenizeSpec:
         return cls(
             tokenizer=cfg.model_name_or_path, cache_dir=cfg.cache_dir, trust_remote_code=cfg.trust_remote_code,
             query_max_len=cfg.query_max_len, passage_max_len=cfg.passage_max_len,
@@ -343,7 +343,7 @@ class TokenizeSpec:
             passage_instruction_format=cfg.passage_instruction_format,
         )
 
-    def query_text(self, query: str, prompt: Optional[str]) -> str:
+    def query_text(self, query: str, prompt: str | None) -> str:
         instruction = prompt if prompt is not None else self.query_instruction
         return self.query_instruction_format.format(instruction, query) if instruction is not None else query
 
@@ -357,7 +357,7 @@ def tokenize_rows(batch: pa.Table, spec: TokenizeSpec) -> pa.Table:
     """Apply instructions and tokenize every text of every row (truncated, not padded)."""
     tok = load_tokenizer(spec.tokenizer, spec.cache_dir, spec.trust_remote_code)
     queries = [spec.query_text(q, p) for q, p in zip(batch.column("query").to_pylist(),
-                                                     batch.column("prompt").to_pylist())]
+                                                     batch.column("prompt").to_pylist(), strict=True)]
     pos = batch.column("pos").to_pylist()
     neg = batch.column("neg").to_pylist()
     flat = [spec.passage_text(t) for texts in pos for t in texts] + [spec.passage_text(t) for texts in neg for t in texts]
@@ -387,7 +387,7 @@ def _drop_bad(batch: pa.Table) -> pa.Table:
     return batch.filter(pc.is_null(batch.column("error")))
 
 
-def build_train_dataset(cfg: "FinetuneConfig") -> tuple["ray.data.Dataset", DataSummary]:
+def build_train_dataset(cfg: FinetuneConfig) -> tuple[ray.data.Dataset, DataSummary]:
     """Validate the training data (one streaming pass) and return the tokenized dataset and its summary."""
     import ray.data
 
@@ -422,7 +422,7 @@ def sample_group(num_pos: int, num_neg: int, group_size: int, seed: int, epoch: 
     return pos_idx, rng.sample(pool, need)
 
 
-def pad_ids(seqs: list[list[int]], pad_id: int, side: str = "right", multiple_of: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+def pad_ids(seqs: list[list[int]], pad_id: int, side: str = "right", multiple_of: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Pad token id lists to the longest (rounded up to ``multiple_of``); return ids and mask."""
     longest = max(len(s) for s in seqs)
     if multiple_of:
@@ -447,7 +447,7 @@ class GroupCollator:
     seed: int
     pad_token_id: int
     padding_side: str = "right"
-    pad_to_multiple_of: Optional[int] = None
+    pad_to_multiple_of: int | None = None
     knowledge_distillation: bool = False
 
     def __call__(self, batch: dict[str, Any], epoch: int) -> dict[str, Any]:

@@ -5,14 +5,14 @@ from __future__ import annotations
 import copy
 import json
 import os
-from typing import Any, Optional
+from typing import Any
 
 from bge_ray.config import ZERO_SHORTHANDS, ConfigError, FinetuneConfig
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "deepspeed_configs")
 
 
-def load_base_config(deepspeed: Optional[str]) -> dict[str, Any]:
+def load_base_config(deepspeed: str | None) -> dict[str, Any]:
     """The JSON for a ZeRO shorthand (``zero2``) or a user file; ZeRO-0 when unset."""
     if deepspeed is None:
         name = "zero0"
@@ -38,7 +38,7 @@ def _fill(section: dict[str, Any], key: str, value: Any, where: str) -> None:
 
 
 def build_deepspeed_config(cfg: FinetuneConfig, world_size: int, total_steps: int = 1,
-                           warmup_steps: int = 0, hidden_size: Optional[int] = None) -> dict[str, Any]:
+                           warmup_steps: int = 0, hidden_size: int | None = None) -> dict[str, Any]:
     """The DeepSpeed config dict for this run, every ``auto`` resolved."""
     ds = copy.deepcopy(load_base_config(cfg.deepspeed))
     _fill(ds, "train_micro_batch_size_per_gpu", cfg.per_device_train_batch_size, "")

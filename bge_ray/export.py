@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Optional
+from typing import Any
 
 from bge_ray import __version__
 
 METADATA_FILE = "bge_ray.json"
 
 
-def prompt_prefix(fmt: str, instruction: Optional[str]) -> Optional[str]:
+def prompt_prefix(fmt: str, instruction: str | None) -> str | None:
     """The instruction as a text prefix (sentence-transformers prompts are prefixes), if the format allows."""
     if instruction is None:
         return None
@@ -33,8 +33,8 @@ def prompt_prefix(fmt: str, instruction: Optional[str]) -> Optional[str]:
 
 
 def write_sentence_transformers_files(out_dir: str, hidden_size: int, pooling: str, normalize: bool,
-                                      max_seq_length: int, query_prompt: Optional[str],
-                                      passage_prompt: Optional[str]) -> None:
+                                      max_seq_length: int, query_prompt: str | None,
+                                      passage_prompt: str | None) -> None:
     modules = [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},

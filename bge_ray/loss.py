@@ -36,8 +36,6 @@ Example::
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -94,7 +92,7 @@ def contrastive_loss(
     q: torch.Tensor,
     p: torch.Tensor,
     temperature: float,
-    teacher_scores: Optional[torch.Tensor] = None,
+    teacher_scores: torch.Tensor | None = None,
     kd_loss_type: str = "kl_div",
     cross_device: bool = False,
 ) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,8 +43,8 @@ class Embedder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, pooling: str = "cls", normalize: bool = True,
-                        cache_dir: Optional[str] = None, trust_remote_code: bool = False,
-                        attn_implementation: Optional[str] = None, **kwargs: Any) -> "Embedder":
+                        cache_dir: str | None = None, trust_remote_code: bool = False,
+                        attn_implementation: str | None = None, **kwargs: Any) -> Embedder:
         from transformers import AutoModel
 
         extra = {"attn_implementation": attn_implementation} if attn_implementation else {}

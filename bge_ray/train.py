@@ -13,13 +13,13 @@ import resource
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
-
-import torch
-import torch.distributed as dist
+from typing import Any
 
 import ray.train
+import torch
+import torch.distributed as dist
 from ray.train import Checkpoint
 
 from bge_ray.config import FinetuneConfig
@@ -44,7 +44,7 @@ class TrainPlan:
     warmup_steps: int
 
     @classmethod
-    def make(cls, cfg: FinetuneConfig, num_rows: int) -> "TrainPlan":
+    def make(cls, cfg: FinetuneConfig, num_rows: int) -> TrainPlan:
         from bge_ray.config import ConfigError
 
         per_worker_rows = num_rows // cfg.num_workers  # Ray Data's equal split
@@ -128,7 +128,7 @@ def _batches_in_lockstep(it: Iterator[dict], limit: int, device: torch.device) -
         yield batch, waited
 
 
-def _save_checkpoint(engine: Any, state: dict, metrics: dict, export: Optional[tuple] = None) -> None:
+def _save_checkpoint(engine: Any, state: dict, metrics: dict, export: tuple | None = None) -> None:
     """Every worker writes its DeepSpeed shards into a local dir; Ray merges them in storage."""
     rank, _ = _world()
     ckpt_dir = tempfile.mkdtemp(prefix="bge_ray_ckpt_")
@@ -146,7 +146,7 @@ def _save_checkpoint(engine: Any, state: dict, metrics: dict, export: Optional[t
         shutil.rmtree(ckpt_dir, ignore_errors=True)
 
 
-def _consolidated_state_dict(engine: Any, zero_stage: int) -> Optional[dict]:
+def _consolidated_state_dict(engine: Any, zero_stage: int) -> dict | None:
     """Full weights on rank 0 (a collective under ZeRO-3), keys of the inner transformers model."""
     rank, _ = _world()
     if zero_stage == 3:
@@ -231,7 +231,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     ga = cfg.gradient_accumulation_steps
     window = {"loss": 0.0, "micro": 0, "groups": 0, "tokens": 0, "wait": 0.0, "t0": time.perf_counter()}
     totals = {"loss": 0.0, "micro": 0}
-    first_step_s: Optional[float] = None
+    first_step_s: float | None = None
     last_metrics: dict[str, Any] = {}
     done = global_step >= plan.total_steps
     for epoch in range(start_epoch, plan.num_epochs):

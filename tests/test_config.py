@@ -8,7 +8,6 @@ import pytest
 
 from bge_ray.config import ConfigError, FinetuneConfig, load_config, parse_overrides
 from bge_ray.deepspeed_config import build_deepspeed_config
-
 from tests.helpers import FE_EXAMPLES
 
 

@@ -1,0 +1,60 @@
+"""The `bge-ray train` door and `jobs/finetune.py`, as a user runs them (subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import FE_EXAMPLES, REPO
+
+
+def _run(args, env_extra=None, timeout=600):
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+
+
+def test_help_lists_every_key():
+    proc = _run(["bge-ray", "train", "--help"])
+    assert proc.returncode == 0
+    for key in ("model_name_or_path", "train_group_size", "negatives_cross_device", "deepspeed", "num_workers"):
+        assert f"--{key}" in proc.stdout
+
+
+def test_bad_config_fails_fast_without_ray(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model_name_or_path: x\ntrain_data: [{FE_EXAMPLES}]\noutput_dir: {tmp_path}/o\n")
+    proc = _run(["bge-ray", "train", "--config", str(config), "--temprature", "0.1"])
+    assert proc.returncode == 2
+    assert "did you mean 'temperature'" in proc.stderr
+    assert "Started a local Ray instance" not in proc.stderr + proc.stdout
+    proc = _run([sys.executable, "jobs/finetune.py", "--config", str(config), "--fp16", "--bf16", "--use_gpu"])
+    assert proc.returncode == 2 and "pick one" in proc.stderr
+
+
+def test_bad_data_names_file_and_line(ray_cluster, tiny_model, tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"query": "q", "pos": ["p"], "neg": ["n"]}) + "\n" + '{"query": 1}\n')
+    address = ray_cluster.get_runtime_context().gcs_address
+    proc = _run(["bge-ray", "train", "--model_name_or_path", tiny_model, "--train_data", str(data),
+                 "--output_dir", str(tmp_path / "o"), "--train_group_size", "2"], {"RAY_ADDRESS": address})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"{data}:2: 'query' must be a string" in proc.stderr
+
+
+@pytest.mark.parametrize("door", ["cli", "job"])
+def test_train_door_end_to_end(ray_cluster, tiny_model, tmp_path, door):
+    out = tmp_path / "model"
+    args = ["--model_name_or_path", tiny_model, f"--train_data={FE_EXAMPLES}", "--output_dir", str(out),
+            "--storage_path", str(tmp_path / "storage"), "--num_workers", "2", "--deepspeed", "zero1",
+            "--per_device_train_batch_size", "4", "--train_group_size", "2", "--max_steps", "2",
+            "--logging_steps", "1", "--passage_max_len", "32", "--sentence_pooling_method", "mean"]
+    cmd = ["bge-ray", "train", *args] if door == "cli" else [sys.executable, "jobs/finetune.py", *args]
+    proc = _run(cmd, {"RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"fine-tuned model: {out}" in proc.stdout
+    assert "step     2/2 | epoch" in proc.stdout  # the driver's progress lines
+    assert (out / "model.safetensors").exists() and (out / "modules.json").exists()

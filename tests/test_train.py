@@ -1,0 +1,137 @@
+"""End to end on the shared Ray cluster: 2 TorchTrainer workers (gloo), DeepSpeed on CPU, tiny BERTs."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import bge_ray
+from bge_ray.data import ROW_SCHEMA, GroupCollator, RowRules, TokenizeSpec, load_tokenizer, parse_line, tokenize_rows
+from bge_ray.loss import contrastive_loss
+from bge_ray.modeling import Embedder
+from tests.helpers import FE_EXAMPLES
+
+TEXTS = ["What is the capital of France?", "Paris is the capital and largest city of France.",
+         "a much longer passage about contrastive learning of text embeddings for dense retrieval"]
+
+
+def dataset_loss(model_dir: str, cfg: dict) -> float:
+    """The training loss over the whole data set with one fixed draw of groups (no Ray)."""
+    import pyarrow as pa
+
+    with open(cfg["train_data"][0], encoding="utf-8") as f:
+        rows = [parse_line(line.encode(), "f", i, RowRules(cfg["train_group_size"])) for i, line in enumerate(f, 1)]
+    spec = TokenizeSpec(tokenizer=model_dir, cache_dir=None, trust_remote_code=False,
+                        query_max_len=cfg["query_max_len"], passage_max_len=cfg["passage_max_len"],
+                        query_instruction=None, query_instruction_format="{}{}", passage_instruction=None,
+                        passage_instruction_format="{}{}")
+    tokenized = tokenize_rows(pa.Table.from_pylist(rows, schema=ROW_SCHEMA), spec).to_pydict()
+    tok = load_tokenizer(model_dir)
+    batch = GroupCollator(cfg["train_group_size"], seed=123, pad_token_id=tok.pad_token_id)(tokenized, epoch=0)
+    model = Embedder.from_pretrained(model_dir, pooling=cfg["sentence_pooling_method"], normalize=True).eval()
+    with torch.no_grad():
+        q, p = model(*(torch.as_tensor(batch[k]) for k in ("q_input_ids", "q_attention_mask", "p_input_ids",
+                                                            "p_attention_mask")))
+        return contrastive_loss(q, p, cfg["temperature"]).item()
+
+
+@pytest.fixture(scope="module")
+def zero2_run(ray_cluster, tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("zero2")
+    cfg = {
+        "model_name_or_path": tiny_model, "train_data": [FE_EXAMPLES], "output_dir": str(out / "model"),
+        "storage_path": str(out / "storage"), "num_workers": 2, "deepspeed": "zero2",
+        "per_device_train_batch_size": 4, "train_group_size": 4, "query_max_len": 32, "passage_max_len": 64,
+        "sentence_pooling_method": "mean", "temperature": 0.05, "learning_rate": 1e-3, "warmup_ratio": 0.1,
+        "num_train_epochs": 2, "logging_steps": 2, "save_steps": 6, "seed": 3,
+    }
+    result = bge_ray.finetune(cfg)
+    return cfg, result
+
+
+def test_zero2_two_workers_lowers_loss_and_exports(zero2_run, tiny_model):
+    cfg, result = zero2_run
+    # 50 rows / (2 workers x 4) = 6 steps per epoch, 2 epochs
+    assert result.metrics["step"] == 12 and result.metrics["total_steps"] == 12
+    assert result.metrics["world_size"] == 2 and result.num_rows == 50
+    assert np.isfinite(result.metrics["train_loss"]) and result.metrics["tokens_per_s"] > 0
+    before, after = dataset_loss(tiny_model, cfg), dataset_loss(result.model_dir, cfg)
+    assert after < 0.8 * before, (before, after)
+    files = set(os.listdir(result.model_dir))
+    assert {"model.safetensors", "config.json", "tokenizer.json", "modules.json", "bge_ray.json"} <= files
+    assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
+    with open(os.path.join(result.model_dir, "1_Pooling", "config.json")) as f:
+        pooling = json.load(f)
+    assert pooling["pooling_mode_mean_tokens"] and not pooling["pooling_mode_cls_token"]
+
+
+def test_checkpoints_hold_deepspeed_state(zero2_run):
+    cfg, result = zero2_run
+    run_dir = os.path.dirname(result.checkpoint.path)
+    ckpts = sorted(d for d in os.listdir(run_dir) if d.startswith("checkpoint_step_"))
+    assert ckpts == ["checkpoint_step_00000006", "checkpoint_step_00000012"]
+    mid = os.path.join(run_dir, ckpts[0])
+    with open(os.path.join(mid, "trainer_state.json")) as f:
+        assert json.load(f)["global_step"] == 6
+    shards = os.listdir(os.path.join(mid, "deepspeed"))
+    # ZeRO-2: one optimizer shard per worker, merged from both workers into one checkpoint
+    assert sum("optim_states" in s for s in shards) == 2
+
+
+def test_same_embeddings_in_transformers_sentence_transformers_and_flagembedding(zero2_run):
+    from sentence_transformers import SentenceTransformer
+
+    _, result = zero2_run
+    model = Embedder.from_pretrained(result.model_dir, pooling="mean", normalize=True).eval()
+    tok = load_tokenizer(result.model_dir)
+    enc = tok(TEXTS, padding=True, truncation=True, max_length=64, return_tensors="pt")
+    with torch.no_grad():
+        ours = model.encode(enc["input_ids"], enc["attention_mask"]).numpy()
+    st = SentenceTransformer(result.model_dir, device="cpu").encode(TEXTS, convert_to_numpy=True)
+    np.testing.assert_allclose(st, ours, atol=1e-5)
+
+    from tests.flagembedding_compat import import_flag_model
+
+    FlagModel = import_flag_model()
+    fe = FlagModel(result.model_dir, pooling_method="mean", normalize_embeddings=True, use_fp16=False,
+                   devices="cpu").encode(TEXTS, max_length=64)
+    np.testing.assert_allclose(fe, ours, atol=1e-5)
+
+
+def _with_scores(src: str, dst: str) -> str:
+    with open(src, encoding="utf-8") as f, open(dst, "w", encoding="utf-8") as out:
+        for line in f:
+            row = json.loads(line)
+            row["pos_scores"] = [5.0] * len(row["pos"])
+            row["neg_scores"] = [float(-i) for i in range(len(row["neg"]))]
+            out.write(json.dumps(row) + "\n")
+    return dst
+
+
+def test_zero3_cross_device_distillation_cls_checkpointing(ray_cluster, tiny_model, tmp_path):
+    data = _with_scores(FE_EXAMPLES, str(tmp_path / "scored.jsonl"))
+    result = bge_ray.finetune({
+        "model_name_or_path": tiny_model, "train_data": [data], "output_dir": str(tmp_path / "model"),
+        "storage_path": str(tmp_path / "storage"), "num_workers": 2, "deepspeed": "zero3",
+        "per_device_train_batch_size": 4, "train_group_size": 3, "query_max_len": 16, "passage_max_len": 32,
+        "sentence_pooling_method": "cls", "negatives_cross_device": True, "knowledge_distillation": True,
+        "kd_loss_type": "m3_kd_loss", "gradient_checkpointing": True, "gradient_accumulation_steps": 2,
+        "learning_rate": 5e-4, "max_steps": 3, "logging_steps": 1, "save_steps": 100,
+        "query_instruction_for_retrieval": "query: ",
+    })
+    assert result.metrics["step"] == 3
+    from safetensors.torch import load_file
+
+    trained = load_file(os.path.join(result.model_dir, "model.safetensors"))
+    base = load_file(os.path.join(tiny_model, "model.safetensors"))
+    assert set(trained) == set(base)  # ZeRO-3 consolidated every full tensor
+    assert all(trained[k].shape == base[k].shape for k in base)
+    assert any(not torch.equal(trained[k], base[k]) for k in base)
+    with open(os.path.join(result.model_dir, "config_sentence_transformers.json")) as f:
+        assert json.load(f)["prompts"] == {"query": "query: "}
+    with open(os.path.join(result.model_dir, "1_Pooling", "config.json")) as f:
+        assert json.load(f)["pooling_mode_cls_token"] is True
