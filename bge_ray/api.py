@@ -25,6 +25,7 @@ class FinetuneResult:
     num_rows: int
     num_bad_rows: int
     config: FinetuneConfig
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 def _log(msg: str) -> None:
@@ -73,8 +74,11 @@ class _ProgressPrinter(threading.Thread):
             self.show(item)
 
     def show(self, m: dict[str, Any]) -> None:
-        if self.first_step_s is None:
+        if m.get("kind") == "first_step":
             self.first_step_s = m["time"] - self.launch_time
+            print(f"first optimizer step {self.first_step_s:.1f}s after launch", flush=True)
+            return
+        self.history.append(m)
         done = m["step"] / m["total_steps"]
         elapsed = m["time"] - self.launch_time
         eta = (elapsed / done - elapsed) if done > 0 else float("nan")
@@ -171,8 +175,9 @@ def finetune(config: FinetuneConfig | dict[str, Any] | str) -> FinetuneResult:
         model_dir = _publish_model(src, cfg.output_dir)
     metrics = dict(result.metrics or {})
     if printer.first_step_s is not None:
-        metrics["driver_time_to_first_log_s"] = printer.first_step_s
+        metrics["launch_to_first_step_s"] = printer.first_step_s
     metrics["wall_s"] = time.time() - launch
     _log(f"model written to {model_dir}")
     return FinetuneResult(model_dir=model_dir, metrics=metrics, checkpoint=result.checkpoint,
-                          num_rows=summary.num_rows, num_bad_rows=summary.num_bad, config=cfg)
+                          num_rows=summary.num_rows, num_bad_rows=summary.num_bad, config=cfg,
+                          history=printer.history)

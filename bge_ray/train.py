@@ -266,6 +266,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             global_step += 1
             if first_step_s is None:
                 first_step_s = time.time() - t_start
+                if rank == 0 and progress is not None:
+                    progress.put_nowait({"kind": "first_step", "time": time.time(), "step": global_step})
             if global_step % cfg.logging_steps == 0 or global_step == plan.total_steps:
                 elapsed = time.perf_counter() - window["t0"]
                 loss_sum, micro_n, groups, tokens, wait = _all_reduce(
@@ -279,6 +281,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                     "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                     "groups_per_s": groups / elapsed, "tokens_per_s": tokens / elapsed,
                     "data_wait_frac": wait / world / elapsed, "time_to_first_step_s": first_step_s,
+                    "window_s": elapsed, "window_groups": groups, "window_tokens": tokens,
                 }
                 if rank == 0 and progress is not None:
                     progress.put_nowait(dict(last_metrics, kind="log", time=time.time()))
