@@ -60,18 +60,21 @@ class _ProgressPrinter(threading.Thread):
         self.launch_time = launch_time
         self.stop_event = threading.Event()
         self.first_step_s: float | None = None
+        self.history: list[dict[str, Any]] = []
+        self.error: BaseException | None = None
 
     def run(self) -> None:
         from ray.util.queue import Empty
 
-        while not self.stop_event.is_set():
-            try:
-                item = self.queue.get(timeout=0.5)
-            except Empty:
-                continue
-            except Exception:  # the queue actor is gone: the run is ending
-                return
-            self.show(item)
+        try:
+            while not self.stop_event.is_set():
+                try:
+                    item = self.queue.get(timeout=0.5)
+                except Empty:
+                    continue
+                self.show(item)
+        except BaseException as e:  # kept and reported by finetune(): progress output must not kill a run
+            self.error = e
 
     def show(self, m: dict[str, Any]) -> None:
         if m.get("kind") == "first_step":
@@ -162,7 +165,9 @@ def finetune(config: FinetuneConfig | dict[str, Any] | str) -> FinetuneResult:
         result = trainer.fit()
     finally:
         printer.stop_event.set()
-        printer.join(timeout=2)
+        printer.join(timeout=5)
+        if printer.error is not None:
+            _log(f"progress display failed: {type(printer.error).__name__}: {printer.error}")
         while not progress.empty():  # show what arrived after the printer's last look
             printer.show(progress.get_nowait())
         ray.kill(progress.actor)

@@ -59,6 +59,8 @@ def test_zero2_two_workers_lowers_loss_and_exports(zero2_run, tiny_model):
     assert result.metrics["step"] == 12 and result.metrics["total_steps"] == 12
     assert result.metrics["world_size"] == 2 and result.num_rows == 50
     assert np.isfinite(result.metrics["train_loss"]) and result.metrics["tokens_per_s"] > 0
+    assert [m["step"] for m in result.history] == [2, 4, 6, 8, 10, 12]  # every logging_steps, on the driver
+    assert result.metrics["launch_to_first_step_s"] > 0
     before, after = dataset_loss(tiny_model, cfg), dataset_loss(result.model_dir, cfg)
     assert after < 0.8 * before, (before, after)
     files = set(os.listdir(result.model_dir))
