@@ -94,6 +94,47 @@ class _ProgressPrinter(threading.Thread):
         )
 
 
+def _latest_state(storage: str, run_name: str) -> dict[str, Any] | None:
+    """The trainer state of the newest checkpoint of an earlier run with this name, if any."""
+    import json
+
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(storage if "://" in storage else f"file://{storage}")
+    run_dir = f"{root.rstrip('/')}/{run_name}"
+    if fs.get_file_info(run_dir).type != pafs.FileType.Directory:
+        return None
+    ckpts = sorted(info.base_name for info in fs.get_file_info(pafs.FileSelector(run_dir))
+                   if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_step_"))
+    if not ckpts:
+        return {}
+    from bge_ray.train import STATE_FILE
+
+    try:
+        with fs.open_input_stream(f"{run_dir}/{ckpts[-1]}/{STATE_FILE}") as f:
+            return json.loads(f.read().decode("utf-8"))
+    except FileNotFoundError:
+        return {}
+
+
+def resolve_run_name(cfg: FinetuneConfig, storage: str) -> str:
+    """Continue an unfinished run of the same name (``resume: auto``); otherwise use a fresh name."""
+    run_name = cfg.run_name or f"bge-ray-{os.path.basename(os.path.abspath(cfg.output_dir))}"
+    state = _latest_state(storage, run_name)
+    if state is None:
+        return run_name
+    fresh = f"{run_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if cfg.resume == "never":
+        _log(f"resume: never; {storage}/{run_name} exists, starting a new run {fresh}")
+        return fresh
+    if state.get("final"):
+        _log(f"the run {storage}/{run_name} already finished (step {state['global_step']}); starting a new run {fresh}")
+        return fresh
+    step = state.get("global_step", 0)
+    _log(f"resuming the unfinished run {storage}/{run_name} from step {step} (resume: never starts over)")
+    return run_name
+
+
 def _publish_model(src: str, output_dir: str) -> str:
     """Copy the exported model to ``output_dir``, replacing an old one only once the new one is complete."""
     output_dir = os.path.abspath(output_dir)
@@ -144,7 +185,7 @@ def finetune(config: FinetuneConfig | dict[str, Any] | str) -> FinetuneResult:
     storage = cfg.storage_path or os.path.join(os.path.expanduser("~"), "ray_results")
     if "://" not in storage:
         storage = os.path.abspath(storage)
-    run_name = cfg.run_name or f"bge-ray-{os.path.basename(os.path.abspath(cfg.output_dir))}"
+    run_name = resolve_run_name(cfg, storage)
     trainer = TorchTrainer(
         train_loop_per_worker=train_loop,
         train_loop_config={"cfg": cfg.to_dict(), "plan": dataclasses.asdict(plan), "ds_config": ds_config,

@@ -22,6 +22,7 @@ import yaml
 
 POOLING_METHODS = ("cls", "mean", "last_token")
 KD_LOSS_TYPES = ("kl_div", "m3_kd_loss")
+RESUME_MODES = ("auto", "never")
 ZERO_SHORTHANDS = {"zero0": 0, "zero1": 1, "zero2": 2, "zero3": 3, "0": 0, "1": 1, "2": 2, "3": 3}
 REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "hdfs://", "abfs://", "abfss://", "az://", "file://")
 
@@ -106,6 +107,7 @@ class FinetuneConfig:
     storage_path: str | None = None
     run_name: str | None = None
     max_failures: int = 0
+    resume: str = "auto"
     ray_address: str | None = None
 
     # ------------------------------------------------------------------ helpers
@@ -412,6 +414,8 @@ def validate(cfg: FinetuneConfig) -> None:
         raise ConfigError("weight_decay and max_grad_norm must be >= 0 (max_grad_norm 0 turns clipping off)")
     if cfg.save_total_limit is not None and cfg.save_total_limit < 1:
         raise ConfigError(f"save_total_limit must be >= 1 or unset, got {cfg.save_total_limit}")
+    if cfg.resume not in RESUME_MODES:
+        raise ConfigError(f"resume must be one of {', '.join(RESUME_MODES)}, got {cfg.resume!r}")
     if cfg.max_failures < -1:
         raise ConfigError(f"max_failures must be >= 0 (or -1 for unlimited), got {cfg.max_failures}")
     if cfg.fp16 and cfg.bf16:

@@ -152,6 +152,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.manual_seed(cfg.seed + rank)
     device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
+    if cfg.use_gpu and cfg.bf16 and not torch.cuda.is_bf16_supported():
+        raise RuntimeError(f"bf16 is on but {torch.cuda.get_device_name(device)} has no bf16: use fp16 instead")
 
     # --- data ---
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.cache_dir, cfg.trust_remote_code)

@@ -137,3 +137,22 @@ def test_zero3_cross_device_distillation_cls_checkpointing(ray_cluster, tiny_mod
         assert json.load(f)["prompts"] == {"query": "query: "}
     with open(os.path.join(result.model_dir, "1_Pooling", "config.json")) as f:
         assert json.load(f)["pooling_mode_cls_token"] is True
+
+
+def test_rerun_of_a_finished_run_starts_fresh_and_unfinished_one_resumes(zero2_run, tmp_path):
+    from bge_ray.api import resolve_run_name
+    from bge_ray.config import resolve_config
+
+    cfg, result = zero2_run
+    config = resolve_config(cfg)
+    storage = cfg["storage_path"]
+    # the real finished run: a rerun of the same command trains again under a new name
+    fresh = resolve_run_name(config, storage)
+    assert fresh.startswith("bge-ray-model-") and fresh != "bge-ray-model"
+    # an unfinished run (newest checkpoint not final) is continued under its own name
+    unfinished = tmp_path / "bge-ray-model" / "checkpoint_step_00000006"
+    unfinished.mkdir(parents=True)
+    (unfinished / "trainer_state.json").write_text(json.dumps({"global_step": 6, "epoch": 0}))
+    assert resolve_run_name(config, str(tmp_path)) == "bge-ray-model"
+    config.resume = "never"
+    assert resolve_run_name(config, str(tmp_path)) != "bge-ray-model"
