@@ -12,4 +12,11 @@ def finetune(config):  # noqa: ANN001, ANN201  (thin door; documented in bge_ray
     return _finetune(config)
 
 
-__all__ = ["ConfigError", "FinetuneConfig", "finetune", "load_config", "__version__"]
+def evaluate(models, data, **kwargs):  # noqa: ANN001, ANN003, ANN201  (thin door)
+    """Evaluate models on a retrieval data set; see :func:`bge_ray.evaluation.evaluate`."""
+    from bge_ray.evaluation import evaluate as _evaluate
+
+    return _evaluate(models, data, **kwargs)
+
+
+__all__ = ["ConfigError", "FinetuneConfig", "evaluate", "finetune", "load_config", "__version__"]

@@ -16,6 +16,7 @@ USAGE = """usage: bge-ray <command> [options]
 commands:
   train   fine-tune an embedder      bge-ray train [--config FILE.yaml] [--key value | --key=value ...]
           with no arguments: the bundled quickstart (all-MiniLM-L6-v2 on a SciFact sample)
+  eval    retrieval metrics          bge-ray eval --model DIR_OR_ID [--model ...] --data DIR [options]
 
 run `bge-ray train --help` for every config key.
 """
@@ -62,14 +63,67 @@ def cmd_train(argv: list[str]) -> int:
     from bge_ray.api import finetune
 
     result = finetune(cfg)
-    summary = {k: result.metrics.get(k) for k in ("step", "train_loss", "loss", "groups_per_s", "tokens_per_s",
-                                                   "time_to_first_step_s", "peak_rss_gib_per_worker", "wall_s")}
+    keys = ["step", "train_loss", "loss", "groups_per_s", "tokens_per_s", "launch_to_first_step_s",
+            "peak_rss_gib_per_worker", "wall_s"]
+    if cfg.eval_data:
+        metric = cfg.metric_for_best_model
+        keys += [f"zero_shot_{metric}", f"eval_{metric}", "best_step", f"best_eval_{metric}"]
+    summary = {k: result.metrics[k] for k in keys if k in result.metrics}
     print(json.dumps({"model_dir": result.model_dir, **summary}, indent=2))
+    if cfg.eval_data and f"zero_shot_{cfg.metric_for_best_model}" in result.metrics:
+        metric = cfg.metric_for_best_model
+        tuned = result.metrics.get(f"best_eval_{metric}", result.metrics.get(f"eval_{metric}"))
+        print(f"{metric} on {cfg.eval_data}: zero-shot {result.metrics[f'zero_shot_{metric}']:.4f} -> "
+              f"fine-tuned {tuned:.4f}")
     print(f"fine-tuned model: {result.model_dir}")
     return 0
 
 
-COMMANDS = {"train": cmd_train}
+def eval_parser():
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="bge-ray eval", description="nDCG/Recall/MRR/MAP/P@k of one or more models "
+                                 "on a BEIR or FlagEmbedding evaluation folder (local or cloud URI).")
+    ap.add_argument("--model", action="append", required=True, help="model directory or hub id; repeat to compare")
+    ap.add_argument("--data", required=True, help="folder with corpus.jsonl, queries and qrels")
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--k", default="1,3,5,10,100", help="cut-offs, comma-separated")
+    ap.add_argument("--output", default=None, help="folder for results.json and results.md (default: ./eval_results/DATA)")
+    ap.add_argument("--pooling", choices=["cls", "mean", "last_token"], default=None,
+                    help="override the pooling read from the model directory")
+    ap.add_argument("--query_instruction", default=None, help="override the query instruction")
+    ap.add_argument("--passage_instruction", default=None)
+    ap.add_argument("--query_max_len", type=int, default=None)
+    ap.add_argument("--passage_max_len", type=int, default=None)
+    ap.add_argument("--batch_size", type=int, default=None)
+    ap.add_argument("--use_gpu", action="store_true", help="one GPU per encoder actor, bf16/fp16")
+    ap.add_argument("--concurrency", type=int, default=None, help="encoder actors (default: GPUs, or CPUs - 1)")
+    ap.add_argument("--ignore_identical_ids", action="store_true", help="drop a retrieved doc whose id is the query's")
+    return ap
+
+
+def cmd_eval(argv: list[str]) -> int:
+    from bge_ray.evaluation import evaluate, format_table
+
+    args = eval_parser().parse_args(argv)
+    try:
+        ks = tuple(sorted({int(k) for k in args.k.split(",") if k.strip()}))
+    except ValueError:
+        raise ConfigError(f"--k must be comma-separated integers, got {args.k!r}") from None
+    if not ks or min(ks) < 1:
+        raise ConfigError("--k needs at least one cut-off >= 1")
+    output = args.output or os.path.join("eval_results", os.path.basename(os.path.normpath(args.data)))
+    rows = evaluate(args.model, args.data, split=args.split, ks=ks, use_gpu=args.use_gpu,
+                    concurrency=args.concurrency, ignore_identical_ids=args.ignore_identical_ids, output_dir=output,
+                    pooling=args.pooling, query_instruction=args.query_instruction,
+                    passage_instruction=args.passage_instruction, query_max_len=args.query_max_len,
+                    passage_max_len=args.passage_max_len, batch_size=args.batch_size)
+    print(format_table(rows, ks))
+    print(f"results: {os.path.join(output, 'results.json')} and results.md")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval}
 
 
 def main(argv: list[str] | None = None) -> int:

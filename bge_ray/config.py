@@ -100,6 +100,14 @@ class FinetuneConfig:
     save_total_limit: int | None = None
     output_dir: str | None = None
 
+    # --- validation during training ---
+    eval_data: str | None = None
+    eval_split: str = "test"
+    eval_steps: int | None = None
+    eval_batch_size: int = 64
+    metric_for_best_model: str = "ndcg@10"
+    final_model: str = "best"
+
     # --- scaling ---
     num_workers: int = 1
     use_gpu: bool = False
@@ -414,6 +422,19 @@ def validate(cfg: FinetuneConfig) -> None:
         raise ConfigError("weight_decay and max_grad_norm must be >= 0 (max_grad_norm 0 turns clipping off)")
     if cfg.save_total_limit is not None and cfg.save_total_limit < 1:
         raise ConfigError(f"save_total_limit must be >= 1 or unset, got {cfg.save_total_limit}")
+    if cfg.eval_data is not None and "://" not in cfg.eval_data and not os.path.isdir(cfg.eval_data):
+        raise ConfigError(f"eval_data: {cfg.eval_data!r} is not a folder (BEIR or FlagEmbedding evaluation layout)")
+    if cfg.eval_steps is not None and cfg.eval_steps < 1:
+        raise ConfigError(f"eval_steps must be >= 1 or unset (= save_steps), got {cfg.eval_steps}")
+    if cfg.eval_batch_size < 1:
+        raise ConfigError(f"eval_batch_size must be >= 1, got {cfg.eval_batch_size}")
+    metric, _, k = cfg.metric_for_best_model.partition("@")
+    if metric not in ("ndcg", "recall", "mrr", "map", "precision") or k not in ("1", "3", "5", "10", "100"):
+        raise ConfigError(
+            f"metric_for_best_model must be <ndcg|recall|mrr|map|precision>@<1|3|5|10|100>, got {cfg.metric_for_best_model!r}"
+        )
+    if cfg.final_model not in ("best", "last"):
+        raise ConfigError(f"final_model must be best or last, got {cfg.final_model!r}")
     if cfg.resume not in RESUME_MODES:
         raise ConfigError(f"resume must be one of {', '.join(RESUME_MODES)}, got {cfg.resume!r}")
     if cfg.max_failures < -1:

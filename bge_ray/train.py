@@ -24,6 +24,7 @@ from ray.train import Checkpoint
 
 from bge_ray.config import FinetuneConfig
 from bge_ray.data import GroupCollator, load_tokenizer
+from bge_ray.evaluation import EncoderSpec, load_validation_set, validate
 from bge_ray.loss import contrastive_loss
 from bge_ray.modeling import Embedder
 from bge_ray.optim import build_optimizer, linear_schedule
@@ -205,6 +206,32 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             export_model(engine.module.model, tokenizer, sd, out_dir, cfg.to_dict())
 
+    # --- validation (retrieval metrics of the model being trained) ---
+    vset = load_validation_set(cfg.eval_data, cfg.eval_split) if cfg.eval_data else None
+    eval_steps = cfg.eval_steps or cfg.save_steps
+    eval_spec = EncoderSpec(
+        model=cfg.model_name_or_path, pooling=cfg.sentence_pooling_method, normalize=cfg.normalize_embeddings,
+        query_instruction=cfg.query_instruction_for_retrieval, query_instruction_format=cfg.query_instruction_format,
+        passage_instruction=cfg.passage_instruction_for_retrieval,
+        passage_instruction_format=cfg.passage_instruction_format, query_max_len=cfg.query_max_len,
+        passage_max_len=cfg.passage_max_len, batch_size=cfg.eval_batch_size,
+    )
+    zero_shot: dict[str, float] = {}
+
+    def run_eval(step: int) -> dict[str, float]:
+        t0 = time.time()
+        metrics = validate(engine.module, tokenizer, vset, eval_spec, device)
+        out = {f"eval_{k}": v for k, v in metrics.items()}
+        out["eval_s"] = time.time() - t0
+        out.update({f"zero_shot_{k}": v for k, v in zero_shot.items()})
+        if rank == 0 and progress is not None:
+            progress.put_nowait(dict(out, kind="eval", step=step, time=time.time(),
+                                     metric=cfg.metric_for_best_model))
+        return out
+
+    if vset is not None and global_step == 0:
+        zero_shot = {k[len("eval_"):]: v for k, v in run_eval(0).items() if k.startswith("eval_") and k != "eval_s"}
+
     # --- loop ---
     ga = cfg.gradient_accumulation_steps
     window = {"loss": 0.0, "micro": 0, "groups": 0, "tokens": 0, "wait": 0.0, "t0": time.perf_counter()}
@@ -267,7 +294,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             if global_step >= plan.total_steps:
                 done = True
                 break
-            if global_step % cfg.save_steps == 0:
+            if vset is not None and global_step % eval_steps == 0:
+                # with eval_data every checkpoint carries its metrics and its model, so the best can be exported
+                _save_checkpoint(engine, {"global_step": global_step, "epoch": epoch},
+                                 dict(last_metrics, step=global_step, **run_eval(global_step)), export=(export,))
+            elif vset is None and global_step % cfg.save_steps == 0:
                 _save_checkpoint(engine, {"global_step": global_step, "epoch": epoch}, dict(last_metrics, step=global_step))
     # --- final checkpoint with the exported model ---
     loss_sum, micro_n = _all_reduce([totals["loss"], totals["micro"]])
@@ -275,4 +306,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     final = dict(last_metrics, step=global_step, train_loss=loss_sum / max(1, micro_n),
                  peak_rss_gib_per_worker=peak, train_runtime_s=time.time() - t_start, world_size=world,
                  worker_rank=ctx.get_world_rank())
+    if vset is not None:
+        final.update(run_eval(global_step))
     _save_checkpoint(engine, {"global_step": global_step, "epoch": plan.num_epochs, "final": True}, final, export=(export,))

@@ -13,7 +13,7 @@ import bge_ray
 from bge_ray.data import ROW_SCHEMA, GroupCollator, RowRules, TokenizeSpec, load_tokenizer, parse_line, tokenize_rows
 from bge_ray.loss import contrastive_loss
 from bge_ray.modeling import Embedder
-from tests.helpers import FE_EXAMPLES
+from tests.helpers import FE_EXAMPLES, make_beir_subset
 
 TEXTS = ["What is the capital of France?", "Paris is the capital and largest city of France.",
          "a much longer passage about contrastive learning of text embeddings for dense retrieval"]
@@ -48,6 +48,7 @@ def zero2_run(ray_cluster, tiny_model, tmp_path_factory):
         "per_device_train_batch_size": 4, "train_group_size": 4, "query_max_len": 32, "passage_max_len": 64,
         "sentence_pooling_method": "mean", "temperature": 0.05, "learning_rate": 1e-3, "warmup_ratio": 0.1,
         "num_train_epochs": 2, "logging_steps": 2, "save_steps": 6, "seed": 3,
+        "eval_data": make_beir_subset(str(out / "eval"), n_queries=8, n_extra_docs=30), "eval_steps": 6,
     }
     result = bge_ray.finetune(cfg)
     return cfg, result
@@ -61,7 +62,8 @@ def test_zero2_two_workers_lowers_loss_and_exports(zero2_run, tiny_model):
     assert np.isfinite(result.metrics["train_loss"]) and result.metrics["tokens_per_s"] > 0
     assert [m["step"] for m in result.history] == [2, 4, 6, 8, 10, 12]  # every logging_steps, on the driver
     assert result.metrics["launch_to_first_step_s"] > 0
-    before, after = dataset_loss(tiny_model, cfg), dataset_loss(result.model_dir, cfg)
+    last_model = os.path.join(result.checkpoint.path, "model")  # output_dir holds the best-measured one
+    before, after = dataset_loss(tiny_model, cfg), dataset_loss(last_model, cfg)
     assert after < 0.8 * before, (before, after)
     files = set(os.listdir(result.model_dir))
     assert {"model.safetensors", "config.json", "tokenizer.json", "modules.json", "bge_ray.json"} <= files
@@ -69,6 +71,22 @@ def test_zero2_two_workers_lowers_loss_and_exports(zero2_run, tiny_model):
     with open(os.path.join(result.model_dir, "1_Pooling", "config.json")) as f:
         pooling = json.load(f)
     assert pooling["pooling_mode_mean_tokens"] and not pooling["pooling_mode_cls_token"]
+
+
+def test_validation_during_training_exports_the_best(zero2_run):
+    from safetensors.torch import load_file
+
+    _, result = zero2_run
+    assert [e["step"] for e in result.evals] == [0, 6, 12]  # zero-shot, every eval_steps, the end
+    m = result.metrics
+    assert 0 <= m["zero_shot_ndcg@10"] <= 1 and 0 <= m["eval_ndcg@10"] <= 1
+    assert m["zero_shot_ndcg@10"] == result.evals[0]["eval_ndcg@10"]
+    best = max(result.evals[1:], key=lambda e: e["eval_ndcg@10"])
+    assert m["best_step"] == best["step"] and m["best_eval_ndcg@10"] == best["eval_ndcg@10"]
+    run_dir = os.path.dirname(result.checkpoint.path)
+    best_model = os.path.join(run_dir, f"checkpoint_step_{best['step']:08d}", "model", "model.safetensors")
+    exported = load_file(os.path.join(result.model_dir, "model.safetensors"))
+    assert all(torch.equal(exported[k], v) for k, v in load_file(best_model).items())
 
 
 def test_checkpoints_hold_deepspeed_state(zero2_run):
