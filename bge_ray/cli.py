@@ -97,7 +97,7 @@ def eval_parser():
     ap.add_argument("--passage_max_len", type=int, default=None)
     ap.add_argument("--batch_size", type=int, default=None)
     ap.add_argument("--use_gpu", action="store_true", help="one GPU per encoder actor, bf16/fp16")
-    ap.add_argument("--concurrency", type=int, default=None, help="encoder actors (default: GPUs, or CPUs - 1)")
+    ap.add_argument("--concurrency", type=int, default=None, help="encoder actors (default: one per GPU, or per CPU)")
     ap.add_argument("--ignore_identical_ids", action="store_true", help="drop a retrieved doc whose id is the query's")
     return ap
 

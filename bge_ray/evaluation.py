@@ -365,8 +365,10 @@ class TopK:
 # ------------------------------------------------------------------------------------------------ evaluate
 
 def _encode_dataset(ds: Any, spec: EncoderSpec, kind: str, use_gpu: bool, concurrency: int) -> Any:
+    import ray.data
+
     return ds.map_batches(TextEncoder, fn_constructor_kwargs={"spec": spec, "kind": kind}, batch_format="numpy",
-                          batch_size=max(spec.batch_size * 4, 256), concurrency=concurrency,
+                          batch_size=max(spec.batch_size * 4, 256), compute=ray.data.ActorPoolStrategy(size=concurrency),
                           num_gpus=1 if use_gpu else 0, num_cpus=1 if not use_gpu else None)
 
 
@@ -407,6 +409,7 @@ def evaluate(models: list[str] | str, data: str, split: str = "test", ks: tuple[
     ``output_dir``, ``results.json`` and ``results.md`` are written there.
     """
     import ray
+    import ray.data
 
     if isinstance(models, str):
         models = [models]
@@ -415,12 +418,13 @@ def evaluate(models: list[str] | str, data: str, split: str = "test", ks: tuple[
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
         ray.init(address=address) if address else ray.init(include_dashboard=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
     dataset = load_dataset(data, split)
     corpus = read_corpus(dataset).materialize()  # read once, embedded once per model
     n_docs = check_corpus(corpus, dataset)
     if concurrency is None:
         resources = ray.cluster_resources()
-        concurrency = max(1, int(resources.get("GPU", 0))) if use_gpu else max(1, int(resources.get("CPU", 1)) - 1)
+        concurrency = max(1, int(resources.get("GPU", 0))) if use_gpu else max(1, int(resources.get("CPU", 1)))
     rows = []
     for model in models:
         spec = encoder_spec_for(model, **overrides)

@@ -58,3 +58,14 @@ def test_train_door_end_to_end(ray_cluster, tiny_model, tmp_path, door):
     assert f"fine-tuned model: {out}" in proc.stdout
     assert "step     2/2 | epoch" in proc.stdout  # the driver's progress lines
     assert (out / "model.safetensors").exists() and (out / "modules.json").exists()
+
+
+def test_eval_door_and_job_script_share_the_parser():
+    for cmd in (["bge-ray", "eval", "--help"], [sys.executable, "jobs/evaluate.py", "--help"]):
+        proc = _run(cmd)
+        assert proc.returncode == 0 and "--ignore_identical_ids" in proc.stdout and "--model" in proc.stdout
+
+
+def test_eval_rejects_bad_cutoffs(tmp_path):
+    proc = _run(["bge-ray", "eval", "--model", "m", "--data", str(tmp_path), "--k", "10,x"])
+    assert proc.returncode == 2 and "--k must be comma-separated integers" in proc.stderr
