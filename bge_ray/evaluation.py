@@ -142,7 +142,10 @@ def load_dataset(path: str, split: str = "test") -> RetrievalDataset:
     if not qrels:
         raise DataValidationError(f"{path}: the qrels for split {split!r} are empty")
     name = os.path.basename(root.rstrip("/"))
-    return RetrievalDataset(name=name, corpus_path=corpus, queries=queries, qrels=qrels, layout=layout, split=split)
+    # Ray Data reads the corpus itself, so it gets the full URI (a bare bucket path would look local).
+    corpus_uri = f"{path.rstrip('/')}/corpus.jsonl" if "://" in path else corpus
+    return RetrievalDataset(name=name, corpus_path=corpus_uri, queries=queries, qrels=qrels, layout=layout,
+                            split=split)
 
 
 class CorpusDatasource(FileBasedDatasource):

@@ -212,3 +212,13 @@ def test_build_train_dataset_tokenizes_fe_examples(ray_cluster, tiny_model, tmp_
     assert summary.num_rows == len(rows) == 50
     assert all(len(r["q_ids"]) <= 16 and all(len(p) <= 24 for p in r["neg_ids"]) for r in rows)
     assert len({r["row_key"] for r in rows}) == 50
+
+
+def test_reads_cloud_uris_and_names_the_object_and_line(ray_cluster, s3):
+    with open(FE_EXAMPLES, "rb") as f:
+        s3.put_object(Bucket="bge-ray-test", Key="train/good.jsonl", Body=f.read())
+    summary = scan_triplets(read_triplets(["s3://bge-ray-test/train/"], RowRules()), skip_bad_rows=False)
+    assert summary.num_rows == 50
+    s3.put_object(Bucket="bge-ray-test", Key="bad/rows.jsonl", Body=(json.dumps(GOOD) + "\n{oops\n").encode())
+    with pytest.raises(DataValidationError, match=r"bge-ray-test/bad/rows.jsonl:2: not valid JSON"):
+        scan_triplets(read_triplets(["s3://bge-ray-test/bad/rows.jsonl"], RowRules()), skip_bad_rows=False)

@@ -127,3 +127,13 @@ def test_eval_cli_compares_models_and_writes_files(ray_cluster, beir_dir, tiny_m
     assert rows[0]["ndcg@10"] != rows[1]["ndcg@10"]
     assert (out / "results.md").read_text().startswith("| model | queries | ndcg@1 | ndcg@10 |")
     assert np.isfinite(rows[0]["passages_per_s"])
+
+
+def test_evaluates_a_data_set_in_cloud_storage(ray_cluster, s3, beir_dir, tiny_model):
+    for name in ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv"):
+        with open(os.path.join(beir_dir, name), "rb") as f:
+            s3.put_object(Bucket="bge-ray-test", Key=f"beir/scifact_small/{name}", Body=f.read())
+    (remote,) = evaluate([tiny_model], "s3://bge-ray-test/beir/scifact_small", ks=(10,), pooling="mean")
+    (local,) = evaluate([tiny_model], beir_dir, ks=(10,), pooling="mean")
+    assert remote["num_queries"] == local["num_queries"] == 12
+    assert remote["ndcg@10"] == pytest.approx(local["ndcg@10"], abs=1e-6)
