@@ -420,7 +420,11 @@ def evaluate(models: list[str] | str, data: str, split: str = "test", ks: tuple[
         raise ValueError("give at least one model to evaluate")
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
-        ray.init(address=address) if address else ray.init(include_dashboard=False)
+        if address:
+            ray.init(address=address)
+        else:
+            os.environ.setdefault("RAY_worker_niceness", "0")  # as in bge_ray.api.ensure_ray
+            ray.init()
     ray.data.DataContext.get_current().enable_progress_bars = False
     dataset = load_dataset(data, split)
     corpus = read_corpus(dataset).materialize()  # read once, embedded once per model
