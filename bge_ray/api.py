@@ -33,26 +33,29 @@ def _log(msg: str) -> None:
     print(f"[bge-ray] {msg}", file=sys.stderr, flush=True)
 
 
-def ensure_ray(cfg: FinetuneConfig) -> None:
-    """Connect to the cluster in ``ray_address``/``RAY_ADDRESS``, or start a local one sized for the run."""
+def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join ``address`` (or ``RAY_ADDRESS``), or start a local Ray with ``num_cpus`` logical CPUs."""
     import ray
 
     if ray.is_initialized():
         return
-    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+    address = address or os.environ.get("RAY_ADDRESS")
     env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
         return
-    # A local cluster: the training workers' CPUs plus room for the Ray Data tasks that feed them,
-    # even on a machine with fewer cores than workers (CPU slots are logical).
     # Ray runs workers at nice 15 by default, below the cluster's own services, which then take CPU
     # from the training workers (2 cores, MiniLM: 29-35 s per step at nice 15, 28 s at nice 0).
     os.environ.setdefault("RAY_worker_niceness", "0")
-    per_worker = cfg.worker_resources.get("CPU", 1)
-    num_cpus = max(os.cpu_count() or 1, int(math.ceil(cfg.num_workers * per_worker)) + 1)
     ray.init(num_cpus=num_cpus, runtime_env=env, log_to_driver=True)
 
+
+def ensure_ray(cfg: FinetuneConfig) -> None:
+    """Connect for a fine-tune; a local cluster is sized for the training workers plus room for the
+    Ray Data tasks that feed them, even on a machine with fewer cores than workers (CPU slots are logical)."""
+    per_worker = cfg.worker_resources.get("CPU", 1)
+    num_cpus = max(os.cpu_count() or 1, int(math.ceil(cfg.num_workers * per_worker)) + 1)
+    connect_ray(cfg.ray_address, num_cpus)
 
 
 class _ProgressPrinter(threading.Thread):

@@ -194,21 +194,37 @@ def read_corpus(dataset: RetrievalDataset) -> Any:
     return ray.data.read_datasource(CorpusDatasource(dataset.corpus_path))
 
 
+class CorpusIdCheck:
+    """Checks corpus rows as they stream past: bad rows and duplicate ids are errors (with file:line),
+    and at the end so are qrels that name documents the corpus lacks."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+
+    def add(self, doc_id: str | None, error: str | None, source: str) -> None:
+        if error is not None:
+            raise DataValidationError(error)
+        if doc_id in self.seen:
+            raise DataValidationError(f"{source}: duplicate document id {doc_id!r}")
+        self.seen.add(doc_id)
+
+    def finish(self, dataset: RetrievalDataset) -> int:
+        unknown = sorted({d for rels in dataset.qrels.values() for d in rels} - self.seen)
+        if unknown:
+            raise DataValidationError(
+                f"{dataset.name}: qrels name {len(unknown)} unknown document ids, e.g. {unknown[:3]}")
+        return len(self.seen)
+
+
 def check_corpus(corpus: Any, dataset: RetrievalDataset) -> int:
-    """One pass over the corpus ids: bad rows, duplicate ids and qrels naming unknown documents are errors."""
-    seen: set[str] = set()
-    for batch in corpus.select_columns(["_id", "error"]).iter_batches(batch_size=4096, batch_format="pyarrow"):
-        for did, err in zip(batch.column("_id").to_pylist(), batch.column("error").to_pylist(), strict=True):
-            if err is not None:
-                raise DataValidationError(err)
-            if did in seen:
-                raise DataValidationError(f"{dataset.corpus_path}: duplicate document id {did!r}")
-            seen.add(did)
-    judged = {d for rels in dataset.qrels.values() for d in rels}
-    unknown = sorted(judged - seen)
-    if unknown:
-        raise DataValidationError(f"{dataset.name}: qrels name {len(unknown)} unknown document ids, e.g. {unknown[:3]}")
-    return len(seen)
+    """One pass over the corpus ids (see :class:`CorpusIdCheck`); returns the document count."""
+    check = CorpusIdCheck()
+    for batch in corpus.select_columns(["_id", "error", "source"]).iter_batches(batch_size=4096,
+                                                                               batch_format="pyarrow"):
+        for did, err, src in zip(batch.column("_id").to_pylist(), batch.column("error").to_pylist(),
+                                 batch.column("source").to_pylist(), strict=True):
+            check.add(did, err, src)
+    return check.finish(dataset)
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -418,13 +434,9 @@ def evaluate(models: list[str] | str, data: str, split: str = "test", ks: tuple[
         models = [models]
     if not models:
         raise ValueError("give at least one model to evaluate")
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address)
-        else:
-            os.environ.setdefault("RAY_worker_niceness", "0")  # as in bge_ray.api.ensure_ray
-            ray.init()
+    from bge_ray.api import connect_ray
+
+    connect_ray()
     ray.data.DataContext.get_current().enable_progress_bars = False
     dataset = load_dataset(data, split)
     corpus = read_corpus(dataset).materialize()  # read once, embedded once per model
@@ -483,20 +495,14 @@ def load_validation_set(path: str, split: str = "test") -> ValidationSet:
     fs, corpus_path = _fs(dataset.corpus_path)
     ids: list[str] = []
     texts: list[str] = []
-    seen: set[str] = set()
+    check = CorpusIdCheck()
     with fs.open_input_stream(corpus_path) as f:
         for n, raw in iter_lines(f):
             row = parse_corpus_line(raw, dataset.corpus_path, n)
-            if row["error"]:
-                raise DataValidationError(row["error"])
-            if row["_id"] in seen:
-                raise DataValidationError(f"{dataset.corpus_path}:{n}: duplicate document id {row['_id']!r}")
-            seen.add(row["_id"])
+            check.add(row["_id"], row["error"], row["source"])
             ids.append(row["_id"])
             texts.append(row["text"])
-    unknown = sorted({d for rels in dataset.qrels.values() for d in rels} - seen)
-    if unknown:
-        raise DataValidationError(f"{path}: qrels name {len(unknown)} unknown document ids, e.g. {unknown[:3]}")
+    check.finish(dataset)
     return ValidationSet(dataset, ids, texts)
 
 

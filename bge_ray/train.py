@@ -105,6 +105,11 @@ def _batches_in_lockstep(it: Iterator[dict], limit: int, device: torch.device) -
         yield batch, waited
 
 
+def _new_window() -> dict[str, float]:
+    """Counters for one logging window."""
+    return {"loss": 0.0, "micro": 0, "groups": 0, "tokens": 0, "wait": 0.0, "t0": time.perf_counter()}
+
+
 def _save_checkpoint(engine: Any, state: dict, metrics: dict, export: tuple | None = None) -> None:
     """Every worker writes its DeepSpeed shards into a local dir; Ray merges them in storage."""
     rank, _ = _world()
@@ -234,7 +239,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     # --- loop ---
     ga = cfg.gradient_accumulation_steps
-    window = {"loss": 0.0, "micro": 0, "groups": 0, "tokens": 0, "wait": 0.0, "t0": time.perf_counter()}
+    window = _new_window()
     totals = {"loss": 0.0, "micro": 0}
     first_step_s: float | None = None
     last_metrics: dict[str, Any] = {}
@@ -290,7 +295,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 }
                 if rank == 0 and progress is not None:
                     progress.put_nowait(dict(last_metrics, kind="log", time=time.time()))
-                window = {"loss": 0.0, "micro": 0, "groups": 0, "tokens": 0, "wait": 0.0, "t0": time.perf_counter()}
+                window = _new_window()
             if global_step >= plan.total_steps:
                 done = True
                 break
