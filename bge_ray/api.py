@@ -41,6 +41,12 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None
         return
     address = address or os.environ.get("RAY_ADDRESS")
     env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        # a `ray job submit` driver: the job's runtime env (working_dir, env_vars) already applies to
+        # every worker, and Ray refuses a second one that touches the same fields
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        ray.init(address=address or "auto", log_to_driver=True)
+        return
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
         return
@@ -169,11 +175,14 @@ def _publish_model(src: str, output_dir: str) -> str:
     return output_dir
 
 
-def finetune(config: FinetuneConfig | dict[str, Any] | str) -> FinetuneResult:
+def finetune(config: FinetuneConfig | dict[str, Any] | str, callbacks: list[Any] | None = None,
+             publish: bool = True) -> FinetuneResult:
     """Fine-tune an embedder on a Ray cluster and write the model to ``output_dir``.
 
     ``config``: a :class:`FinetuneConfig`, a dict of its fields, or a YAML path. It is validated
     before Ray starts. Connects to ``ray_address`` (or ``RAY_ADDRESS``) or starts a local Ray.
+    ``callbacks``: Ray Train ``UserCallback`` objects (a sweep passes ``TuneReportCallback``).
+    ``publish=False`` leaves the model in the run's checkpoint (``model_dir`` points there).
     """
     cfg = resolve_config(config)
     launch = time.time()
@@ -203,7 +212,8 @@ def finetune(config: FinetuneConfig | dict[str, Any] | str) -> FinetuneResult:
         f"ZeRO-{ds_config['zero_optimization'].get('stage', 0)}"
         f"{', bf16' if cfg.bf16 else ', fp16' if cfg.fp16 else ''}"
     )
-    progress = Queue(maxsize=10_000)
+    # no CPU and outside any enclosing placement group (a Tune trial's), so it fits wherever it runs
+    progress = Queue(maxsize=10_000, actor_options={"num_cpus": 0, "scheduling_strategy": "DEFAULT"})
     storage = cfg.storage_path or os.path.join(os.path.expanduser("~"), "ray_results")
     if "://" not in storage:
         storage = os.path.abspath(storage)
@@ -223,6 +233,7 @@ def finetune(config: FinetuneConfig | dict[str, Any] | str) -> FinetuneResult:
                 checkpoint_score_order="max",
             ),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
+            callbacks=list(callbacks or []),
         ),
         datasets={"train": dataset},
     )
@@ -249,11 +260,14 @@ def finetune(config: FinetuneConfig | dict[str, Any] | str) -> FinetuneResult:
             metrics.update({f"best_{k}": v for k, v in best.items() if k.startswith("eval_")})
             metrics["best_step"] = best["step"]
             _log(f"best checkpoint by {cfg.metric_for_best_model}: step {best['step']} ({best[key]:.4f})")
-    with chosen.as_directory() as ckpt_dir:
-        src = os.path.join(ckpt_dir, MODEL_SUBDIR)
-        if not os.path.isdir(src):
-            raise RuntimeError(f"the checkpoint {chosen.path} holds no exported model")
-        model_dir = _publish_model(src, cfg.output_dir)
+    if publish:
+        with chosen.as_directory() as ckpt_dir:
+            src = os.path.join(ckpt_dir, MODEL_SUBDIR)
+            if not os.path.isdir(src):
+                raise RuntimeError(f"the checkpoint {chosen.path} holds no exported model")
+            model_dir = _publish_model(src, cfg.output_dir)
+    else:
+        model_dir = f"{chosen.path.rstrip('/')}/{MODEL_SUBDIR}"
     if printer.first_step_s is not None:
         metrics["launch_to_first_step_s"] = printer.first_step_s
     metrics["wall_s"] = time.time() - launch

@@ -6,8 +6,9 @@ import dataclasses
 import json
 import os
 import sys
+from typing import Any
 
-from bge_ray.config import COMPAT_IGNORED, ConfigError, FinetuneConfig, load_config
+from bge_ray.config import ConfigError, FinetuneConfig, load_config
 
 QUICKSTART_CONFIG = os.path.join(os.path.dirname(__file__), "quickstart", "config.yaml")
 
@@ -17,18 +18,22 @@ commands:
   train   fine-tune an embedder      bge-ray train [--config FILE.yaml] [--key value | --key=value ...]
           with no arguments: the bundled quickstart (all-MiniLM-L6-v2 on a SciFact sample)
   eval    retrieval metrics          bge-ray eval --model DIR_OR_ID [--model ...] --data DIR [options]
+  mine    hard negatives             bge-ray mine --input_file DATA --output_dir DIR --embedder_name_or_path MODEL
+  score   teacher scores             bge-ray score --input_file DATA --output_dir DIR --reranker_name_or_path MODEL
+  tune    hyperparameter sweep       bge-ray tune --config sweep.yaml [--num_samples 8 --key value ...]
 
-run `bge-ray train --help` for every config key.
+run `bge-ray <command> --help` for every option of a command.
 """
 
 
-def _train_help() -> str:
-    lines = ["usage: bge-ray train [--config FILE.yaml] [--key value | --key=value | --flag ...]", "",
+def config_help(cls: type = FinetuneConfig) -> str:
+    """Every field of a config class with its default, for ``--help``."""
+    lines = [f"usage: bge-ray {cls.COMMAND} [--config FILE.yaml] [--key value | --key=value | --flag ...]", "",
              "Every key below can be set in the YAML file or overridden on the command line", "(FlagEmbedding's names).", ""]
-    for f in dataclasses.fields(FinetuneConfig):
+    for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         lines.append(f"  --{f.name:<36} default: {default!r}")
-    lines += ["", "accepted for FlagEmbedding compatibility, no effect: " + ", ".join(sorted(COMPAT_IGNORED))]
+    lines += ["", "accepted for FlagEmbedding compatibility, no effect: " + ", ".join(sorted(cls.IGNORED))]
     return "\n".join(lines)
 
 
@@ -53,7 +58,7 @@ def split_config_arg(argv: list[str]) -> tuple[str | None, list[str]]:
 
 def cmd_train(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
-        print(_train_help())
+        print(config_help(FinetuneConfig))
         return 0
     path, overrides = split_config_arg(argv)
     if path is None and not overrides:
@@ -123,7 +128,80 @@ def cmd_eval(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval}
+def _config_from_argv(argv: list[str], cls: type) -> Any:
+    path, overrides = split_config_arg(argv)
+    return load_config(path, overrides, cls=cls)
+
+
+def cmd_mine(argv: list[str]) -> int:
+    from bge_ray.mining import MineConfig, mine
+
+    if "-h" in argv or "--help" in argv:
+        print(config_help(MineConfig))
+        return 0
+    result = mine(_config_from_argv(argv, MineConfig))
+    print(json.dumps({"output_dir": result.output_dir, "rows": result.num_rows, "bad_rows": result.num_bad_rows,
+                      "pool_size": result.pool_size, "short_rows": result.short_rows,
+                      "removed_positives": result.removed_positives, "pool_embed_s": round(result.pool_embed_s, 1),
+                      "search_s": round(result.search_s, 1), "queries_per_s": round(result.queries_per_s, 2),
+                      "wall_s": round(result.wall_s, 1)}, indent=2))
+    return 0
+
+
+def cmd_score(argv: list[str]) -> int:
+    from bge_ray.mining import ScoreConfig, score
+
+    if "-h" in argv or "--help" in argv:
+        print(config_help(ScoreConfig))
+        return 0
+    result = score(_config_from_argv(argv, ScoreConfig))
+    print(json.dumps({"output_dir": result.output_dir, "rows": result.num_rows, "bad_rows": result.num_bad_rows,
+                      "teacher": result.teacher, "wall_s": round(result.wall_s, 1)}, indent=2))
+    return 0
+
+
+TUNE_HELP = """usage: bge-ray tune --config sweep.yaml [--key value ...]
+
+A sweep file holds a training config (any `bge-ray train` key, or base_config: FILE.yaml), a
+search_space and a tune section:
+
+  base_config: train.yaml
+  eval_steps: 50
+  search_space:                        # distributions: choice, grid, uniform, loguniform, randint
+    temperature: {loguniform: [0.01, 0.1]}
+    learning_rate: {loguniform: [1.0e-5, 1.0e-4]}
+    sentence_pooling_method: {choice: [cls, mean]}
+  tune:
+    num_samples: 8
+
+Without search_space: temperature, learning_rate and sentence_pooling_method as above.
+Overrides: any training key, any tune setting, or --search_space '{"temperature": {"choice": [0.02, 0.05]}}'.
+
+tune settings:
+"""
+
+
+def cmd_tune(argv: list[str]) -> int:
+    from bge_ray.sweep import TuneSettings, load_sweep, tune
+
+    if "-h" in argv or "--help" in argv:
+        lines = [TUNE_HELP.rstrip("\n")]
+        for f in dataclasses.fields(TuneSettings):
+            lines.append(f"  --{f.name:<36} default: {f.default!r}")
+        print("\n".join(lines))
+        return 0
+    path, overrides = split_config_arg(argv)
+    if path is None:
+        raise ConfigError("bge-ray tune needs --config sweep.yaml (see bge-ray tune --help)")
+    result = tune(load_sweep(path, overrides))
+    print(json.dumps({"model_dir": result.model_dir, "results_dir": result.results_dir,
+                      "best_config": result.best_config_path, "best_params": result.best_params,
+                      result.metric: result.best_metric, "trials": len(result.trials),
+                      "stopped_early": result.num_stopped_early, "wall_s": round(result.wall_s, 1)}, indent=2))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "mine": cmd_mine, "score": cmd_score, "tune": cmd_tune}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import glob
 import json
 import os
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -50,6 +51,9 @@ class ConfigError(ValueError):
 @dataclass
 class FinetuneConfig:
     """Every knob of a fine-tune. Field names follow FlagEmbedding's runner."""
+
+    COMMAND: ClassVar[str] = "train"
+    IGNORED: ClassVar[dict[str, str]] = COMPAT_IGNORED
 
     # --- model ---
     model_name_or_path: str | None = None
@@ -143,8 +147,16 @@ class FinetuneConfig:
         return {"CPU": 1, "GPU": 1} if self.use_gpu else {"CPU": 1}
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(FinetuneConfig)}
-_HINTS = typing.get_type_hints(FinetuneConfig)
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    """Field name -> type hint for a config dataclass (class-level constants excluded)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _ignored(cls: type) -> dict[str, str]:
+    """Flags a config class accepts for compatibility and ignores (``IGNORED`` on the class)."""
+    return getattr(cls, "IGNORED", {})
 
 
 def _is_union(hint: Any) -> bool:
@@ -159,10 +171,12 @@ def _base_type(hint: Any) -> Any:
     return hint
 
 
-def _unknown_key_error(key: str, where: str) -> ConfigError:
-    names = FinetuneConfig.field_names()
+def _unknown_key_error(key: str, where: str, cls: type | None = None) -> ConfigError:
+    cls = cls or FinetuneConfig
+    names = [f.name for f in dataclasses.fields(cls)]
     close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
-    hint = f"; did you mean '{close[0]}'?" if close else "; run `bge-ray train --help` for the list"
+    command = getattr(cls, "COMMAND", "train")
+    hint = f"; did you mean '{close[0]}'?" if close else f"; run `bge-ray {command} --help` for the list"
     return ConfigError(f"unknown config key '{key}' ({where}){hint}")
 
 
@@ -170,9 +184,9 @@ _TRUE = {"true", "1", "yes", "y", "on"}
 _FALSE = {"false", "0", "no", "n", "off"}
 
 
-def coerce(name: str, value: Any) -> Any:
-    """Convert ``value`` (from YAML or the command line) to the type of field ``name``."""
-    hint = _HINTS[name]
+def coerce(name: str, value: Any, cls: type | None = None) -> Any:
+    """Convert ``value`` (from YAML or the command line) to the type of field ``name`` of ``cls``."""
+    hint = _hints(cls or FinetuneConfig)[name]
     optional = _is_union(hint) and type(None) in typing.get_args(hint)
     base = _base_type(hint)
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
@@ -221,8 +235,10 @@ def coerce(name: str, value: Any) -> Any:
     raise ConfigError(f"{name}: unsupported field type {hint}")
 
 
-def parse_overrides(argv: list[str]) -> dict[str, Any]:
-    """Parse ``--key value`` / ``--key=value`` / ``--flag`` / ``--list a b c`` into a dict."""
+def parse_overrides(argv: list[str], cls: type | None = None) -> dict[str, Any]:
+    """Parse ``--key value`` / ``--key=value`` / ``--flag`` / ``--list a b c`` into a dict of ``cls``'s fields."""
+    cls = cls or FinetuneConfig
+    hints, ignored = _hints(cls), _ignored(cls)
     out: dict[str, Any] = {}
     i = 0
     while i < len(argv):
@@ -232,12 +248,12 @@ def parse_overrides(argv: list[str]) -> dict[str, Any]:
         key, eq, inline = tok[2:].partition("=")
         key = key.replace("-", "_")
         i += 1
-        if key in COMPAT_IGNORED:
+        if key in ignored:
             if not eq and i < len(argv) and not argv[i].startswith("--"):
                 i += 1
             continue
-        if key not in _FIELDS:
-            raise _unknown_key_error(key, "command line")
+        if key not in hints:
+            raise _unknown_key_error(key, "command line", cls)
         if eq:
             values = [inline]
         else:
@@ -245,7 +261,7 @@ def parse_overrides(argv: list[str]) -> dict[str, Any]:
             while i < len(argv) and not argv[i].startswith("--"):
                 values.append(argv[i])
                 i += 1
-        base = _base_type(_HINTS[key])
+        base = _base_type(hints[key])
         if typing.get_origin(base) is list:
             if len(values) == 1 and "," in values[0] and not os.path.exists(values[0]):
                 values = [v for v in values[0].split(",") if v]
@@ -291,40 +307,53 @@ def _expand_config_dir(value: Any, base: str) -> Any:
     return value
 
 
-def build_config(values: dict[str, Any], where: str = "config") -> FinetuneConfig:
-    """Build a config from a flat dict, converting types; unknown keys are errors."""
+def build_config(values: dict[str, Any], where: str = "config", cls: type | None = None) -> Any:
+    """Build a ``cls`` (default :class:`FinetuneConfig`) from a flat dict, converting types; unknown keys are errors."""
+    cls = cls or FinetuneConfig
+    hints, ignored = _hints(cls), _ignored(cls)
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: a config must be a mapping of keys to values, got {type(values).__name__}")
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
-        if key in COMPAT_IGNORED:
+        if key in ignored:
             continue
-        if key not in _FIELDS:
-            raise _unknown_key_error(key, where)
-        kwargs[key] = coerce(key, value)
-    return FinetuneConfig(**kwargs)
+        if not isinstance(key, str) or key not in hints:
+            raise _unknown_key_error(str(key), where, cls)
+        kwargs[key] = coerce(key, value, cls)
+    return cls(**kwargs)
 
 
-def load_config(path: str | None = None, overrides: list[str] | dict[str, Any] | None = None) -> FinetuneConfig:
-    """YAML file (optional) + command-line overrides -> a validated :class:`FinetuneConfig`."""
+def _validate_any(cfg: Any) -> None:
+    if isinstance(cfg, FinetuneConfig):
+        validate(cfg)
+    else:
+        cfg.validate()
+
+
+def load_config(path: str | None = None, overrides: list[str] | dict[str, Any] | None = None,
+                cls: type | None = None) -> Any:
+    """YAML file (optional) + command-line overrides -> a validated ``cls`` (default :class:`FinetuneConfig`)."""
     values = load_yaml(path) if path else {}
     if isinstance(overrides, list):
-        overrides = parse_overrides(overrides)
+        overrides = parse_overrides(overrides, cls)
     values.update(overrides or {})
-    cfg = build_config(values, where=path or "config")
-    validate(cfg)
+    cfg = build_config(values, where=path or "config", cls=cls)
+    _validate_any(cfg)
     return cfg
 
 
-def resolve_config(config: FinetuneConfig | dict[str, Any] | str) -> FinetuneConfig:
-    """Accept a config object, a dict of fields, or a YAML path; return it validated."""
-    if isinstance(config, FinetuneConfig):
+def resolve_config(config: Any, cls: type | None = None) -> Any:
+    """Accept a config object, a dict of fields, or a YAML path; return a validated ``cls``."""
+    cls = cls or FinetuneConfig
+    if isinstance(config, cls):
         cfg = dataclasses.replace(config)
     elif isinstance(config, dict):
-        cfg = build_config(config)
+        cfg = build_config(config, cls=cls)
     elif isinstance(config, (str, os.PathLike)):
-        cfg = build_config(load_yaml(str(config)), where=str(config))
+        cfg = build_config(load_yaml(str(config)), where=str(config), cls=cls)
     else:
-        raise ConfigError(f"config must be a FinetuneConfig, a dict or a YAML path, got {type(config).__name__}")
-    validate(cfg)
+        raise ConfigError(f"config must be a {cls.__name__}, a dict or a YAML path, got {type(config).__name__}")
+    _validate_any(cfg)
     return cfg
 
 

@@ -313,19 +313,22 @@ class TextEncoder:
         self.model.to(self.device).eval()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        texts = [self._format(t) for t in batch["text"]]
-        return {"_id": batch["_id"], "emb": encode_texts(self.model, self.tokenizer, texts, self._max_len(),
-                                                          self.spec.batch_size, self.device)}
+        return {"_id": batch["_id"], "emb": self.embed(list(batch["text"]), self.kind)}
 
-    def _max_len(self) -> int:
-        return self.spec.query_max_len if self.kind == "query" else self.spec.passage_max_len
+    def embed(self, texts: list[str], kind: str, instructions: list[str | None] | None = None) -> np.ndarray:
+        """Embed ``texts`` as queries or passages; ``instructions`` (per text) override the spec's."""
+        if instructions is None:
+            instructions = [None] * len(texts)
+        formatted = [self._format(t, kind, inst) for t, inst in zip(texts, instructions, strict=True)]
+        max_len = self.spec.query_max_len if kind == "query" else self.spec.passage_max_len
+        return encode_texts(self.model, self.tokenizer, formatted, max_len, self.spec.batch_size, self.device)
 
-    def _format(self, text: str) -> str:
-        if self.kind == "query" and self.spec.query_instruction is not None:
-            return self.spec.query_instruction_format.format(self.spec.query_instruction, text)
-        if self.kind == "passage" and self.spec.passage_instruction is not None:
-            return self.spec.passage_instruction_format.format(self.spec.passage_instruction, text)
-        return text
+    def _format(self, text: str, kind: str, instruction: str | None = None) -> str:
+        if kind == "query":
+            inst, fmt = instruction or self.spec.query_instruction, self.spec.query_instruction_format
+        else:
+            inst, fmt = instruction or self.spec.passage_instruction, self.spec.passage_instruction_format
+        return fmt.format(inst, text) if inst is not None else text
 
 
 @torch.inference_mode()

@@ -5,9 +5,13 @@
 Takes the same arguments as `bge-ray train`; with none, runs the bundled quickstart.
 """
 
+import os
 import sys
 
-from bge_ray.cli import main
+# The code shipped with the job (`--working-dir .`) wins over any bge-ray installed on the node.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bge_ray.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(["train", *sys.argv[1:]]))

@@ -1,7 +1,8 @@
 """Rebuild the quickstart data in bge_ray/quickstart/ from ../shared/data/scifact (see its SOURCE.txt).
 
-scifact_sample.jsonl: the first ROWS training claims of train_minilm_hardnegs.jsonl, each with its
-positives and the first NEGS of its 15 mined hard negatives.
+scifact_sample.jsonl: the first ROWS training claims of train_triplets.jsonl with their cited
+abstracts as positives and NEGS hard negatives mined by `bge-ray mine` with the base model
+(all-MiniLM-L6-v2, its own mean pooling) over the whole SciFact corpus: ranks 3-100, seed 42.
 scifact_eval/: a held-out BEIR folder: the first EVAL_QUERIES test claims (by id) with their qrels,
 and a corpus of their cited abstracts plus random others, EVAL_DOCS in all (seed 0).
 Run from the repository root:
@@ -16,7 +17,7 @@ import sys
 ROWS, NEGS = 200, 7
 EVAL_QUERIES, EVAL_DOCS = 60, 1000
 SCIFACT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "scifact")
-SRC = os.path.join(SCIFACT, "train_minilm_hardnegs.jsonl")
+SRC = os.path.join(SCIFACT, "train_triplets.jsonl")
 QUICKSTART = os.path.join(os.path.dirname(__file__), "..", "bge_ray", "quickstart")
 DST = os.path.join(QUICKSTART, "scifact_sample.jsonl")
 
@@ -50,14 +51,35 @@ def build_eval() -> None:
     print(f"wrote {out}")
 
 
-def main() -> int:
-    with open(SRC, encoding="utf-8") as f, open(DST, "w", encoding="utf-8") as out:
-        for i, line in enumerate(f):
-            if i == ROWS:
-                break
-            row = json.loads(line)
-            out.write(json.dumps({"query": row["query"], "pos": row["pos"], "neg": row["neg"][:NEGS]}) + "\n")
+def build_train() -> None:
+    import glob
+    import tempfile
+
+    from bge_ray.mining import mine
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pairs = os.path.join(tmp, "pairs.jsonl")
+        with open(SRC, encoding="utf-8") as f, open(pairs, "w", encoding="utf-8") as out:
+            rows = [json.loads(line) for _, line in zip(range(ROWS), f, strict=False)]
+            out.writelines(json.dumps({"query": r["query"], "pos": r["pos"]}) + "\n" for r in rows)
+        mined_dir = os.path.join(tmp, "mined")
+        mine(input_file=[pairs], output_dir=mined_dir, candidate_pool=[os.path.join(SCIFACT, "corpus.jsonl")],
+             embedder_name_or_path="sentence-transformers/all-MiniLM-L6-v2", range_for_sampling="3-100",
+             negative_number=NEGS, embedder_query_max_length=64, embedder_passage_max_length=256, seed=42)
+        mined = {}
+        for path in glob.glob(os.path.join(mined_dir, "*.jsonl")):
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    row = json.loads(line)
+                    mined[row["query"]] = row
+    with open(DST, "w", encoding="utf-8") as out:
+        for r in rows:
+            out.write(json.dumps({"query": r["query"], "pos": r["pos"], "neg": mined[r["query"]]["neg"]}) + "\n")
     print(f"wrote {DST}")
+
+
+def main() -> int:
+    build_train()
     build_eval()
     return 0
 

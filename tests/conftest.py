@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import secrets
+import shutil
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -15,6 +19,14 @@ S3_PORT = 5577 + os.getpid() % 1000
 os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
                   AWS_ENDPOINT_URL=f"http://127.0.0.1:{S3_PORT}")
 
+# Token authentication for the session's Ray head, set before anything imports ray (Ray reads the
+# mode once per process); every subprocess and `ray job submit` inherits it.
+_AUTH_DIR = tempfile.mkdtemp(prefix="bge-ray-auth-")
+with open(os.path.join(_AUTH_DIR, "token"), "w") as _f:
+    _f.write(secrets.token_hex(32))
+os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=os.path.join(_AUTH_DIR, "token"))
+atexit.register(shutil.rmtree, _AUTH_DIR, True)
+
 import pytest  # noqa: E402
 
 from tests.helpers import build_tiny_bert  # noqa: E402
@@ -25,13 +37,67 @@ def tiny_model(tmp_path_factory) -> str:
     return build_tiny_bert(str(tmp_path_factory.mktemp("tiny_bert")))
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """A local Ray cluster shared by every test that needs one (2 training workers + data tasks)."""
+def ray_head(tmp_path_factory):
+    """The session's one Ray cluster: a real head started with `ray start --head` (job server
+    included), token authentication on with a token made for this session. Every test, every
+    subprocess and every `ray job submit` joins it; it is stopped at the end even when tests fail."""
+    import subprocess
+    import time
+    import urllib.request
+
+    token = open(os.environ["RAY_AUTH_TOKEN_PATH"]).read()
+    gcs_port, dash_port = _free_port(), _free_port()
+    temp_dir = f"/tmp/brt-{os.getpid()}"  # short: Ray's socket paths must fit in 107 bytes
+    os.environ.update(RAY_ADDRESS=f"127.0.0.1:{gcs_port}", RAY_worker_niceness="0")
+    log = open(tmp_path_factory.mktemp("ray_head") / "head.log", "w")  # noqa: SIM115 - closed at teardown
+    proc = subprocess.Popen(
+        ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
+         f"--dashboard-port={dash_port}", "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=4",
+         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    dashboard = f"http://127.0.0.1:{dash_port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"ray start --head exited with {proc.returncode}; see {log.name}")
+            try:
+                req = urllib.request.Request(f"{dashboard}/api/version",
+                                             headers={"Authorization": f"Bearer {token}"})
+                urllib.request.urlopen(req, timeout=2).read()
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise RuntimeError(f"the Ray head's job server did not come up in 120 s; see {log.name}") from None
+                time.sleep(1)
+        yield {"address": os.environ["RAY_ADDRESS"], "dashboard": dashboard, "log": log.name}
+    finally:
+        import signal
+
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)  # `ray start --block` stops its processes on SIGTERM
+            proc.wait(timeout=60)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(ray_head):
+    """This process connected to the session's Ray head (2 training workers + data tasks fit)."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, log_to_driver=True,
+        ray.init(address=ray_head["address"], log_to_driver=True,
                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}})
     yield ray
     ray.shutdown()

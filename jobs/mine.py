@@ -1,0 +1,17 @@
+"""Mine hard negatives on the cluster this job runs on.
+
+    ray job submit --working-dir . -- python jobs/mine.py --config jobs/configs/mine.yaml [--key value ...]
+
+Takes the same arguments as `bge-ray mine`.
+"""
+
+import os
+import sys
+
+# The code shipped with the job (`--working-dir .`) wins over any bge-ray installed on the node.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bge_ray.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["mine", *sys.argv[1:]]))

@@ -1,0 +1,131 @@
+"""Running on a Ray cluster: cluster.yaml against Ray's own schema, the job configs, and
+`ray job submit` end to end against the session's real head (job server, token auth)."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from bge_ray.config import ConfigError, load_config
+from tests.helpers import REPO
+
+JOB_CONFIGS = os.path.join(REPO, "jobs", "configs")
+
+
+def test_cluster_yaml_passes_rays_cluster_config_validation():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    with open(os.path.join(REPO, "cluster.yaml"), encoding="utf-8") as f:
+        raw = yaml.safe_load(f)
+    config = prepare_config(raw)
+    validate_config(config)  # raises on any schema error
+    import ray
+
+    assert raw["docker"]["image"].startswith(f"rayproject/ray:{ray.__version__}-")
+    assert raw["docker"]["image"].endswith("-gpu")
+    head = raw["available_node_types"][raw["head_node_type"]]
+    assert head["node_config"]["InstanceType"].startswith(("m", "c", "r"))  # a CPU head
+    gpu_types = {k: v for k, v in raw["available_node_types"].items() if k != raw["head_node_type"]}
+    assert len(gpu_types) >= 2 and all(v["max_workers"] >= v["min_workers"] >= 0 for v in gpu_types.values())
+    start = " ".join(raw["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in start  # the job API is not open to the internet
+    assert any("pip install" in c and "bge-ray" in c for c in raw["setup_commands"])
+
+    broken = dict(raw, available_node_types={**raw["available_node_types"], "bad": {"node_config": {}}})
+    with pytest.raises(Exception, match="resources|max_workers|required"):
+        validate_config(prepare_config(broken))
+
+
+@pytest.mark.parametrize("name", ["quickstart.yaml", "bge-base-8gpu.yaml", "bge-large-multinode.yaml"])
+def test_training_job_configs_are_valid(name):
+    cfg = load_config(os.path.join(JOB_CONFIGS, name))
+    assert cfg.eval_data and cfg.output_dir
+    if name != "quickstart.yaml":
+        assert cfg.use_gpu and cfg.bf16 and cfg.gradient_checkpointing and cfg.negatives_cross_device
+        assert cfg.storage_path.startswith("s3://") and cfg.num_workers >= 8 and cfg.max_failures > 0
+    if name == "bge-large-multinode.yaml":
+        assert cfg.zero_stage == 3 and cfg.num_workers > 8
+
+
+def test_sweep_and_mine_job_configs_are_valid():
+    from bge_ray.mining import MineConfig
+    from bge_ray.sweep import load_sweep
+
+    sweep = load_sweep(os.path.join(JOB_CONFIGS, "sweep.yaml"))
+    assert set(sweep.space) == {"temperature", "learning_rate", "sentence_pooling_method"}
+    assert sweep.base_config().eval_data
+    mine_cfg = load_config(os.path.join(JOB_CONFIGS, "mine.yaml"), cls=MineConfig)
+    assert os.path.isfile(mine_cfg.input_file[0])
+
+
+def _ray(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(["ray", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def _wait_for(job_id: str, dashboard: str, timeout_s: int = 600) -> str:
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(dashboard)
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        status = client.get_job_status(job_id)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            return str(status.value)
+        time.sleep(2)
+    client.stop_job(job_id)
+    raise TimeoutError(f"job {job_id} did not finish in {timeout_s}s:\n{client.get_job_logs(job_id)[-3000:]}")
+
+
+def _submit(dashboard: str, args: list[str]) -> str:
+    env_json = json.dumps({"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    proc = _ray("job", "submit", "--address", dashboard, "--working-dir", ".", "--runtime-env-json", env_json,
+                "--no-wait", "--", *args)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout + proc.stderr
+    job_id = next(w.strip("'\"") for w in out.split() if w.strip("'\"").startswith("raysubmit_"))
+    return job_id
+
+
+def test_ray_job_submit_quickstart_and_a_bad_config(ray_head, tmp_path):
+    dashboard = ray_head["dashboard"]
+    out = tmp_path / "model"
+    job = _submit(dashboard, [
+        "python", "jobs/finetune.py", "--config", "jobs/configs/quickstart.yaml", "--max_steps", "2",
+        "--logging_steps", "1", "--eval_data", "none", "--output_dir", str(out),
+        "--storage_path", str(tmp_path / "runs")])
+    bad = _submit(dashboard, ["python", "jobs/finetune.py", "--config", "jobs/configs/quickstart.yaml",
+                              "--temperature", "-1"])
+    assert _wait_for(bad, dashboard) == "FAILED"
+    logs = _ray("job", "logs", "--address", dashboard, bad).stdout
+    assert "bge-ray: config error: temperature must be > 0, got -1" in logs
+    status = _wait_for(job, dashboard)
+    logs = _ray("job", "logs", "--address", dashboard, job).stdout
+    assert status == "SUCCEEDED", logs[-4000:]
+    assert "step     2/2" in logs and f"fine-tuned model: {out}" in logs
+
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(out), device="cpu")
+    emb = model.encode(["Vitamin D deficiency is linked to bone fractures."], normalize_embeddings=True)
+    assert emb.shape == (1, 384) and abs(float((emb ** 2).sum()) - 1) < 1e-4
+    assert glob.glob(str(tmp_path / "runs" / "*" / "checkpoint_step_00000002"))
+
+
+def test_job_scripts_run_the_shipped_code_and_reject_bad_configs_fast():
+    for script, needle in (("finetune.py", "--model_name_or_path"), ("sweep.py", "--num_samples"),
+                           ("mine.py", "--range_for_sampling"), ("score.py", "--reranker_name_or_path"),
+                           ("evaluate.py", "--ignore_identical_ids")):
+        proc = subprocess.run([sys.executable, os.path.join("jobs", script), "--help"], capture_output=True,
+                              text=True, timeout=120, cwd=REPO, env={**os.environ, "PYTHONPATH": ""})
+        assert proc.returncode == 0 and needle in proc.stdout, (script, proc.stderr[-2000:])
+    with pytest.raises(ConfigError, match="needs --config"):
+        from bge_ray.cli import cmd_tune
+
+        cmd_tune([])

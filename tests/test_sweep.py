@@ -1,0 +1,141 @@
+"""bge-ray tune: a real sweep on the session's Ray cluster (Tune function -> TorchTrainer -> DeepSpeed)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import pytest
+import yaml
+
+from bge_ray.config import ConfigError, load_config
+from bge_ray.sweep import load_sweep, tune
+from tests.helpers import FE_EXAMPLES
+
+
+@pytest.fixture(scope="module")
+def memorize_eval(tmp_path_factory):
+    """A BEIR folder whose queries are the training queries and whose corpus is their passages:
+    a learning rate that trains raises nDCG within a few steps; one that does not, does not."""
+    d = tmp_path_factory.mktemp("memorize")
+    with open(FE_EXAMPLES, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    ids: dict[str, str] = {}
+    for r in rows:
+        for t in r["pos"] + r["neg"]:
+            ids.setdefault(t, f"d{len(ids)}")
+    (d / "corpus.jsonl").write_text("".join(json.dumps({"_id": i, "text": t}) + "\n" for t, i in ids.items()))
+    (d / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{n}", "text": r["query"]}) + "\n"
+                                             for n, r in enumerate(rows)))
+    (d / "qrels.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
+        f"q{n}\t{ids[p]}\t1\n" for n, r in enumerate(rows) for p in r["pos"]))
+    return str(d)
+
+
+def sweep_file(tmp_path, tiny_model, eval_dir, **extra) -> str:
+    doc = {
+        "model_name_or_path": tiny_model, "train_data": [FE_EXAMPLES], "train_group_size": 4,
+        "query_max_len": 32, "passage_max_len": 64, "per_device_train_batch_size": 4, "num_workers": 2,
+        "deepspeed": "zero2", "max_steps": 4, "eval_steps": 2, "logging_steps": 2, "eval_data": eval_dir,
+        "output_dir": str(tmp_path / "best"), "storage_path": str(tmp_path / "storage"),
+        "search_space": {
+            "learning_rate": {"grid": [1.0e-9, 3.0e-3]},
+            "sentence_pooling_method": {"grid": ["cls", "mean"]},
+            "temperature": {"loguniform": [0.02, 0.1]},
+        },
+        "tune": {"num_samples": 1, "grace_period": 1, "reduction_factor": 2},
+    }
+    doc.update(extra)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return str(path)
+
+
+def test_sweep_stops_weak_trials_and_exports_the_best(ray_cluster, tiny_model, memorize_eval, tmp_path):
+    result = tune(sweep_file(tmp_path, tiny_model, memorize_eval))
+    trials = result.trials
+    assert len(trials) == 4
+    combos = {(t["params"]["learning_rate"], t["params"]["sentence_pooling_method"]) for t in trials}
+    assert combos == {(lr, p) for lr in (1e-9, 3e-3) for p in ("cls", "mean")}
+    assert all(0.02 <= t["params"]["temperature"] <= 0.1 for t in trials)
+    statuses = [t["status"] for t in trials]
+    assert set(statuses) <= {"completed", "stopped early"}
+    assert result.num_stopped_early == statuses.count("stopped early") >= 1
+    for t in trials:
+        if t["status"] == "stopped early":
+            assert t["last_step"] < 4
+        else:
+            assert t["last_step"] == 4 and t["reports"] == 2
+    # sorted by the metric; the best is the one exported
+    metrics = [t["best_metric"] for t in trials]
+    assert metrics == sorted(metrics, reverse=True) and result.best_metric == metrics[0]
+    best = trials[0]
+    # training moved the metric only where the learning rate could (near-tied scores of a random
+    # tiny model may still flip under a 1e-9 step, hence the small band)
+    for t in trials:
+        if t["params"]["learning_rate"] == 1e-9:
+            assert max(h["metric"] for h in t["history"]) == pytest.approx(t["zero_shot"], abs=0.02)
+    assert best["params"]["learning_rate"] == 3e-3 and best["best_metric"] > best["zero_shot"] + 0.05
+
+    # the best model: a normal fine-tune output with the pooling it was trained with
+    from sentence_transformers import SentenceTransformer
+
+    meta = json.load(open(os.path.join(result.model_dir, "bge_ray.json"), encoding="utf-8"))
+    assert meta["sentence_pooling_method"] == best["params"]["sentence_pooling_method"]
+    assert meta["temperature"] == pytest.approx(best["params"]["temperature"])
+    emb = SentenceTransformer(result.model_dir, device="cpu").encode(["a query"])
+    assert emb.shape == (1, 32)
+
+    # the best config trains as is
+    cfg = load_config(result.best_config_path)
+    assert cfg.learning_rate == best["params"]["learning_rate"]
+    assert cfg.sentence_pooling_method == best["params"]["sentence_pooling_method"]
+    with open(os.path.join(result.results_dir, "trials.csv"), encoding="utf-8") as f:
+        table = list(csv.DictReader(f))
+    assert [r["trial"] for r in table] == [t["trial_id"] for t in trials]
+    assert "| rank | trial |" in open(os.path.join(result.results_dir, "trials.md"), encoding="utf-8").read()
+    with open(os.path.join(result.results_dir, "sweep.png"), "rb") as f:
+        png = f.read()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+    # the same command again continues the same experiment instead of starting over
+    again = tune(sweep_file(tmp_path, tiny_model, memorize_eval))
+    assert again.experiment_path == result.experiment_path
+    assert {t["trial_id"] for t in again.trials} == {t["trial_id"] for t in trials}
+
+
+@pytest.mark.parametrize(("space", "message"), [
+    ({"temprature": {"choice": [0.02]}}, "unknown config key 'temprature'.*did you mean 'temperature'"),
+    ({"per_device_train_batch_size": {"uniform": [2, 8]}}, "uniform needs a float field.*use randint"),
+    ({"learning_rate": {"loguniform": [0, 1e-4]}}, "loguniform needs low > 0"),
+    ({"temperature": {"uniform": [-0.1, 0.1]}}, r"search_space.temperature = -0.1 .*temperature must be > 0"),
+    ({"sentence_pooling_method": {"choice": ["cls", "max"]}}, "sentence_pooling_method must be one of"),
+    ({"gradient_checkpointing": {"choice": ["maybe"]}}, "gradient_checkpointing must be bool"),
+    ({"output_dir": {"choice": ["a", "b"]}}, "output_dir cannot be swept"),
+    ({"temperature": {"normal": [0.1, 0.01]}}, "unknown distribution 'normal'"),
+    ({"train_group_size": {"randint": [0, 4]}}, "train_group_size must be >= 1"),
+])
+def test_bad_search_space_fails_before_ray(tmp_path, tiny_model, memorize_eval, space, message):
+    import ray
+
+    was_up = ray.is_initialized()
+    with pytest.raises(ConfigError, match=message):
+        load_sweep(sweep_file(tmp_path, tiny_model, memorize_eval, search_space=space))
+    assert ray.is_initialized() == was_up
+
+
+def test_sweep_settings_and_overrides(tmp_path, tiny_model, memorize_eval):
+    path = sweep_file(tmp_path, tiny_model, memorize_eval)
+    sweep = load_sweep(path, ["--num_samples", "3", "--max_steps", "8", "--search_alg", "random",
+                              "--search_space", '{"temperature": {"choice": [0.02, 0.05]}}'])
+    assert sweep.settings.num_samples == 3 and sweep.train["max_steps"] == "8"
+    assert list(sweep.space) == ["temperature"] and sweep.space["temperature"].args == [0.02, 0.05]
+    with pytest.raises(ConfigError, match="grid axes need search_alg: random"):
+        load_sweep(path, ["--search_alg", "optuna"])
+    with pytest.raises(ConfigError, match="a sweep picks its best trial by a validation metric"):
+        load_sweep(path, ["--eval_data", "none"])
+    with pytest.raises(ConfigError, match="scheduler must be asha or none"):
+        load_sweep(path, ["--scheduler", "hyperband"])
+    default = load_sweep(path, ["--search_space", "null"])
+    assert set(default.space) == {"temperature", "learning_rate", "sentence_pooling_method"}
