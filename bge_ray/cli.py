@@ -133,31 +133,30 @@ def _config_from_argv(argv: list[str], cls: type) -> Any:
     return load_config(path, overrides, cls=cls)
 
 
+def _row_job(argv: list[str], cls: type, run: Any, summary: Any) -> int:
+    """``bge-ray mine`` / ``bge-ray score``: config + overrides -> run -> a JSON summary."""
+    if "-h" in argv or "--help" in argv:
+        print(config_help(cls))
+        return 0
+    print(json.dumps(summary(run(_config_from_argv(argv, cls))), indent=2))
+    return 0
+
+
 def cmd_mine(argv: list[str]) -> int:
     from bge_ray.mining import MineConfig, mine
 
-    if "-h" in argv or "--help" in argv:
-        print(config_help(MineConfig))
-        return 0
-    result = mine(_config_from_argv(argv, MineConfig))
-    print(json.dumps({"output_dir": result.output_dir, "rows": result.num_rows, "bad_rows": result.num_bad_rows,
-                      "pool_size": result.pool_size, "short_rows": result.short_rows,
-                      "removed_positives": result.removed_positives, "pool_embed_s": round(result.pool_embed_s, 1),
-                      "search_s": round(result.search_s, 1), "queries_per_s": round(result.queries_per_s, 2),
-                      "wall_s": round(result.wall_s, 1)}, indent=2))
-    return 0
+    return _row_job(argv, MineConfig, mine, lambda r: {
+        "output_dir": r.output_dir, "rows": r.num_rows, "bad_rows": r.num_bad_rows, "pool_size": r.pool_size,
+        "short_rows": r.short_rows, "removed_positives": r.removed_positives, "pool_embed_s": round(r.pool_embed_s, 1),
+        "search_s": round(r.search_s, 1), "queries_per_s": round(r.queries_per_s, 2), "wall_s": round(r.wall_s, 1)})
 
 
 def cmd_score(argv: list[str]) -> int:
     from bge_ray.mining import ScoreConfig, score
 
-    if "-h" in argv or "--help" in argv:
-        print(config_help(ScoreConfig))
-        return 0
-    result = score(_config_from_argv(argv, ScoreConfig))
-    print(json.dumps({"output_dir": result.output_dir, "rows": result.num_rows, "bad_rows": result.num_bad_rows,
-                      "teacher": result.teacher, "wall_s": round(result.wall_s, 1)}, indent=2))
-    return 0
+    return _row_job(argv, ScoreConfig, score, lambda r: {
+        "output_dir": r.output_dir, "rows": r.num_rows, "bad_rows": r.num_bad_rows, "teacher": r.teacher,
+        "wall_s": round(r.wall_s, 1)})
 
 
 TUNE_HELP = """usage: bge-ray tune --config sweep.yaml [--key value ...]

@@ -16,7 +16,6 @@ import csv
 import io
 import json
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,9 +23,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import torch
-from ray.data.datasource.file_based_datasource import FileBasedDatasource
 
-from bge_ray.data import DataValidationError, iter_lines, load_tokenizer
+from bge_ray.data import DataValidationError, JsonLinesDatasource, iter_lines, load_tokenizer
 from bge_ray.metrics import DEFAULT_KS, evaluate_run
 
 CORPUS_SCHEMA = pa.schema([("_id", pa.string()), ("text", pa.string()), ("source", pa.string()),
@@ -148,22 +146,6 @@ def load_dataset(path: str, split: str = "test") -> RetrievalDataset:
                             split=split)
 
 
-class CorpusDatasource(FileBasedDatasource):
-    """``corpus.jsonl`` rows as ``{_id, text = title + " " + text}``; bad rows carry their ``error``."""
-
-    _FILE_EXTENSIONS = ["jsonl", "json", "jsonl.gz", "json.gz"]
-
-    def _read_stream(self, f: Any, path: str) -> Iterator[pa.Table]:
-        rows: list[dict] = []
-        for n, raw in iter_lines(f):
-            rows.append(parse_corpus_line(raw, path, n))
-            if len(rows) >= 1024:
-                yield pa.Table.from_pylist(rows, schema=CORPUS_SCHEMA)
-                rows = []
-        if rows:
-            yield pa.Table.from_pylist(rows, schema=CORPUS_SCHEMA)
-
-
 def parse_corpus_line(raw: bytes, path: str, n: int) -> dict:
     where = f"{path}:{n}"
     row = {"_id": None, "text": None, "source": where, "error": None}
@@ -191,7 +173,7 @@ def parse_corpus_line(raw: bytes, path: str, n: int) -> dict:
 def read_corpus(dataset: RetrievalDataset) -> Any:
     import ray.data
 
-    return ray.data.read_datasource(CorpusDatasource(dataset.corpus_path))
+    return ray.data.read_datasource(JsonLinesDatasource(dataset.corpus_path, parse_corpus_line, CORPUS_SCHEMA))
 
 
 class CorpusIdCheck:

@@ -36,16 +36,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
-from ray.data.datasource.file_based_datasource import FileBasedDatasource
 from ray.data.datasource.file_datasink import BlockBasedFileDatasink
 
 from bge_ray.config import POOLING_METHODS, REMOTE_SCHEMES, ConfigError, _check_format, resolve_config
 from bge_ray.data import (
-    TRIPLET_EXTENSIONS,
     DataValidationError,
+    JsonLinesDatasource,
     RowRules,
     _drop_bad,
-    iter_lines,
     read_triplets,
     scan_triplets,
 )
@@ -116,15 +114,52 @@ def _check_output(output_dir: str | None, overwrite: bool, inputs: list[str]) ->
 
 
 @dataclass
-class MineConfig:
-    """``bge-ray mine``: FlagEmbedding's hn_mine arguments (``input_file``, ``candidate_pool``,
-    ``range_for_sampling``, ``negative_number``, ``embedder_*``) plus the false-negative filters."""
+class _RowJobConfig:
+    """What mining and scoring share: rows in, shards out, an encoder, the cluster."""
 
-    COMMAND: ClassVar[str] = "mine"
     IGNORED: ClassVar[dict[str, str]] = MINE_IGNORED
 
     input_file: list[str] = field(default_factory=list)
     output_dir: str | None = None
+    query_instruction_for_retrieval: str | None = None
+    query_instruction_format_for_retrieval: str = "{}{}"
+    pooling_method: str | None = None
+    normalize_embeddings: bool | None = None
+    embedder_query_max_length: int = 512
+    embedder_passage_max_length: int = 512
+    trust_remote_code: bool = False
+    use_gpu: bool = False
+    concurrency: int | None = None
+    skip_bad_rows: bool = False
+    overwrite: bool = False
+    ray_address: str | None = None
+
+    def _validate_common(self, batch_size: int, extra_inputs: list[str]) -> None:
+        _check_inputs(self.input_file, "input_file")
+        _check_output(self.output_dir, self.overwrite, self.input_file + extra_inputs)
+        _check_encoder(self.pooling_method, self.embedder_query_max_length, self.embedder_passage_max_length,
+                       batch_size, self.concurrency)
+        _check_format("query_instruction_format_for_retrieval", self.query_instruction_format_for_retrieval)
+
+    def _encoder_spec(self, model: str, batch_size: int, passage_instruction: str | None = None) -> Any:
+        from bge_ray.evaluation import encoder_spec_for
+
+        return encoder_spec_for(
+            model, pooling=self.pooling_method, normalize=self.normalize_embeddings,
+            query_instruction=self.query_instruction_for_retrieval,
+            query_instruction_format=self.query_instruction_format_for_retrieval,
+            passage_instruction=passage_instruction, query_max_len=self.embedder_query_max_length,
+            passage_max_len=self.embedder_passage_max_length, batch_size=batch_size,
+            trust_remote_code=self.trust_remote_code)
+
+
+@dataclass
+class MineConfig(_RowJobConfig):
+    """``bge-ray mine``: FlagEmbedding's hn_mine arguments (``input_file``, ``candidate_pool``,
+    ``range_for_sampling``, ``negative_number``, ``embedder_*``) plus the false-negative filters."""
+
+    COMMAND: ClassVar[str] = "mine"
+
     embedder_name_or_path: str = "BAAI/bge-base-en-v1.5"
     candidate_pool: list[str] | None = None
     range_for_sampling: str = "10-210"
@@ -132,28 +167,15 @@ class MineConfig:
     positive_score_ratio: float | None = None
     max_negative_score: float | None = None
     seed: int = 42
-    query_instruction_for_retrieval: str | None = None
-    query_instruction_format_for_retrieval: str = "{}{}"
     passage_instruction_for_retrieval: str | None = None
-    pooling_method: str | None = None
-    normalize_embeddings: bool | None = None
-    embedder_query_max_length: int = 512
-    embedder_passage_max_length: int = 512
     embedder_batch_size: int = 256
-    trust_remote_code: bool = False
-    use_gpu: bool = False
-    concurrency: int | None = None
-    skip_bad_rows: bool = False
-    overwrite: bool = False
-    ray_address: str | None = None
 
     def validate(self) -> None:
         from bge_ray.config import resolve_model_path
 
-        _check_inputs(self.input_file, "input_file")
         if self.candidate_pool is not None:
             _check_inputs(self.candidate_pool, "candidate_pool")
-        _check_output(self.output_dir, self.overwrite, self.input_file + (self.candidate_pool or []))
+        self._validate_common(self.embedder_batch_size, self.candidate_pool or [])
         _parse_range(self.range_for_sampling)
         if self.negative_number < 1:
             raise ConfigError(f"negative_number must be >= 1, got {self.negative_number}")
@@ -161,64 +183,35 @@ class MineConfig:
             raise ConfigError(f"positive_score_ratio must be in (0, 1] (e.g. 0.95) or unset, got {self.positive_score_ratio}")
         if self.max_negative_score is not None and not np.isfinite(self.max_negative_score):
             raise ConfigError(f"max_negative_score must be a finite number or unset, got {self.max_negative_score}")
-        _check_encoder(self.pooling_method, self.embedder_query_max_length, self.embedder_passage_max_length,
-                       self.embedder_batch_size, self.concurrency)
-        _check_format("query_instruction_format_for_retrieval", self.query_instruction_format_for_retrieval)
         self.embedder_name_or_path = resolve_model_path(self.embedder_name_or_path)
 
     def encoder_spec(self) -> Any:
-        from bge_ray.evaluation import encoder_spec_for
-
-        return encoder_spec_for(
-            self.embedder_name_or_path, pooling=self.pooling_method, normalize=self.normalize_embeddings,
-            query_instruction=self.query_instruction_for_retrieval,
-            query_instruction_format=self.query_instruction_format_for_retrieval,
-            passage_instruction=self.passage_instruction_for_retrieval,
-            query_max_len=self.embedder_query_max_length, passage_max_len=self.embedder_passage_max_length,
-            batch_size=self.embedder_batch_size, trust_remote_code=self.trust_remote_code)
+        return self._encoder_spec(self.embedder_name_or_path, self.embedder_batch_size,
+                                  self.passage_instruction_for_retrieval)
 
 
 @dataclass
-class ScoreConfig:
+class ScoreConfig(_RowJobConfig):
     """``bge-ray score``: teacher scores for every positive and negative of every row."""
 
     COMMAND: ClassVar[str] = "score"
-    IGNORED: ClassVar[dict[str, str]] = MINE_IGNORED
 
-    input_file: list[str] = field(default_factory=list)
-    output_dir: str | None = None
     reranker_name_or_path: str | None = None
     embedder_name_or_path: str | None = None
     reranker_max_length: int = 512
     query_instruction_for_rerank: str | None = None
     passage_instruction_for_rerank: str | None = None
-    query_instruction_for_retrieval: str | None = None
-    query_instruction_format_for_retrieval: str = "{}{}"
-    pooling_method: str | None = None
-    normalize_embeddings: bool | None = None
-    embedder_query_max_length: int = 512
-    embedder_passage_max_length: int = 512
     batch_size: int = 64
-    trust_remote_code: bool = False
-    use_gpu: bool = False
-    concurrency: int | None = None
-    skip_bad_rows: bool = False
-    overwrite: bool = False
-    ray_address: str | None = None
 
     def validate(self) -> None:
         from bge_ray.config import resolve_model_path
 
-        _check_inputs(self.input_file, "input_file")
-        _check_output(self.output_dir, self.overwrite, self.input_file)
+        self._validate_common(self.batch_size, [])
         if (self.reranker_name_or_path is None) == (self.embedder_name_or_path is None):
             raise ConfigError("give exactly one teacher: reranker_name_or_path (a cross-encoder) "
                               "or embedder_name_or_path (a bi-encoder)")
         if self.reranker_max_length < 4:
             raise ConfigError(f"reranker_max_length must be >= 4, got {self.reranker_max_length}")
-        _check_encoder(self.pooling_method, self.embedder_query_max_length, self.embedder_passage_max_length,
-                       self.batch_size, self.concurrency)
-        _check_format("query_instruction_format_for_retrieval", self.query_instruction_format_for_retrieval)
         for name in ("reranker_name_or_path", "embedder_name_or_path"):
             if getattr(self, name):
                 setattr(self, name, resolve_model_path(getattr(self, name)))
@@ -270,25 +263,6 @@ def parse_pool_line(raw: bytes, path: str, n: int) -> dict:
         return row
     row["text"] = text
     return row
-
-
-class PoolDatasource(FileBasedDatasource):
-    """Candidate-pool JSONL files, line by line; bad lines carry their ``error``."""
-
-    _FILE_EXTENSIONS = TRIPLET_EXTENSIONS
-
-    def __init__(self, paths: list[str], **kwargs: Any) -> None:
-        super().__init__(paths, file_extensions=TRIPLET_EXTENSIONS, **kwargs)
-
-    def _read_stream(self, f: Any, path: str) -> Any:
-        rows: list[dict] = []
-        for n, raw in iter_lines(f):
-            rows.append(parse_pool_line(raw, path, n))
-            if len(rows) >= 2048:
-                yield pa.Table.from_pylist(rows, schema=POOL_SCHEMA)
-                rows = []
-        if rows:
-            yield pa.Table.from_pylist(rows, schema=POOL_SCHEMA)
 
 
 class JsonlShardSink(BlockBasedFileDatasink):
@@ -475,7 +449,8 @@ def _collect_pool(cfg: MineConfig, rows: Any) -> list[str]:
     if cfg.candidate_pool:
         from bge_ray.data import expand_paths
 
-        pool_ds = ray.data.read_datasource(PoolDatasource(expand_paths(cfg.candidate_pool)))
+        pool_ds = ray.data.read_datasource(JsonLinesDatasource(expand_paths(cfg.candidate_pool), parse_pool_line,
+                                                               POOL_SCHEMA, rows_per_block=2048))
         for batch in pool_ds.iter_batches(batch_size=8192, batch_format="pyarrow"):
             for text, err in zip(batch.column("text").to_pylist(), batch.column("error").to_pylist(), strict=True):
                 if err is not None:
@@ -609,14 +584,9 @@ class Scorer:
             self.model.to(self.device).eval()
             self.encoder = None
         else:
-            from bge_ray.evaluation import TextEncoder, encoder_spec_for
+            from bge_ray.evaluation import TextEncoder
 
-            spec = encoder_spec_for(
-                cfg.embedder_name_or_path, pooling=cfg.pooling_method, normalize=cfg.normalize_embeddings,
-                query_instruction=cfg.query_instruction_for_retrieval,
-                query_instruction_format=cfg.query_instruction_format_for_retrieval,
-                query_max_len=cfg.embedder_query_max_length, passage_max_len=cfg.embedder_passage_max_length,
-                batch_size=cfg.batch_size, trust_remote_code=cfg.trust_remote_code)
+            spec = cfg._encoder_spec(cfg.embedder_name_or_path, cfg.batch_size)
             self.encoder = TextEncoder(spec, "query")
 
     def _rerank(self, queries: list[str], passages: list[str]) -> np.ndarray:

@@ -65,6 +65,14 @@ def ray_head(tmp_path_factory):
          f"--temp-dir={temp_dir}", "--disable-usage-stats"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     dashboard = f"http://127.0.0.1:{dash_port}"
+    # a SIGTERM to pytest (CI cancelling, `timeout`) becomes a KeyboardInterrupt, so the teardown
+    # below still stops the head
+    import signal
+
+    def _interrupt(signum, frame):  # noqa: ANN001, ARG001
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         deadline = time.time() + 120
         while True:
@@ -81,8 +89,7 @@ def ray_head(tmp_path_factory):
                 time.sleep(1)
         yield {"address": os.environ["RAY_ADDRESS"], "dashboard": dashboard, "log": log.name}
     finally:
-        import signal
-
+        signal.signal(signal.SIGTERM, previous)
         try:
             os.killpg(proc.pid, signal.SIGTERM)  # `ray start --block` stops its processes on SIGTERM
             proc.wait(timeout=60)
