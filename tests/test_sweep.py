@@ -40,8 +40,10 @@ def sweep_file(tmp_path, tiny_model, eval_dir, **extra) -> str:
         "deepspeed": "zero2", "max_steps": 4, "eval_steps": 2, "logging_steps": 2, "eval_data": eval_dir,
         "output_dir": str(tmp_path / "best"), "storage_path": str(tmp_path / "storage"),
         "search_space": {
-            "learning_rate": {"grid": [1.0e-9, 3.0e-3]},
-            "sentence_pooling_method": {"grid": ["cls", "mean"]},
+            # grid order (first axis fastest): a trial that learns comes first, so the frozen one
+            # after it is certain to fall below ASHA's cut at the first validation
+            "learning_rate": {"grid": [3.0e-3, 1.0e-9]},
+            "sentence_pooling_method": {"grid": ["mean", "cls"]},
             "temperature": {"loguniform": [0.02, 0.1]},
         },
         "tune": {"num_samples": 1, "grace_period": 1, "reduction_factor": 2},
@@ -62,6 +64,9 @@ def test_sweep_stops_weak_trials_and_exports_the_best(ray_cluster, tiny_model, m
     statuses = [t["status"] for t in trials]
     assert set(statuses) <= {"completed", "stopped early"}
     assert result.num_stopped_early == statuses.count("stopped early") >= 1
+    stopped = {(t["params"]["learning_rate"], t["params"]["sentence_pooling_method"])
+               for t in trials if t["status"] == "stopped early"}
+    assert (1e-9, "mean") in stopped  # frozen, validated right after a trial that learned
     for t in trials:
         if t["status"] == "stopped early":
             assert t["last_step"] < 4
@@ -83,7 +88,7 @@ def test_sweep_stops_weak_trials_and_exports_the_best(ray_cluster, tiny_model, m
 
     meta = json.load(open(os.path.join(result.model_dir, "bge_ray.json"), encoding="utf-8"))
     assert meta["sentence_pooling_method"] == best["params"]["sentence_pooling_method"]
-    assert meta["temperature"] == pytest.approx(best["params"]["temperature"])
+    assert meta["training_config"]["temperature"] == pytest.approx(best["params"]["temperature"])
     emb = SentenceTransformer(result.model_dir, device="cpu").encode(["a query"])
     assert emb.shape == (1, 32)
 
