@@ -327,13 +327,20 @@ def _log(msg: str) -> None:
     print(f"[bge-ray] {msg}", file=sys.stderr, flush=True)
 
 
-def _concurrency(requested: int | None, use_gpu: bool) -> int:
+def _concurrency(requested: int | None, use_gpu: bool, streaming: bool = True) -> int:
+    """Encoder actors for one stage. A ``streaming`` stage also runs read and write tasks, so on CPU
+    one CPU stays free for them (actors holding every CPU stall the pipeline)."""
     import ray
 
-    if requested:
-        return requested
     res = ray.cluster_resources()
-    return max(1, int(res.get("GPU", 0))) if use_gpu else max(1, int(res.get("CPU", 1)) - 1)
+    if use_gpu:
+        return requested or max(1, int(res.get("GPU", 0)))
+    cpus = int(res.get("CPU", 1))
+    room = max(1, cpus - 1) if streaming else max(1, cpus)
+    if requested and requested > room:
+        _log(f"concurrency {requested} leaves no CPU for this stage's read/write tasks on a {cpus}-CPU cluster; "
+             f"using {room}")
+    return min(requested, room) if requested else room
 
 
 def _write_report(output_dir: str, lines: list[str]) -> None:
@@ -508,11 +515,12 @@ def mine(config: MineConfig | dict[str, Any] | str | None = None, **kwargs: Any)
     if start >= len(texts):
         raise DataValidationError(f"range_for_sampling {cfg.range_for_sampling} starts past the candidate pool "
                                   f"({len(texts)} passages): lower START or give a larger candidate_pool")
-    concurrency = _concurrency(cfg.concurrency, cfg.use_gpu)
+    pool_actors = _concurrency(cfg.concurrency, cfg.use_gpu, streaming=False)
     _log(f"mine: embedding a pool of {len(texts)} passages with {spec.model} ({spec.pooling} pooling) "
-         f"on {concurrency} actor(s)")
+         f"on {pool_actors} actor(s)")
     t_pool = time.time()
-    pool = _embed_pool(texts, spec, cfg.use_gpu, concurrency)
+    pool = _embed_pool(texts, spec, cfg.use_gpu, pool_actors)
+    concurrency = _concurrency(cfg.concurrency, cfg.use_gpu)
     pool_embed_s = time.time() - t_pool
     _log(f"mine: pool embedded in {pool_embed_s:.1f}s ({len(texts) / pool_embed_s:.1f} passages/s); searching and sampling")
     t_search = time.time()

@@ -309,14 +309,22 @@ def _run_trial(params: dict[str, Any], base: dict[str, Any], runs_dir: str) -> N
     finetune(values, callbacks=[TuneReportCallback()], publish=False)
 
 
+TRIAL_FN_CPUS = 0.01  # the Tune function only launches the trainer; Tune needs a non-zero request
+
+
+def _trial_cpus(cfg: FinetuneConfig) -> float:
+    """CPUs one trial holds: its training workers, one for its Ray Data tasks, the trial function."""
+    return cfg.num_workers * cfg.worker_resources.get("CPU", 1) + 1 + TRIAL_FN_CPUS
+
+
 def trial_concurrency(cfg: FinetuneConfig, requested: int | None) -> int:
     """How many trials fit the cluster at once: each needs its workers plus one CPU for its data tasks."""
     import ray
 
     res = ray.cluster_resources()
     per = cfg.worker_resources
-    need_cpu = cfg.num_workers * per.get("CPU", 1) + 1
-    fits = int(res.get("CPU", 0) // need_cpu) if need_cpu else 10**6
+    need_cpu = _trial_cpus(cfg)
+    fits = int(res.get("CPU", 0) // need_cpu)
     if per.get("GPU", 0) > 0:
         fits = min(fits, int(res.get("GPU", 0) // (cfg.num_workers * per["GPU"])))
     if fits < 1:
@@ -367,10 +375,12 @@ def tune(config: SweepConfig | dict[str, Any] | str | None = None, overrides: li
     t0 = time.time()
     from ray import tune as rtune
 
-    from bge_ray.api import _publish_model, ensure_ray
+    from bge_ray.api import _publish_model, connect_ray
 
     base_cfg = sweep.base_config()
-    ensure_ray(base_cfg)
+    per_trial = _trial_cpus(base_cfg)
+    # a local cluster holds at least one trial: its workers, its data tasks, the trial function
+    connect_ray(base_cfg.ray_address, max(os.cpu_count() or 1, math.ceil(per_trial)))
     storage = base_cfg.storage_path or os.path.join(os.path.expanduser("~"), "ray_results")
     if "://" not in storage:
         storage = os.path.abspath(storage)
@@ -381,7 +391,7 @@ def tune(config: SweepConfig | dict[str, Any] | str | None = None, overrides: li
     train_values = {k: v for k, v in sweep.train.items() if k not in ("run_name", "storage_path", "output_dir")}
     trainable = rtune.with_parameters(_run_trial, base=train_values, runs_dir=runs_dir)
     # the trial function only launches the trainer; its workers hold the real resources
-    trainable = rtune.with_resources(trainable, {"CPU": 0.01})
+    trainable = rtune.with_resources(trainable, {"CPU": TRIAL_FN_CPUS})
     space = {n: d.tune_domain() for n, d in sweep.space.items()}
     _log(f"sweep {name}: {settings.num_samples} sample(s) of {', '.join(f'{n} {d.describe()}' for n, d in sweep.space.items())}"
          f"; {settings.search_alg} search, scheduler {settings.scheduler}, {concurrency} trial(s) at a time, "
