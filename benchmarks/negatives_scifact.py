@@ -39,8 +39,12 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = os.path.abspath(args.work)
     os.makedirs(work, exist_ok=True)
+    import ray
+
     import bge_ray
 
+    # one local cluster for mining and training: 2 training workers + their data tasks need 3 CPU slots
+    ray.init(num_cpus=max(3, os.cpu_count() or 1))
     pairs = os.path.join(work, "pairs.jsonl")
     with open(os.path.join(SCIFACT, "train_triplets.jsonl"), encoding="utf-8") as f, \
             open(pairs, "w", encoding="utf-8") as out:
