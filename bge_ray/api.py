@@ -191,7 +191,7 @@ def finetune(config: FinetuneConfig | dict[str, Any] | str, callbacks: list[Any]
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Queue
 
-    from bge_ray.data import build_train_dataset
+    from bge_ray.data import TrainedRows, build_train_dataset
     from bge_ray.deepspeed_config import build_deepspeed_config
     from bge_ray.train import MODEL_SUBDIR, TrainPlan, train_loop
 
@@ -202,7 +202,10 @@ def finetune(config: FinetuneConfig | dict[str, Any] | str, callbacks: list[Any]
         _log(f"validation: {len(vset.dataset.eval_queries)} queries, {len(vset.doc_ids)} documents "
              f"from {cfg.eval_data}; best model by {cfg.metric_for_best_model}")
     ensure_ray(cfg)
-    dataset, summary = build_train_dataset(cfg)
+    # both off the CPU budget and outside any enclosing placement group (a Tune trial's), so they fit anywhere
+    side_actor = {"num_cpus": 0, "scheduling_strategy": "DEFAULT"}
+    trained_rows = ray.remote(TrainedRows).options(**side_actor).remote()
+    dataset, summary = build_train_dataset(cfg, trained_rows)
     _log(f"training data: {summary.describe()}")
     plan = TrainPlan.make(cfg, summary.num_rows)
     ds_config = build_deepspeed_config(cfg, cfg.num_workers, plan.total_steps, plan.warmup_steps)
@@ -212,8 +215,7 @@ def finetune(config: FinetuneConfig | dict[str, Any] | str, callbacks: list[Any]
         f"ZeRO-{ds_config['zero_optimization'].get('stage', 0)}"
         f"{', bf16' if cfg.bf16 else ', fp16' if cfg.fp16 else ''}"
     )
-    # no CPU and outside any enclosing placement group (a Tune trial's), so it fits wherever it runs
-    progress = Queue(maxsize=10_000, actor_options={"num_cpus": 0, "scheduling_strategy": "DEFAULT"})
+    progress = Queue(maxsize=10_000, actor_options=side_actor)
     storage = cfg.storage_path or os.path.join(os.path.expanduser("~"), "ray_results")
     if "://" not in storage:
         storage = os.path.abspath(storage)
@@ -221,7 +223,7 @@ def finetune(config: FinetuneConfig | dict[str, Any] | str, callbacks: list[Any]
     trainer = TorchTrainer(
         train_loop_per_worker=train_loop,
         train_loop_config={"cfg": cfg.to_dict(), "plan": dataclasses.asdict(plan), "ds_config": ds_config,
-                           "progress": progress},
+                           "progress": progress, "trained_rows": trained_rows},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=cfg.worker_resources),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
@@ -249,6 +251,7 @@ def finetune(config: FinetuneConfig | dict[str, Any] | str, callbacks: list[Any]
         while not progress.empty():  # show what arrived after the printer's last look
             printer.show(progress.get_nowait())
         ray.kill(progress.actor)
+        ray.kill(trained_rows)
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint; see the run in {storage}/{run_name}")
     chosen, metrics = result.checkpoint, dict(result.metrics or {})

@@ -17,12 +17,13 @@ instruction for this row that overrides ``query_instruction_for_retrieval``).
 
 from __future__ import annotations
 
+import codecs
 import functools
 import glob
+import hashlib
 import json
 import math
 import random
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -40,6 +41,8 @@ TRIPLET_EXTENSIONS = ["jsonl", "json", "jsonl.gz", "json.gz"]
 _MAX_ERRORS_KEPT = 5
 _ROWS_PER_BLOCK = 512
 _READ_CHUNK = 1 << 20
+MAX_LINE_BYTES = 16 << 20  # one row; longer lines are reported, never read whole
+MAX_TEXTS_PER_ROW = 10_000
 DEFAULT_MAX_EXAMPLES = 100_000_000
 
 ROW_SCHEMA = pa.schema(
@@ -83,6 +86,8 @@ def _check_texts(row: dict, key: str, required: bool) -> str | None:
     value = row[key]
     if not isinstance(value, list):
         return f"'{key}' must be a list of strings, got {type(value).__name__}"
+    if len(value) > MAX_TEXTS_PER_ROW:
+        return f"'{key}' has {len(value)} passages, more than the {MAX_TEXTS_PER_ROW} one row may hold"
     if required and not value:
         return f"'{key}' is empty: each row needs at least one {key} passage"
     for i, text in enumerate(value):
@@ -141,25 +146,20 @@ def validate_row(obj: Any, rules: RowRules) -> str | None:
 
 
 def row_key(path: str, line: int) -> int:
-    """A stable id for a row, used to seed its per-epoch sampling."""
-    return zlib.crc32(f"{path}:{line}".encode())
+    """A stable 63-bit id for a row (its file and line): seeds its per-epoch sampling and marks it as
+    trained in a checkpoint, so a resumed epoch can leave it out."""
+    digest = hashlib.blake2b(f"{path}:{line}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
-def parse_line(raw: bytes, path: str, line: int, rules: RowRules) -> dict:
+def parse_line(raw: bytes | LineTooLong, path: str, line: int, rules: RowRules) -> dict:
     """Parse and validate one JSONL line into a row dict (``error`` set when the row is bad)."""
     source = f"{path}:{line}"
     out = {"query": None, "pos": [], "neg": [], "pos_scores": [], "neg_scores": [], "prompt": None,
            "source": source, "row_key": row_key(path, line), "error": None}
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        out["error"] = f"{source}: not valid UTF-8 ({e.reason} at byte {e.start})"
-        return out
-    try:
-        obj = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as e:
-        msg = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
-        out["error"] = f"{source}: not valid JSON ({msg})"
+    obj, err = decode_json_line(raw, source)
+    if err:
+        out["error"] = err
         return out
     err = validate_row(obj, rules)
     if err:
@@ -174,22 +174,76 @@ def parse_line(raw: bytes, path: str, line: int, rules: RowRules) -> dict:
     return out
 
 
-def iter_lines(f: Any) -> Iterator[tuple[int, bytes]]:
-    """Yield (1-based line number, bytes) for each non-blank line of a binary stream."""
-    buf = b""
+class LineTooLong:
+    """Stands in for a line longer than the reader keeps in memory (its bytes were not read into one buffer)."""
+
+    __slots__ = ("size",)
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+
+def iter_lines(f: Any, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, bytes | LineTooLong]]:
+    """Yield (1-based line number, bytes) for each non-blank line of a binary stream.
+
+    A line longer than ``max_line_bytes`` is never held whole: it is yielded as :class:`LineTooLong`
+    (its size) so the caller can report it, and reading goes on at the next line.
+    """
+    parts: list[bytes] = []  # the current line so far (dropped once it is too long)
+    size = 0
     line_no = 0
+
+    def finish() -> bytes | LineTooLong | None:
+        if size > max_line_bytes:
+            return LineTooLong(size)
+        raw = b"".join(parts)
+        return raw if raw.strip() else None
+
     while True:
         chunk = f.read(_READ_CHUNK)
         if not chunk:
             break
-        buf += chunk
-        *lines, buf = buf.split(b"\n")
-        for raw in lines:
+        pieces = chunk.split(b"\n")
+        for i, piece in enumerate(pieces):
+            size += len(piece)
+            if size <= max_line_bytes:
+                parts.append(piece)
+            else:
+                parts = []
+            if i == len(pieces) - 1:
+                break  # the line goes on in the next chunk
             line_no += 1
-            if raw.strip():
-                yield line_no, raw
-    if buf.strip():
-        yield line_no + 1, buf
+            line = finish()
+            if line is not None:
+                yield line_no, line
+            parts, size = [], 0
+    if size:
+        line = finish()
+        if line is not None:
+            yield line_no + 1, line
+
+
+def decode_json_line(raw: bytes | LineTooLong, where: str) -> tuple[Any, str | None]:
+    """``(object, None)`` for a line holding one JSON value, else ``(None, "where: why")``."""
+    if isinstance(raw, LineTooLong):
+        return None, (f"{where}: the line is {raw.size / 2 ** 20:.1f} MiB, over the "
+                      f"{MAX_LINE_BYTES / 2 ** 20:.0f} MiB limit for one row")
+    if raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8):]
+    elif raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return None, f"{where}: the file is UTF-16; save it as UTF-8"
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, f"{where}: not valid UTF-8 ({e.reason} at byte {e.start}); save the file as UTF-8"
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as e:
+        return None, f"{where}: not valid JSON ({e.msg} at column {e.colno})"
+    except RecursionError:
+        return None, f"{where}: not valid JSON (nested too deeply)"
+    except ValueError as e:  # e.g. an integer literal longer than Python converts
+        return None, f"{where}: not valid JSON ({e})"
 
 
 class TripletDatasource(FileBasedDatasource):
@@ -218,7 +272,7 @@ class TripletDatasource(FileBasedDatasource):
         n_good = 0
         for line_no, raw in iter_lines(f):
             row = parse_line(raw, path, line_no, self._rules)
-            if line_no == 1 and raw.lstrip().startswith(b"["):
+            if line_no == 1 and isinstance(raw, bytes) and raw.lstrip().startswith(b"["):
                 row["error"] = f"{path}:1: the file is a JSON array; bge-ray reads JSON Lines (one object per line)"
                 rows = [row]
                 break
@@ -409,8 +463,51 @@ def _drop_bad(batch: pa.Table) -> pa.Table:
     return batch.filter(pc.is_null(batch.column("error")))
 
 
-def build_train_dataset(cfg: FinetuneConfig) -> tuple[ray.data.Dataset, DataSummary]:
-    """Validate the training data (one streaming pass) and return the tokenized dataset and its summary."""
+class TrainedRows:
+    """A Ray actor holding the row keys the current epoch must leave out: the rows trained before the
+    checkpoint a run resumed from (empty otherwise). Workers set it at the start of each epoch."""
+
+    def __init__(self) -> None:
+        self.generation = 0
+        self.keys = np.empty(0, dtype=np.int64)
+
+    def set(self, keys: np.ndarray) -> int:
+        self.generation += 1
+        self.keys = np.unique(np.asarray(keys, dtype=np.int64))
+        return self.generation
+
+    def get(self, known_generation: int) -> tuple[int, np.ndarray | None]:
+        """The keys, or None when the caller already holds this generation."""
+        return self.generation, (None if known_generation == self.generation else self.keys)
+
+
+_TRAINED_CACHE: dict[str, tuple[int, np.ndarray]] = {}  # per process: actor id -> (generation, keys)
+
+
+def _usable_rows(batch: pa.Table, trained: Any = None) -> pa.Table:
+    """Drop bad rows (only there with skip_bad_rows) and rows this epoch already trained."""
+    batch = _drop_bad(batch)
+    if trained is None or batch.num_rows == 0:
+        return batch
+    import ray
+
+    cache_key = trained._actor_id.hex()
+    known, keys = _TRAINED_CACHE.get(cache_key, (-1, np.empty(0, dtype=np.int64)))
+    generation, fresh = ray.get(trained.get.remote(known))
+    if fresh is not None:
+        _TRAINED_CACHE[cache_key] = (generation, fresh)
+        keys = fresh
+    if len(keys) == 0:
+        return batch
+    keep = ~np.isin(batch.column("row_key").to_numpy(), keys)
+    return batch.filter(pa.array(keep))
+
+
+def build_train_dataset(cfg: FinetuneConfig, trained_rows: Any = None) -> tuple[ray.data.Dataset, DataSummary]:
+    """Validate the training data (one streaming pass) and return the tokenized dataset and its summary.
+
+    ``trained_rows``: a :class:`TrainedRows` actor; its keys are left out of every pass while set.
+    """
     import ray.data
 
     # The driver prints its own progress (loss, groups/s); Ray Data's bars would bury it.
@@ -419,7 +516,7 @@ def build_train_dataset(cfg: FinetuneConfig) -> tuple[ray.data.Dataset, DataSumm
     rows = read_triplets(cfg.train_data, rules, max_examples=cfg.max_example_num_per_dataset, seed=cfg.seed)
     summary = scan_triplets(rows, skip_bad_rows=cfg.skip_bad_rows)
     spec = TokenizeSpec.from_config(cfg)
-    ds = rows.map_batches(_drop_bad, batch_format="pyarrow").map_batches(
+    ds = rows.map_batches(_usable_rows, fn_kwargs={"trained": trained_rows}, batch_format="pyarrow").map_batches(
         tokenize_rows, fn_kwargs={"spec": spec}, batch_format="pyarrow", batch_size=256
     )
     return ds, summary

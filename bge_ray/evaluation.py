@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import torch
 
-from bge_ray.data import DataValidationError, JsonLinesDatasource, iter_lines, load_tokenizer
+from bge_ray.data import DataValidationError, JsonLinesDatasource, decode_json_line, iter_lines, load_tokenizer
 from bge_ray.metrics import DEFAULT_KS, evaluate_run
 
 CORPUS_SCHEMA = pa.schema([("_id", pa.string()), ("text", pa.string()), ("source", pa.string()),
@@ -69,10 +69,9 @@ def _load_queries(fs: pafs.FileSystem, path: str) -> dict[str, str]:
     queries: dict[str, str] = {}
     for n, raw in iter_lines(io.BytesIO(_read_text(fs, path).encode("utf-8"))):
         where = f"{path}:{n}"
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise DataValidationError(f"{where}: not valid JSON ({e.msg})") from None
+        obj, err = decode_json_line(raw, where)
+        if err:
+            raise DataValidationError(err)
         qid = obj.get("_id", obj.get("id")) if isinstance(obj, dict) else None
         if qid is None:
             raise DataValidationError(f"{where}: a query needs '_id' (or 'id')")
@@ -105,8 +104,10 @@ def _load_qrels_tsv(fs: pafs.FileSystem, path: str) -> dict[str, dict[str, int]]
 def _load_qrels_jsonl(fs: pafs.FileSystem, path: str) -> dict[str, dict[str, int]]:
     qrels: dict[str, dict[str, int]] = {}
     for n, raw in iter_lines(io.BytesIO(_read_text(fs, path).encode("utf-8"))):
+        obj, err = decode_json_line(raw, f"{path}:{n}")
+        if err:
+            raise DataValidationError(err)
         try:
-            obj = json.loads(raw)
             qrels.setdefault(str(obj["qid"]), {})[str(obj["docid"])] = int(obj["relevance"])
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):
             raise DataValidationError(f"{path}:{n}: expected {{\"qid\", \"docid\", \"relevance\"}}") from None
@@ -149,10 +150,8 @@ def load_dataset(path: str, split: str = "test") -> RetrievalDataset:
 def parse_corpus_line(raw: bytes, path: str, n: int) -> dict:
     where = f"{path}:{n}"
     row = {"_id": None, "text": None, "source": where, "error": None}
-    try:
-        obj = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        row["error"] = f"{where}: not valid JSON"
+    obj, row["error"] = decode_json_line(raw, where)
+    if row["error"]:
         return row
     did = obj.get("_id", obj.get("id")) if isinstance(obj, dict) else None
     if did is None:

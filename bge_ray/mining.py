@@ -44,6 +44,7 @@ from bge_ray.data import (
     JsonLinesDatasource,
     RowRules,
     _drop_bad,
+    decode_json_line,
     read_triplets,
     scan_triplets,
 )
@@ -242,13 +243,8 @@ def parse_pool_line(raw: bytes, path: str, n: int) -> dict:
     """A candidate-pool line: ``{"text": ...}`` (FlagEmbedding) or a BEIR document (title + text)."""
     where = f"{path}:{n}"
     row = {"text": None, "source": where, "error": None}
-    try:
-        obj = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        row["error"] = f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})"
-        return row
-    except (json.JSONDecodeError, RecursionError):
-        row["error"] = f"{where}: not valid JSON"
+    obj, row["error"] = decode_json_line(raw, where)
+    if row["error"]:
         return row
     if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
         row["error"] = f"{where}: a candidate needs a string 'text'"

@@ -17,11 +17,21 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import ray.train
 import torch
 import torch.distributed as dist
 from ray.train import Checkpoint
 
+from bge_ray.checkpointing import (
+    STATE_FILE,
+    CheckpointError,
+    checkpoint_name,
+    load_trained_rows,
+    pick_resume_checkpoint,
+    trained_rows_name,
+    write_manifest,
+)
 from bge_ray.config import FinetuneConfig
 from bge_ray.data import GroupCollator, load_tokenizer
 from bge_ray.evaluation import EncoderSpec, load_validation_set, validate
@@ -29,7 +39,6 @@ from bge_ray.loss import contrastive_loss
 from bge_ray.modeling import Embedder
 from bge_ray.optim import build_optimizer, linear_schedule
 
-STATE_FILE = "trainer_state.json"
 DS_TAG = "deepspeed"
 MODEL_SUBDIR = "model"
 
@@ -110,22 +119,61 @@ def _new_window() -> dict[str, float]:
     return {"loss": 0.0, "micro": 0, "groups": 0, "tokens": 0, "wait": 0.0, "t0": time.perf_counter()}
 
 
-def _save_checkpoint(engine: Any, state: dict, metrics: dict, export: tuple | None = None) -> None:
-    """Every worker writes its DeepSpeed shards into a local dir; Ray merges them in storage."""
-    rank, _ = _world()
+def _save_checkpoint(engine: Any, state: dict, metrics: dict, rows: list[np.ndarray], tag: str | None,
+                     export: tuple | None = None) -> None:
+    """Every worker writes its DeepSpeed shards, the rows it trained this epoch and, last, a manifest of
+    its files into a local dir; Ray uploads each worker's dir into one checkpoint in storage and
+    registers it only once all have arrived."""
+    rank, world = _world()
+    state = dict(state, world_size=world)
     ckpt_dir = tempfile.mkdtemp(prefix="bge_ray_ckpt_")
     try:
         engine.save_checkpoint(ckpt_dir, tag=DS_TAG, client_state={"bge_ray": state})
         if export is not None:
             export_fn = export[0]
             export_fn(os.path.join(ckpt_dir, MODEL_SUBDIR))
+        keys = np.concatenate(rows) if rows else np.empty(0, dtype=np.int64)
+        np.save(os.path.join(ckpt_dir, trained_rows_name(rank)), keys.astype(np.int64))
         if rank == 0:
             with open(os.path.join(ckpt_dir, STATE_FILE), "w", encoding="utf-8") as f:
                 json.dump(state, f)
+        write_manifest(ckpt_dir, rank)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(ckpt_dir),
-                         checkpoint_dir_name=f"checkpoint_step_{state['global_step']:08d}")
+                         checkpoint_dir_name=checkpoint_name(state["global_step"], tag))
     finally:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+
+def _broadcast(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _choose_checkpoint(latest: Checkpoint) -> tuple[Checkpoint, str | None]:
+    """The newest intact checkpoint (rank 0 checks the manifests, every rank gets its answer).
+
+    After falling back past a damaged checkpoint, new checkpoints get a tag so that they never land in
+    the damaged one's directory when they reach its step."""
+    rank, _ = _world()
+    answer: tuple[str, str | None, list[str]] | str = ""
+    if rank == 0:
+        try:
+            path, skipped = pick_resume_checkpoint(latest.filesystem, latest.path)
+            answer = (path, time.strftime("r%Y%m%d%H%M%S") if skipped else None, skipped)
+        except CheckpointError as e:
+            answer = str(e)
+    answer = _broadcast(answer)
+    if isinstance(answer, str):
+        raise CheckpointError(answer)
+    path, tag, skipped = answer
+    if rank == 0:
+        for reason in skipped:
+            print(f"[bge-ray] checkpoint {reason}: passed over", flush=True)
+    return Checkpoint(path, filesystem=latest.filesystem), tag
 
 
 def _consolidated_state_dict(engine: Any, zero_stage: int) -> dict | None:
@@ -150,6 +198,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     cfg = FinetuneConfig(**loop_config["cfg"])
     plan = TrainPlan(**loop_config["plan"])
     progress = loop_config.get("progress")
+    trained_rows = loop_config.get("trained_rows")  # TrainedRows actor: the rows a resumed epoch leaves out
     t_start = time.time()
     rank, world = _world()
     ctx = ray.train.get_context()
@@ -194,17 +243,39 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     engine.train()
 
     # --- resume ---
+    # A worker group restarted after a failure, or a rerun of the same run, continues from the newest
+    # intact checkpoint: same step, optimizer, scheduler and RNG-free data position. Mid-epoch, the
+    # rows trained before the checkpoint are left out of the rest of that epoch (exactly: Ray Data's
+    # equal split then gives each worker the micro-batches it has left).
     global_step, start_epoch, skip_micro = 0, 0, 0
+    epoch_rows: list[np.ndarray] = []  # row keys this worker trained in the current epoch
+    resumed_rows = np.empty(0, dtype=np.int64)  # every worker's, for the resumed epoch's filter
+    tag = None
+    resumed_at = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
+        checkpoint, tag = _choose_checkpoint(checkpoint)
         with checkpoint.as_directory() as ckpt_dir:
+            with open(os.path.join(ckpt_dir, STATE_FILE), encoding="utf-8") as f:
+                saved_world = json.load(f)["world_size"]
+            if saved_world != world:
+                raise CheckpointError(
+                    f"{checkpoint.path} was written by {saved_world} workers; this run has {world}. "
+                    f"Resume with num_workers: {saved_world}, or start over with resume: never"
+                )
             _, client = engine.load_checkpoint(ckpt_dir, tag=DS_TAG)
             state = client["bge_ray"]
-        global_step = int(state["global_step"])
-        start_epoch = global_step // plan.steps_per_epoch
-        skip_micro = (global_step % plan.steps_per_epoch) * cfg.gradient_accumulation_steps
+            global_step = int(state["global_step"])
+            start_epoch = global_step // plan.steps_per_epoch
+            skip_micro = (global_step % plan.steps_per_epoch) * cfg.gradient_accumulation_steps
+            if skip_micro:
+                epoch_rows = [load_trained_rows(ckpt_dir, rank)]
+                if rank == 0:
+                    resumed_rows = np.concatenate([load_trained_rows(ckpt_dir, r) for r in range(world)])
+        resumed_at = global_step
         if rank == 0:
-            print(f"[bge-ray] resumed from {checkpoint.path} at step {global_step}", flush=True)
+            print(f"[bge-ray] resumed from {checkpoint.path} at step {global_step}"
+                  + (f" ({skip_micro} micro-batches into epoch {start_epoch})" if skip_micro else ""), flush=True)
 
     def export(out_dir: str) -> None:
         sd = _consolidated_state_dict(engine, zero_stage)
@@ -247,15 +318,25 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, plan.num_epochs):
         if done:
             break
+        resumed_epoch = epoch == start_epoch and skip_micro > 0
+        if not resumed_epoch:
+            epoch_rows = []
+        if trained_rows is not None:
+            # the data pipeline leaves out what this epoch already trained (nothing, unless resumed)
+            if rank == 0:
+                ray.get(trained_rows.set.remote(resumed_rows if resumed_epoch else np.empty(0, dtype=np.int64)))
+            if dist.is_available() and dist.is_initialized():
+                dist.barrier()
+        first_micro = skip_micro if resumed_epoch else 0
         buffer = max(cfg.shuffle_buffer_size, cfg.per_device_train_batch_size) if cfg.shuffle_buffer_size else None
         batches = iter(shard.iter_batches(
             batch_size=cfg.per_device_train_batch_size, batch_format="numpy", drop_last=True,
             local_shuffle_buffer_size=buffer, local_shuffle_seed=cfg.seed * 7919 + epoch * 104729 + rank if buffer else None,
             prefetch_batches=2,
         ))
-        for micro, (raw, waited) in enumerate(_batches_in_lockstep(batches, plan.micro_batches_per_epoch, device)):
-            if epoch == start_epoch and micro < skip_micro:
-                continue
+        lockstep = _batches_in_lockstep(batches, plan.micro_batches_per_epoch - first_micro, device)
+        for micro, (raw, waited) in enumerate(lockstep, start=first_micro):
+            epoch_rows.append(np.asarray(raw["row_key"], dtype=np.int64))
             batch = collate(raw, epoch)
             inputs = {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
             q, p = engine(inputs["q_input_ids"], inputs["q_attention_mask"],
@@ -302,15 +383,19 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             if vset is not None and global_step % eval_steps == 0:
                 # with eval_data every checkpoint carries its metrics and its model, so the best can be exported
                 _save_checkpoint(engine, {"global_step": global_step, "epoch": epoch},
-                                 dict(last_metrics, step=global_step, **run_eval(global_step)), export=(export,))
+                                 dict(last_metrics, step=global_step, **run_eval(global_step)), epoch_rows, tag,
+                                 export=(export,))
             elif vset is None and global_step % cfg.save_steps == 0:
-                _save_checkpoint(engine, {"global_step": global_step, "epoch": epoch}, dict(last_metrics, step=global_step))
+                _save_checkpoint(engine, {"global_step": global_step, "epoch": epoch},
+                                 dict(last_metrics, step=global_step), epoch_rows, tag)
     # --- final checkpoint with the exported model ---
     loss_sum, micro_n = _all_reduce([totals["loss"], totals["micro"]])
     (peak,) = _all_reduce([_peak_rss_gib()], op=dist.ReduceOp.MAX if dist.is_initialized() else None)
     final = dict(last_metrics, step=global_step, train_loss=loss_sum / max(1, micro_n),
                  peak_rss_gib_per_worker=peak, train_runtime_s=time.time() - t_start, world_size=world,
+                 resumed_at_step=resumed_at,
                  worker_rank=ctx.get_world_rank())
     if vset is not None:
         final.update(run_eval(global_step))
-    _save_checkpoint(engine, {"global_step": global_step, "epoch": plan.num_epochs, "final": True}, final, export=(export,))
+    _save_checkpoint(engine, {"global_step": global_step, "epoch": plan.num_epochs, "final": True}, final,
+                     epoch_rows, tag, export=(export,))

@@ -1,0 +1,224 @@
+"""Faults on the real cluster: a SIGKILLed worker, a SIGKILLed driver, a damaged checkpoint."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import psutil
+import pytest
+
+import bge_ray
+from bge_ray.checkpointing import CheckpointError, pick_resume_checkpoint, verify, write_manifest
+from bge_ray.data import row_key
+from tests.helpers import REPO, SHARED_DATA
+
+SCIFACT_TRAIN = os.path.join(SHARED_DATA, "scifact", "train_triplets.jsonl")
+
+
+def _rows_file(path, n):
+    with open(SCIFACT_TRAIN, encoding="utf-8") as f, open(path, "w", encoding="utf-8") as out:
+        for _, line in zip(range(n), f, strict=False):
+            out.write(line)
+    return str(path)
+
+
+def _finished_checkpoints(run_dir):
+    """Checkpoint dirs every rank has finished writing (both manifests there), oldest first."""
+    return sorted(d for d in glob.glob(os.path.join(run_dir, "checkpoint_step_*"))
+                  if os.path.exists(os.path.join(d, "manifest_rank0.json"))
+                  and os.path.exists(os.path.join(d, "manifest_rank1.json")))
+
+
+def _registered(run_dir):
+    """Ray Train's own record of the run's checkpoints (its snapshot): their dir names, oldest first."""
+    try:
+        with open(os.path.join(run_dir, "checkpoint_manager_snapshot.json")) as f:
+            snap = json.load(f)
+    except (FileNotFoundError, ValueError):  # not written yet, or caught mid-write
+        return []
+    names = sorted(r["checkpoint_dir_name"] for r in snap["checkpoint_results"])
+    latest = (snap.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+    return names if latest == (names[-1] if names else None) else []
+
+
+def _wait_for(predicate, timeout, what):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def _train_workers():
+    """The live Ray Train worker processes, from Ray's state API."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    return [psutil.Process(a.pid) for a in actors]
+
+
+def _config(tiny_model, tmp_path, rows, **extra):
+    return {
+        "model_name_or_path": tiny_model, "train_data": [_rows_file(tmp_path / "rows.jsonl", rows)],
+        "output_dir": str(tmp_path / "model"), "storage_path": str(tmp_path / "storage"), "run_name": "faulty",
+        "num_workers": 2, "deepspeed": "zero2", "per_device_train_batch_size": 4, "train_group_size": 1,
+        "query_max_len": 32, "passage_max_len": 96, "sentence_pooling_method": "mean", "temperature": 0.05,
+        "learning_rate": 1e-3, "num_train_epochs": 1, "logging_steps": 5, "seed": 7, **extra,
+    }
+
+
+def test_killed_worker_resumes_same_step_and_trains_each_row_once(ray_cluster, tiny_model, tmp_path):
+    cfg = _config(tiny_model, tmp_path, rows=400, save_steps=5, max_failures=1)
+    run_dir = os.path.join(cfg["storage_path"], "faulty")
+    box = {}
+
+    def run():
+        try:
+            box["result"] = bge_ray.finetune(cfg)
+        except BaseException as e:  # handed to the test thread, which re-raises it
+            box["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    _wait_for(lambda: _registered(run_dir) or "error" in box, 300, "the first checkpoint")
+    assert "error" not in box, box.get("error")
+    victims = _train_workers()
+    assert len(victims) == 2
+    killed = victims[-1]
+    killed.send_signal(signal.SIGKILL)
+    thread.join(timeout=600)
+    assert not thread.is_alive(), "the run did not finish after a worker was killed"
+    if "error" in box:
+        raise box["error"]
+    result = box["result"]
+    assert not killed.is_running()
+    # 400 rows / (2 workers x 4) = 50 steps in the one epoch, resumed from a checkpoint, not from zero
+    assert result.metrics["step"] == result.metrics["total_steps"] == 50
+    resumed = result.metrics["resumed_at_step"]
+    assert resumed > 0 and resumed % 5 == 0
+    assert os.path.exists(os.path.join(result.model_dir, "model.safetensors"))
+    # the final checkpoint lists the rows each worker trained this epoch, across the restart:
+    # every row exactly once (the resumed epoch left out what was trained before the checkpoint)
+    final = _finished_checkpoints(run_dir)[-1]
+    assert final.endswith("checkpoint_step_00000050")
+    keys = np.concatenate([np.load(os.path.join(final, f"trained_rows_rank{r}.npy")) for r in range(2)])
+    expected = {row_key(cfg["train_data"][0], line) for line in range(1, 401)}
+    assert len(keys) == 400 and set(keys.tolist()) == expected
+
+
+def test_killed_driver_rerun_resumes_past_a_damaged_checkpoint(ray_cluster, tiny_model, tmp_path):
+    import yaml
+
+    cfg = _config(tiny_model, tmp_path, rows=400, save_steps=5, save_total_limit=3)
+    config_path = tmp_path / "train.yaml"
+    config_path.write_text(yaml.safe_dump(cfg))
+    run_dir = os.path.join(cfg["storage_path"], "faulty")
+    cmd = [sys.executable, "-m", "bge_ray.cli", "train", "--config", str(config_path)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=REPO)
+    with open(tmp_path / "first.log", "w") as log:
+        driver = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        try:
+            _wait_for(lambda: len(_registered(run_dir)) >= 2 or driver.poll() is not None, 300, "two checkpoints")
+        finally:
+            driver.kill()  # SIGKILL: no cleanup, the run is left as a crash leaves it
+            driver.wait()
+    assert driver.returncode == -signal.SIGKILL, (tmp_path / "first.log").read_text()[-3000:]
+    registered = _registered(run_dir)
+    assert not any(json.load(open(os.path.join(run_dir, d, "trainer_state.json"))).get("final") for d in registered)
+    # damage the checkpoint Ray would resume from, the way a cut-off copy would: a DeepSpeed shard loses its tail
+    newest, before = (os.path.join(run_dir, d) for d in registered[-1:-3:-1])
+    shard = max(glob.glob(os.path.join(newest, "deepspeed", "*")), key=os.path.getsize)
+    with open(shard, "r+b") as f:
+        f.truncate(os.path.getsize(shard) // 2)
+    assert "bytes" in verify(_local_fs(), newest)
+    rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
+    out = rerun.stdout + rerun.stderr
+    assert rerun.returncode == 0, out[-4000:]
+    assert "resuming the unfinished run" in out
+    assert f"{os.path.basename(newest)}: deepspeed/{os.path.basename(shard)} has" in out
+    step_before = int(os.path.basename(before).split("_")[-1])
+    assert f"resumed from {before} at step {step_before}" in out
+    with open(os.path.join(_finished_checkpoints(run_dir)[-1], "trainer_state.json")) as f:
+        state = json.load(f)
+    assert state["final"] and state["global_step"] == 50
+    assert os.path.exists(os.path.join(cfg["output_dir"], "model.safetensors"))
+
+
+def _local_fs():
+    import pyarrow.fs as pafs
+
+    return pafs.LocalFileSystem()
+
+
+def _fake_checkpoint(run_dir, step, world=2):
+    path = os.path.join(run_dir, f"checkpoint_step_{step:08d}")
+    for rank in range(world):
+        local = os.path.join(path, "deepspeed")
+        os.makedirs(local, exist_ok=True)
+        with open(os.path.join(local, f"shard_rank{rank}.pt"), "wb") as f:
+            f.write(os.urandom(4096))
+    with open(os.path.join(path, "trainer_state.json"), "w") as f:
+        json.dump({"global_step": step, "world_size": world}, f)
+    return path
+
+
+def _manifest(path, rank, files):
+    import hashlib
+
+    entries = {}
+    for rel in files:
+        data = open(os.path.join(path, rel), "rb").read()
+        entries[rel] = [len(data), hashlib.sha256(data).hexdigest()]
+    with open(os.path.join(path, f"manifest_rank{rank}.json"), "w") as f:
+        json.dump({"rank": rank, "files": entries}, f)
+
+
+def test_resume_choice_passes_over_damaged_checkpoints_and_fails_when_none_is_whole(tmp_path):
+    run_dir = str(tmp_path)
+    paths = {}
+    for step in (5, 10, 15):
+        path = _fake_checkpoint(run_dir, step)
+        _manifest(path, 0, ["deepspeed/shard_rank0.pt", "trainer_state.json"])
+        _manifest(path, 1, ["deepspeed/shard_rank1.pt"])
+        paths[step] = path
+    fs = _local_fs()
+    assert pick_resume_checkpoint(fs, paths[15]) == (paths[15], [])
+    # rank 1 died before finishing step 15 (no manifest); a bit flip in step 10
+    os.remove(os.path.join(paths[15], "manifest_rank1.json"))
+    with open(os.path.join(paths[10], "deepspeed", "shard_rank0.pt"), "r+b") as f:
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 1]))
+    chosen, skipped = pick_resume_checkpoint(fs, paths[15])
+    assert chosen == paths[5]
+    assert skipped == ["checkpoint_step_00000015: rank 1 never finished writing it (manifest_rank1.json is missing)",
+                       "checkpoint_step_00000010: deepspeed/shard_rank0.pt does not match its checksum"]
+    # a newer checkpoint than the one Ray hands over is never picked (it was not registered)
+    assert pick_resume_checkpoint(fs, paths[5])[0] == paths[5]
+    os.remove(os.path.join(paths[5], "deepspeed", "shard_rank1.pt"))
+    with pytest.raises(CheckpointError, match=r"no intact checkpoint to resume from: .*shard_rank1.pt is missing"):
+        pick_resume_checkpoint(fs, paths[15])
+
+
+def test_manifest_lists_every_file_with_its_size_and_hash(tmp_path):
+    (tmp_path / "deepspeed").mkdir()
+    (tmp_path / "deepspeed" / "a.pt").write_bytes(b"x" * 10)
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"global_step": 1, "world_size": 1}))
+    write_manifest(str(tmp_path), 0)
+    manifest = json.loads((tmp_path / "manifest_rank0.json").read_text())
+    assert sorted(manifest["files"]) == ["deepspeed/a.pt", "trainer_state.json"]
+    assert manifest["files"]["deepspeed/a.pt"][0] == 10
+    assert verify(_local_fs(), str(tmp_path)) is None
+    (tmp_path / "deepspeed" / "a.pt").write_bytes(b"x" * 11)
+    assert verify(_local_fs(), str(tmp_path)) == "deepspeed/a.pt has 11 bytes, 10 were written"
