@@ -13,6 +13,7 @@ import difflib
 import functools
 import glob
 import json
+import math
 import os
 import types
 import typing
@@ -210,7 +211,11 @@ def coerce(name: str, value: Any, cls: type | None = None) -> Any:
         if base is float:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                want = "a finite number"
+                raise ValueError
+            return number
         if base is str:
             if isinstance(value, (dict, list, bool)):
                 raise ValueError
@@ -226,12 +231,13 @@ def coerce(name: str, value: Any, cls: type | None = None) -> Any:
             if isinstance(value, str):
                 value = json.loads(value)
             if not isinstance(value, dict) or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value.values()
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value.values()
             ):
                 raise ValueError
             return {str(k): float(v) for k, v in value.items()}
-    except (ValueError, TypeError, json.JSONDecodeError):
-        raise ConfigError(f"{name} must be {want}, got {value!r}") from None
+    except (ValueError, TypeError, OverflowError, json.JSONDecodeError):
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+        raise ConfigError(f"{name} must be {want}, got {shown}") from None
     raise ConfigError(f"{name}: unsupported field type {hint}")
 
 

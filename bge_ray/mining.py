@@ -135,11 +135,11 @@ class _RowJobConfig:
     overwrite: bool = False
     ray_address: str | None = None
 
-    def _validate_common(self, batch_size: int, extra_inputs: list[str]) -> None:
+    def _validate_common(self, batch_field: str, extra_inputs: list[str]) -> None:
         _check_inputs(self.input_file, "input_file")
         _check_output(self.output_dir, self.overwrite, self.input_file + extra_inputs)
         _check_encoder(self.pooling_method, self.embedder_query_max_length, self.embedder_passage_max_length,
-                       batch_size, self.concurrency)
+                       batch_field, getattr(self, batch_field), self.concurrency)
         _check_format("query_instruction_format_for_retrieval", self.query_instruction_format_for_retrieval)
 
     def _encoder_spec(self, model: str, batch_size: int, passage_instruction: str | None = None) -> Any:
@@ -176,7 +176,7 @@ class MineConfig(_RowJobConfig):
 
         if self.candidate_pool is not None:
             _check_inputs(self.candidate_pool, "candidate_pool")
-        self._validate_common(self.embedder_batch_size, self.candidate_pool or [])
+        self._validate_common("embedder_batch_size", self.candidate_pool or [])
         _parse_range(self.range_for_sampling)
         if self.negative_number < 1:
             raise ConfigError(f"negative_number must be >= 1, got {self.negative_number}")
@@ -203,16 +203,21 @@ class ScoreConfig(_RowJobConfig):
     query_instruction_for_rerank: str | None = None
     passage_instruction_for_rerank: str | None = None
     batch_size: int = 64
+    # a bi-encoder's similarities become logits on the student's scale (similarity / temperature), as a
+    # reranker's already are; distillation's softmax over raw cosines (all within ~0.3) is near uniform
+    teacher_temperature: float = 0.02
 
     def validate(self) -> None:
         from bge_ray.config import resolve_model_path
 
-        self._validate_common(self.batch_size, [])
+        self._validate_common("batch_size", [])
         if (self.reranker_name_or_path is None) == (self.embedder_name_or_path is None):
             raise ConfigError("give exactly one teacher: reranker_name_or_path (a cross-encoder) "
                               "or embedder_name_or_path (a bi-encoder)")
         if self.reranker_max_length < 4:
             raise ConfigError(f"reranker_max_length must be >= 4, got {self.reranker_max_length}")
+        if not self.teacher_temperature > 0:
+            raise ConfigError(f"teacher_temperature must be > 0, got {self.teacher_temperature}")
         for name in ("reranker_name_or_path", "embedder_name_or_path"):
             if getattr(self, name):
                 setattr(self, name, resolve_model_path(getattr(self, name)))
@@ -222,14 +227,15 @@ class ScoreConfig(_RowJobConfig):
         return self.reranker_name_or_path or self.embedder_name_or_path or ""
 
 
-def _check_encoder(pooling: str | None, qlen: int, plen: int, batch: int, concurrency: int | None) -> None:
+def _check_encoder(pooling: str | None, qlen: int, plen: int, batch_field: str, batch: int,
+                   concurrency: int | None) -> None:
     if pooling is not None and pooling not in POOLING_METHODS:
         raise ConfigError(f"pooling_method must be one of {', '.join(POOLING_METHODS)} or unset (the model's own), "
                           f"got {pooling!r}")
     if min(qlen, plen) < 2:
         raise ConfigError("embedder_query_max_length and embedder_passage_max_length must be >= 2")
     if batch < 1:
-        raise ConfigError(f"the batch size must be >= 1, got {batch}")
+        raise ConfigError(f"{batch_field} must be >= 1, got {batch}")
     if concurrency is not None and concurrency < 1:
         raise ConfigError(f"concurrency must be >= 1 or unset, got {concurrency}")
 
@@ -623,7 +629,8 @@ class Scorer:
         else:
             q_emb = self.encoder.embed([r["query"] for r in rows], "query", [r.get("prompt") for r in rows])
             p_emb = self.encoder.embed(passages, "passage")
-            scores = np.einsum("ij,ij->i", q_emb[owners], p_emb).astype(np.float64)
+            sims = np.einsum("ij,ij->i", q_emb[owners], p_emb).astype(np.float64)
+            scores = sims / self.cfg.teacher_temperature
         pos_scores, neg_scores, at = [], [], 0
         for r in rows:
             n_pos, n_neg = len(r["pos"]), len(r["neg"])
