@@ -56,12 +56,43 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None
     ray.init(num_cpus=num_cpus, runtime_env=env, log_to_driver=True)
 
 
+def _started_here() -> bool:
+    """Whether this process started the Ray it is connected to (a local cluster, which never grows)."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    return bool(node is not None and node.head)
+
+
 def ensure_ray(cfg: FinetuneConfig) -> None:
     """Connect for a fine-tune; a local cluster is sized for the training workers plus room for the
-    Ray Data tasks that feed them, even on a machine with fewer cores than workers (CPU slots are logical)."""
+    Ray Data tasks that feed them, even on a machine with fewer cores than workers (CPU slots are logical).
+
+    A local Ray this process started earlier (``ray.init()``, or ``bge_ray.mine()`` before a
+    fine-tune) that is too small is an error here: Ray Train would wait forever for workers that
+    cannot be placed. A joined cluster that is too small may be waiting for its autoscaler; that
+    gets a warning."""
+    import ray
+
     per_worker = cfg.worker_resources.get("CPU", 1)
-    num_cpus = max(os.cpu_count() or 1, int(math.ceil(cfg.num_workers * per_worker)) + 1)
-    connect_ray(cfg.ray_address, num_cpus)
+    need_cpus = int(math.ceil(cfg.num_workers * per_worker)) + 1
+    need_gpus = cfg.num_workers * cfg.worker_resources.get("GPU", 0)
+    already = ray.is_initialized()
+    connect_ray(cfg.ray_address, max(os.cpu_count() or 1, need_cpus))
+    have = ray.cluster_resources()
+    short = [f"{need:g} {kind} ({have.get(kind, 0):g} there)" for kind, need in (("CPU", need_cpus), ("GPU", need_gpus))
+             if need and have.get(kind, 0) < need]
+    if not short:
+        return
+    what = (f"{cfg.num_workers} workers x {cfg.worker_resources} and 1 CPU for the data pipeline need "
+            + " and ".join(short))
+    if already and _started_here():
+        from bge_ray.config import ConfigError
+
+        raise ConfigError(f"this process already runs a local Ray that is too small: {what}. Start it big enough "
+                          f"first (ray.init(num_cpus={need_cpus})), or lower num_workers / resources_per_worker")
+    _log(f"warning: the Ray cluster has too few resources now: {what}; the run waits until nodes join "
+         "(an autoscaling cluster adds them; a fixed one never will)")
 
 
 class _ProgressPrinter(threading.Thread):

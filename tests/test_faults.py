@@ -222,3 +222,24 @@ def test_manifest_lists_every_file_with_its_size_and_hash(tmp_path):
     assert verify(_local_fs(), str(tmp_path)) is None
     (tmp_path / "deepspeed" / "a.pt").write_bytes(b"x" * 11)
     assert verify(_local_fs(), str(tmp_path)) == "deepspeed/a.pt has 11 bytes, 10 were written"
+
+
+def test_a_too_small_local_ray_is_an_error_not_a_wait(tiny_model, tmp_path):
+    """A process that started a 2-CPU Ray (as mine() does on 2 cores) then fine-tunes 2 workers: Ray
+    Train would wait forever for the data pipeline's CPU; bge-ray refuses before launching."""
+    cfg = _config(tiny_model, tmp_path, rows=16)
+    script = (
+        "import json, sys, ray, bge_ray\n"
+        "ray.init(num_cpus=2, include_dashboard=False)\n"
+        "try:\n"
+        f"    bge_ray.finetune(json.loads({json.dumps(json.dumps(cfg))}))\n"
+        "except bge_ray.ConfigError as e:\n"
+        "    print('REFUSED', e)\n"
+        "    sys.exit(3)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=REPO,
+                         timeout=300)
+    assert out.returncode == 3, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "REFUSED this process already runs a local Ray that is too small" in out.stdout
+    assert "need 3 CPU (2 there)" in out.stdout
