@@ -92,7 +92,7 @@ def main() -> int:
     for name, extra in variants.items():
         if name not in args.variants:
             continue
-        out = os.path.join(work, f"{name}-{stamp}")
+        out = os.path.join(work, "models", f"{name}-{stamp}")  # never the mined-<stamp> data dir
         res = bge_ray.finetune({**common, **extra, "output_dir": out, "run_name": f"{name}-{stamp}"})
         runs[name] = {"model_dir": res.model_dir, "heldout_ndcg@10": res.metrics.get("eval_ndcg@10"),
                       "heldout_zero_shot_ndcg@10": res.metrics.get("zero_shot_ndcg@10"),

@@ -223,7 +223,7 @@ def finetune(config: FinetuneConfig | dict[str, Any] | str, callbacks: list[Any]
     from ray.util.queue import Queue
 
     from bge_ray.data import TrainedRows, build_train_dataset
-    from bge_ray.deepspeed_config import build_deepspeed_config
+    from bge_ray.deepspeed_config import build_deepspeed_config, model_sizes
     from bge_ray.train import MODEL_SUBDIR, TrainPlan, train_loop
 
     if cfg.eval_data:
@@ -239,7 +239,9 @@ def finetune(config: FinetuneConfig | dict[str, Any] | str, callbacks: list[Any]
     dataset, summary = build_train_dataset(cfg, trained_rows)
     _log(f"training data: {summary.describe()}")
     plan = TrainPlan.make(cfg, summary.num_rows)
-    ds_config = build_deepspeed_config(cfg, cfg.num_workers, plan.total_steps, plan.warmup_steps)
+    hidden_size, num_params = model_sizes(cfg)
+    ds_config = build_deepspeed_config(cfg, cfg.num_workers, plan.total_steps, plan.warmup_steps,
+                                       hidden_size=hidden_size, num_params=num_params)
     _log(
         f"plan: {plan.total_steps} optimizer steps ({plan.steps_per_epoch}/epoch, {plan.num_epochs} epoch(s)) on "
         f"{cfg.num_workers} worker(s) x batch {cfg.per_device_train_batch_size} x group {cfg.train_group_size}, "

@@ -98,6 +98,9 @@ class FinetuneConfig:
     fp16: bool = False
     bf16: bool = False
     gradient_checkpointing: bool = False
+    # dropout on the attention probabilities; None keeps the model's own (BERT: 0.1). 0 lets SDPA use
+    # its fused kernels (on CPU, attention forward+backward ~5x faster than with dropout)
+    attention_dropout: float | None = None
     deepspeed: str | None = None
     seed: int = 42
     logging_steps: int = 500
@@ -451,6 +454,8 @@ def validate(cfg: FinetuneConfig) -> None:
             raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
     if not 0 <= cfg.warmup_ratio < 1:
         raise ConfigError(f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
+    if cfg.attention_dropout is not None and not 0 <= cfg.attention_dropout < 1:
+        raise ConfigError(f"attention_dropout must be in [0, 1) or unset, got {cfg.attention_dropout}")
     if cfg.warmup_steps < 0:
         raise ConfigError(f"warmup_steps must be >= 0, got {cfg.warmup_steps}")
     if cfg.weight_decay < 0 or cfg.max_grad_norm < 0:

@@ -10,6 +10,7 @@ from typing import Any
 from bge_ray.config import ZERO_SHORTHANDS, ConfigError, FinetuneConfig
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "deepspeed_configs")
+BUCKET_CAP = int(5e8)  # DeepSpeed's own default bucket size, in elements
 
 
 def load_base_config(deepspeed: str | None) -> dict[str, Any]:
@@ -37,9 +38,25 @@ def _fill(section: dict[str, Any], key: str, value: Any, where: str) -> None:
         )
 
 
+def model_sizes(cfg: FinetuneConfig) -> tuple[int | None, int]:
+    """(hidden size, parameter count) of the model to train, from its config alone (built on the meta
+    device: no weights read, no memory)."""
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(cfg.model_name_or_path, cache_dir=cfg.cache_dir,
+                                        trust_remote_code=cfg.trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModel.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    hidden = getattr(config, "hidden_size", None)
+    return (int(hidden) if hidden else None), sum(p.numel() for p in model.parameters())
+
+
 def build_deepspeed_config(cfg: FinetuneConfig, world_size: int, total_steps: int = 1,
-                           warmup_steps: int = 0, hidden_size: int | None = None) -> dict[str, Any]:
-    """The DeepSpeed config dict for this run, every ``auto`` resolved."""
+                           warmup_steps: int = 0, hidden_size: int | None = None,
+                           num_params: int | None = None) -> dict[str, Any]:
+    """The DeepSpeed config dict for this run, every ``auto`` resolved (bucket sizes from the model's
+    ``hidden_size`` and ``num_params`` where given)."""
     ds = copy.deepcopy(load_base_config(cfg.deepspeed))
     _fill(ds, "train_micro_batch_size_per_gpu", cfg.per_device_train_batch_size, "")
     _fill(ds, "gradient_accumulation_steps", cfg.gradient_accumulation_steps, "")
@@ -52,16 +69,23 @@ def build_deepspeed_config(cfg: FinetuneConfig, world_size: int, total_steps: in
         elif bool(section["enabled"]) != enabled:
             raise ConfigError(f"deepspeed config has {name}.enabled={section['enabled']} but the bge-ray config has {name}: {enabled}")
     zero = ds.setdefault("zero_optimization", {"stage": 0})
-    if hidden_size:
+    if int(zero.get("stage", 0)) < 3:
+        # one bucket never larger than the whole model: DeepSpeed's 5e8-element default allocates
+        # 2 GB fp32 buffers per bucket, sized for billion-parameter models (22M MiniLM: 90 MB)
+        bucket = min(BUCKET_CAP, num_params) if num_params else BUCKET_CAP
+        for key in ("reduce_bucket_size", "allgather_bucket_size"):
+            if zero.get(key) == "auto":
+                zero[key] = bucket
+    elif hidden_size:
         for key, value in (("reduce_bucket_size", hidden_size * hidden_size),
                            ("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size)),
                            ("stage3_param_persistence_threshold", 10 * hidden_size)):
             if zero.get(key) == "auto":
                 zero[key] = value
-    else:
-        for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"):
-            if zero.get(key) == "auto":
-                zero[key] = int(5e8) if key == "reduce_bucket_size" else (int(5e8) if "prefetch" in key else int(1e5))
+    for key, value in (("reduce_bucket_size", BUCKET_CAP), ("allgather_bucket_size", BUCKET_CAP),
+                       ("stage3_prefetch_bucket_size", BUCKET_CAP), ("stage3_param_persistence_threshold", int(1e5))):
+        if zero.get(key) == "auto":
+            zero[key] = value
     if "optimizer" in ds:
         params = ds["optimizer"].setdefault("params", {})
         for key, value in (("lr", cfg.learning_rate), ("betas", [cfg.adam_beta1, cfg.adam_beta2]),

@@ -30,6 +30,10 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, method: str) -> tor
     raise ValueError(f"unknown pooling method {method!r}; use cls, mean or last_token")
 
 
+# what transformers configs call the dropout on attention probabilities (BERT/XLM-R, most others, GPT-2)
+ATTENTION_DROPOUT_NAMES = ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop")
+
+
 class Embedder(nn.Module):
     """Encoder + pooling (+ normalisation). ``forward`` returns (queries, passages) embeddings."""
 
@@ -44,10 +48,20 @@ class Embedder(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path: str, pooling: str = "cls", normalize: bool = True,
                         cache_dir: str | None = None, trust_remote_code: bool = False,
-                        attn_implementation: str | None = None, **kwargs: Any) -> Embedder:
-        from transformers import AutoModel
+                        attn_implementation: str | None = None, attention_dropout: float | None = None,
+                        **kwargs: Any) -> Embedder:
+        from transformers import AutoConfig, AutoModel
 
-        extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        extra: dict[str, Any] = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        if attention_dropout is not None:
+            config = AutoConfig.from_pretrained(name_or_path, cache_dir=cache_dir, trust_remote_code=trust_remote_code)
+            names = [n for n in ATTENTION_DROPOUT_NAMES if hasattr(config, n)]
+            if not names:
+                raise ValueError(f"{name_or_path}: its config names no attention dropout "
+                                 f"({', '.join(ATTENTION_DROPOUT_NAMES)}); leave attention_dropout unset")
+            for n in names:
+                setattr(config, n, attention_dropout)
+            extra["config"] = config
         model = AutoModel.from_pretrained(name_or_path, cache_dir=cache_dir, trust_remote_code=trust_remote_code,
                                           use_safetensors=None, **extra, **kwargs)
         return cls(model, pooling=pooling, normalize=normalize)

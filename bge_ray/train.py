@@ -222,7 +222,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     # --- model and engine ---
     model = Embedder.from_pretrained(cfg.model_name_or_path, pooling=cfg.sentence_pooling_method,
                                      normalize=cfg.normalize_embeddings, cache_dir=cfg.cache_dir,
-                                     trust_remote_code=cfg.trust_remote_code)
+                                     trust_remote_code=cfg.trust_remote_code, attention_dropout=cfg.attention_dropout)
     if cfg.gradient_checkpointing:
         model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.model.config.use_cache = False

@@ -88,6 +88,7 @@ def test_unknown_key_in_yaml(tmp_path):
     (["--query_instruction_format", "{}"], "two {} slots"),
     (["--per_device_train_batch_size", "0"], "per_device_train_batch_size must be >= 1"),
     (["--warmup_ratio", "1.5"], "warmup_ratio"),
+    (["--attention_dropout", "1"], "attention_dropout must be in"),
     (["--train_data", "/no/such/file.jsonl"], "no file or directory matches"),
     (["--resources_per_worker", '{"GPU": 1}'], "set use_gpu: true"),
     (["--knowledge_distillation", "--train_group_size", "1"], "train_group_size >= 2"),
@@ -127,6 +128,24 @@ def test_shipped_zero_configs_resolve(base, stage):
     assert ds["zero_optimization"]["stage"] == stage
     assert ds["train_batch_size"] == 8 * 2 * 4 and ds["gradient_clipping"] == 1.0
     assert ds["bf16"]["enabled"] is False
+
+
+def test_bucket_sizes_follow_the_model(base, tiny_model):
+    from transformers import AutoModel
+
+    from bge_ray.deepspeed_config import model_sizes
+
+    cfg = load_config(None, base + ["--deepspeed", "zero2"])
+    hidden, params = model_sizes(cfg)  # counted on the meta device, without the weights
+    assert hidden == 32 and params == sum(p.numel() for p in AutoModel.from_pretrained(tiny_model).parameters())
+    zero = build_deepspeed_config(cfg, world_size=2, hidden_size=hidden, num_params=params)["zero_optimization"]
+    assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == params
+    # a model bigger than DeepSpeed's default keeps the default; no size known: the default
+    assert build_deepspeed_config(cfg, world_size=2, num_params=10**10)["zero_optimization"]["reduce_bucket_size"] == 5e8
+    assert build_deepspeed_config(cfg, world_size=2)["zero_optimization"]["allgather_bucket_size"] == 5e8
+    cfg3 = load_config(None, base + ["--deepspeed", "zero3"])
+    assert build_deepspeed_config(cfg3, world_size=2, hidden_size=hidden, num_params=params)[
+        "zero_optimization"]["reduce_bucket_size"] == 32 * 32
 
 
 def test_positional_argument_is_rejected(base):

@@ -67,3 +67,19 @@ def test_fix_position_embedding_freezes_only_positions(tiny_model):
     assert model.freeze_position_embeddings() == 1
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     assert frozen == ["model.embeddings.position_embeddings.weight"]
+
+
+def test_attention_dropout_override(tiny_model):
+    from bge_ray.modeling import Embedder
+
+    assert Embedder.from_pretrained(tiny_model).model.config.attention_probs_dropout_prob == 0.1
+    model = Embedder.from_pretrained(tiny_model, attention_dropout=0.0).model
+    assert model.config.attention_probs_dropout_prob == 0.0
+    assert model.config.hidden_dropout_prob == 0.1  # only the attention probabilities
+    model.train()
+    ids = torch.tensor([[101, 2054, 2003, 102]])
+    mask = torch.ones_like(ids)
+    # no attention dropout and hidden dropout still on: two train-mode passes still differ
+    a = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    b = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert not torch.equal(a, b)
