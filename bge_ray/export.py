@@ -77,8 +77,17 @@ def _write_json(path: str, obj: Any) -> None:
 
 def export_model(hf_model: Any, tokenizer: Any, state_dict: dict, out_dir: str, cfg_dict: dict[str, Any]) -> str:
     """Save weights (safetensors), tokenizer, sentence-transformers files and bge-ray metadata."""
+    import torch
+
     os.makedirs(out_dir, exist_ok=True)
-    hf_model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
+    floats = {v.dtype for v in state_dict.values() if v.is_floating_point()}
+    saved_dtype = getattr(hf_model.config, "dtype", None)
+    if floats == {torch.float32}:
+        hf_model.config.dtype = torch.float32  # fp32 master weights of a bf16/fp16 run load as fp32
+    try:
+        hf_model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
+    finally:
+        hf_model.config.dtype = saved_dtype
     tokenizer.save_pretrained(out_dir)
     pooling = cfg_dict["sentence_pooling_method"]
     normalize = bool(cfg_dict["normalize_embeddings"])

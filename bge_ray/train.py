@@ -176,16 +176,26 @@ def _choose_checkpoint(latest: Checkpoint) -> tuple[Checkpoint, str | None]:
     return Checkpoint(path, filesystem=latest.filesystem), tag
 
 
-def _consolidated_state_dict(engine: Any, zero_stage: int) -> dict | None:
-    """Full weights on rank 0 (a collective under ZeRO-3), keys of the inner transformers model."""
+def _consolidated_state_dict(engine: Any, zero_stage: int, mixed_precision: bool) -> dict | None:
+    """Full weights on rank 0 (a collective under ZeRO-3 and under mixed precision), keys of the inner
+    transformers model. With bf16/fp16 under ZeRO 0-2 these are the fp32 master weights, not their
+    16-bit copies, so the exported model is as precise as the optimizer's."""
     rank, _ = _world()
-    if zero_stage == 3:
+    prefix = "model."
+    if mixed_precision and zero_stage < 3:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        full = {name: safe_get_full_fp32_param(param) for name, param in engine.module.named_parameters()}
+        if rank != 0:
+            return None
+        # parameters without an fp32 master (frozen ones, optimizers that keep none) and buffers as they are
+        sd = {k: (full[k].float() if full.get(k) is not None else v) for k, v in engine.module.state_dict().items()}
+    elif zero_stage == 3:
         sd = engine._zero3_consolidated_16bit_state_dict()
     else:
         sd = engine.module.state_dict() if rank == 0 else None
     if rank != 0 or sd is None:
         return None
-    prefix = "model."
     return {k[len(prefix):]: v.detach().cpu().contiguous() for k, v in sd.items() if k.startswith(prefix)}
 
 
@@ -278,7 +288,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                   + (f" ({skip_micro} micro-batches into epoch {start_epoch})" if skip_micro else ""), flush=True)
 
     def export(out_dir: str) -> None:
-        sd = _consolidated_state_dict(engine, zero_stage)
+        sd = _consolidated_state_dict(engine, zero_stage, cfg.bf16 or cfg.fp16)
         if rank == 0:
             export_model(engine.module.model, tokenizer, sd, out_dir, cfg.to_dict())
 

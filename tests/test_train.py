@@ -174,3 +174,30 @@ def test_rerun_of_a_finished_run_starts_fresh_and_unfinished_one_resumes(zero2_r
     assert resolve_run_name(config, str(tmp_path)) == "bge-ray-model"
     config.resume = "never"
     assert resolve_run_name(config, str(tmp_path)) != "bge-ray-model"
+
+
+@pytest.mark.skipif(not __import__("bge_ray.config", fromlist=["x"]).cpu_supports_bf16(),
+                    reason="this CPU has no bf16 (AVX512-BF16 / AMX)")
+def test_bf16_on_cpu_trains_and_exports_fp32_master_weights(ray_cluster, tiny_model, tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = {
+        "model_name_or_path": tiny_model, "train_data": [FE_EXAMPLES], "output_dir": str(tmp_path / "model"),
+        "storage_path": str(tmp_path / "storage"), "num_workers": 2, "deepspeed": "zero2", "bf16": True,
+        "attention_dropout": 0.0, "per_device_train_batch_size": 4, "train_group_size": 4, "query_max_len": 32,
+        "passage_max_len": 64, "sentence_pooling_method": "mean", "temperature": 0.05, "learning_rate": 1e-3,
+        "num_train_epochs": 2, "logging_steps": 2, "save_steps": 100, "seed": 3,
+    }
+    result = bge_ray.finetune(cfg)
+    assert result.metrics["step"] == 12
+    history = [m["loss"] for m in result.history]
+    assert history[-1] < history[0]
+    weights = load_file(os.path.join(result.model_dir, "model.safetensors"))
+    # the optimizer's fp32 masters, not bf16 copies: some value is not representable in bf16
+    assert all(w.dtype == torch.float32 for w in weights.values())
+    emb = weights["embeddings.word_embeddings.weight"]
+    assert not torch.equal(emb, emb.to(torch.bfloat16).float())
+    with open(os.path.join(result.model_dir, "config.json")) as f:
+        assert json.load(f).get("dtype") in (None, "float32")
+    model = Embedder.from_pretrained(result.model_dir, pooling="mean")
+    assert next(model.parameters()).dtype == torch.float32
