@@ -80,14 +80,15 @@ def export_model(hf_model: Any, tokenizer: Any, state_dict: dict, out_dir: str, 
     import torch
 
     os.makedirs(out_dir, exist_ok=True)
-    floats = {v.dtype for v in state_dict.values() if v.is_floating_point()}
-    saved_dtype = getattr(hf_model.config, "dtype", None)
-    if floats == {torch.float32}:
-        hf_model.config.dtype = torch.float32  # fp32 master weights of a bf16/fp16 run load as fp32
-    try:
-        hf_model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
-    finally:
-        hf_model.config.dtype = saved_dtype
+    hf_model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
+    if {v.dtype for v in state_dict.values() if v.is_floating_point()} == {torch.float32}:
+        # the fp32 master weights of a bf16/fp16 run: the config must not tell loaders to cast them down
+        config_path = os.path.join(out_dir, "config.json")
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+        if config.get("dtype", "float32") != "float32" or config.get("torch_dtype", "float32") != "float32":
+            config.update({k: "float32" for k in ("dtype", "torch_dtype") if k in config})
+            _write_json(config_path, config)
     tokenizer.save_pretrained(out_dir)
     pooling = cfg_dict["sentence_pooling_method"]
     normalize = bool(cfg_dict["normalize_embeddings"])
