@@ -149,25 +149,21 @@ class _ProgressPrinter(threading.Thread):
 
 def _latest_state(storage: str, run_name: str) -> dict[str, Any] | None:
     """The trainer state of the newest checkpoint of an earlier run with this name, if any."""
-    import json
-
     import pyarrow.fs as pafs
+
+    from bge_ray.checkpointing import STATE_FILE, list_checkpoints, read_json
 
     fs, root = pafs.FileSystem.from_uri(storage if "://" in storage else f"file://{storage}")
     run_dir = f"{root.rstrip('/')}/{run_name}"
     if fs.get_file_info(run_dir).type != pafs.FileType.Directory:
         return None
-    ckpts = sorted(info.base_name for info in fs.get_file_info(pafs.FileSelector(run_dir))
-                   if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_step_"))
+    ckpts = list_checkpoints(fs, run_dir)
     if not ckpts:
         return {}
-    from bge_ray.train import STATE_FILE
-
-    try:
-        with fs.open_input_stream(f"{run_dir}/{ckpts[-1]}/{STATE_FILE}") as f:
-            return json.loads(f.read().decode("utf-8"))
-    except FileNotFoundError:
-        return {}
+    state, why = read_json(fs, f"{ckpts[-1]}/{STATE_FILE}")
+    if why and why != "is missing":
+        raise ValueError(f"{ckpts[-1]}/{STATE_FILE} {why}")
+    return state or {}
 
 
 def resolve_run_name(cfg: FinetuneConfig, storage: str) -> str:

@@ -73,29 +73,31 @@ def write_manifest(local_dir: str, rank: int) -> None:
         json.dump({"rank": rank, "files": files}, f)
 
 
-def _read_json(fs: pafs.FileSystem, path: str) -> Any:
-    with fs.open_input_stream(path) as f:
-        return json.loads(f.read().decode("utf-8"))
+def read_json(fs: pafs.FileSystem, path: str) -> tuple[Any, str | None]:
+    """``(object, None)``, or ``(None, why)``: "is missing" or "is unreadable (...)"."""
+    try:
+        with fs.open_input_stream(path) as f:
+            return json.loads(f.read().decode("utf-8")), None
+    except FileNotFoundError:
+        return None, "is missing"
+    except (ValueError, UnicodeDecodeError) as e:
+        return None, f"is unreadable ({e})"
 
 
 def verify(fs: pafs.FileSystem, path: str) -> str | None:
     """Why the checkpoint at ``path`` cannot be resumed from, or None when every rank's files are whole."""
-    try:
-        state = _read_json(fs, f"{path}/{STATE_FILE}")
-    except FileNotFoundError:
-        return f"{STATE_FILE} is missing"
-    except (ValueError, UnicodeDecodeError) as e:
-        return f"{STATE_FILE} is unreadable ({e})"
+    state, why = read_json(fs, f"{path}/{STATE_FILE}")
+    if why:
+        return f"{STATE_FILE} {why}"
     world = state.get("world_size")
     if not isinstance(world, int) or world < 1:
         return f"{STATE_FILE} has no world_size"
     for rank in range(world):
-        try:
-            manifest = _read_json(fs, f"{path}/{manifest_name(rank)}")
-        except FileNotFoundError:
+        manifest, why = read_json(fs, f"{path}/{manifest_name(rank)}")
+        if why == "is missing":
             return f"rank {rank} never finished writing it ({manifest_name(rank)} is missing)"
-        except (ValueError, UnicodeDecodeError) as e:
-            return f"{manifest_name(rank)} is unreadable ({e})"
+        if why:
+            return f"{manifest_name(rank)} {why}"
         for rel, (size, digest) in sorted(manifest["files"].items()):
             info = fs.get_file_info(f"{path}/{rel}")
             if info.type != pafs.FileType.File:
@@ -113,17 +115,25 @@ def _step_of(name: str) -> tuple[int, str] | None:
     return (int(m.group(1)), m.group(2) or "") if m else None
 
 
-def resume_candidates(fs: pafs.FileSystem, latest_path: str) -> list[str]:
-    """``latest_path`` first, then the run's other checkpoints, newest first."""
-    run_dir, _, latest_name = latest_path.rstrip("/").rpartition("/")
-    siblings = []
+def list_checkpoints(fs: pafs.FileSystem, run_dir: str) -> list[str]:
+    """The run's checkpoint directories, oldest first (by step, then tag)."""
+    found = []
     for info in fs.get_file_info(pafs.FileSelector(run_dir)):
         key = _step_of(info.base_name)
-        if info.type == pafs.FileType.Directory and key is not None and info.base_name != latest_name:
-            siblings.append((key, info.path))
+        if info.type == pafs.FileType.Directory and key is not None:
+            found.append((key, info.path))
+    return [p for _, p in sorted(found)]
+
+
+def resume_candidates(fs: pafs.FileSystem, latest_path: str) -> list[str]:
+    """``latest_path`` first, then the run's older checkpoints, newest first."""
+    latest_path = latest_path.rstrip("/")
+    run_dir, _, latest_name = latest_path.rpartition("/")
     latest_key = _step_of(latest_name)
-    older = [p for k, p in sorted(siblings, reverse=True) if latest_key is None or k < latest_key]
-    return [latest_path.rstrip("/")] + older
+    older = [p for p in reversed(list_checkpoints(fs, run_dir))
+             if p.rpartition("/")[2] != latest_name
+             and (latest_key is None or _step_of(p.rpartition("/")[2]) < latest_key)]
+    return [latest_path] + older
 
 
 def pick_resume_checkpoint(fs: pafs.FileSystem, latest_path: str) -> tuple[str, list[str]]:

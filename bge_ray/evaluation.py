@@ -109,7 +109,7 @@ def _load_qrels_jsonl(fs: pafs.FileSystem, path: str) -> dict[str, dict[str, int
             raise DataValidationError(err)
         try:
             qrels.setdefault(str(obj["qid"]), {})[str(obj["docid"])] = int(obj["relevance"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError):
             raise DataValidationError(f"{path}:{n}: expected {{\"qid\", \"docid\", \"relevance\"}}") from None
     return qrels
 
