@@ -54,7 +54,7 @@ def run_variant(name: str, attn: str, grad_ckpt: bool, zero: str, batch: int, gr
     from transformers import BertConfig, BertModel
 
     from bge_ray.config import FinetuneConfig
-    from bge_ray.deepspeed_config import build_deepspeed_config
+    from bge_ray.deepspeed_config import build_deepspeed_config, fill_model_sizes
     from bge_ray.loss import contrastive_loss
     from bge_ray.modeling import Embedder
     from bge_ray.optim import build_optimizer, linear_schedule
@@ -70,7 +70,8 @@ def run_variant(name: str, attn: str, grad_ckpt: bool, zero: str, batch: int, gr
                          per_device_train_batch_size=batch, train_group_size=group, bf16=True, use_gpu=True,
                          deepspeed=zero, learning_rate=1e-5, temperature=0.02)
     total = warmup + steps
-    ds_config = build_deepspeed_config(cfg, world_size=1, total_steps=total, hidden_size=768)
+    ds_config = fill_model_sizes(build_deepspeed_config(cfg, world_size=1, total_steps=total), 768,
+                                 sum(p.numel() for p in model.parameters()))
     optimizer = build_optimizer(model, cfg, use_gpu=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(2, total))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,

@@ -49,6 +49,10 @@ def run_bge_ray(work: str, tag: str, extra: list[str]) -> dict:
         "peak_rss_gib_per_process": r["peak_rss_gib_per_worker"], "train_loss_mean": r["train_loss_mean"],
         "wall_s": r["wall_s"], "ndcg@10": r["eval"]["ndcg@10"], "recall@100": r["eval"]["recall@100"],
         "steps": r["steps"],
+        # where bge-ray's start-up goes: driver + Ray + Train worker group, then inside the workers
+        "launch_to_workers_s": r.get("launch_to_workers_s"), "worker_start_to_engine_s": r.get("worker_start_to_engine_s"),
+        "worker_start_to_first_batch_s": r.get("worker_start_to_first_batch_s"),
+        "worker_start_to_first_step_s": r.get("worker_start_to_first_step_s"),
     }
 
 

@@ -104,6 +104,7 @@ class _ProgressPrinter(threading.Thread):
         self.launch_time = launch_time
         self.stop_event = threading.Event()
         self.first_step_s: float | None = None
+        self.workers_started_s: float | None = None
         self.history: list[dict[str, Any]] = []
         self.evals: list[dict[str, Any]] = []
         self.error: BaseException | None = None
@@ -132,7 +133,10 @@ class _ProgressPrinter(threading.Thread):
             return
         if m.get("kind") == "first_step":
             self.first_step_s = m["time"] - self.launch_time
-            print(f"first optimizer step {self.first_step_s:.1f}s after launch", flush=True)
+            self.workers_started_s = m["worker_start"] - self.launch_time
+            print(f"first optimizer step {self.first_step_s:.1f}s after launch (workers started at "
+                  f"{self.workers_started_s:.1f}s; model and engine ready {m['engine_ready_s']:.1f}s later, "
+                  f"first batch {m['first_batch_s']:.1f}s later)", flush=True)
             return
         self.history.append(m)
         done = m["step"] / m["total_steps"]
@@ -219,7 +223,7 @@ def finetune(config: FinetuneConfig | dict[str, Any] | str, callbacks: list[Any]
     from ray.util.queue import Queue
 
     from bge_ray.data import TrainedRows, build_train_dataset
-    from bge_ray.deepspeed_config import build_deepspeed_config, model_sizes
+    from bge_ray.deepspeed_config import build_deepspeed_config
     from bge_ray.train import MODEL_SUBDIR, TrainPlan, train_loop
 
     if cfg.eval_data:
@@ -235,9 +239,7 @@ def finetune(config: FinetuneConfig | dict[str, Any] | str, callbacks: list[Any]
     dataset, summary = build_train_dataset(cfg, trained_rows)
     _log(f"training data: {summary.describe()}")
     plan = TrainPlan.make(cfg, summary.num_rows)
-    hidden_size, num_params = model_sizes(cfg)
-    ds_config = build_deepspeed_config(cfg, cfg.num_workers, plan.total_steps, plan.warmup_steps,
-                                       hidden_size=hidden_size, num_params=num_params)
+    ds_config = build_deepspeed_config(cfg, cfg.num_workers, plan.total_steps, plan.warmup_steps)
     _log(
         f"plan: {plan.total_steps} optimizer steps ({plan.steps_per_epoch}/epoch, {plan.num_epochs} epoch(s)) on "
         f"{cfg.num_workers} worker(s) x batch {cfg.per_device_train_batch_size} x group {cfg.train_group_size}, "
@@ -302,6 +304,7 @@ def finetune(config: FinetuneConfig | dict[str, Any] | str, callbacks: list[Any]
         model_dir = f"{chosen.path.rstrip('/')}/{MODEL_SUBDIR}"
     if printer.first_step_s is not None:
         metrics["launch_to_first_step_s"] = printer.first_step_s
+        metrics["launch_to_workers_s"] = printer.workers_started_s
     metrics["wall_s"] = time.time() - launch
     _log(f"model written to {model_dir}")
     return FinetuneResult(model_dir=model_dir, metrics=metrics, checkpoint=result.checkpoint,

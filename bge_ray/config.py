@@ -98,6 +98,10 @@ class FinetuneConfig:
     fp16: bool = False
     bf16: bool = False
     gradient_checkpointing: bool = False
+    # GradCache: encode and backpropagate at most this many sequences at a time; the gradient stays the
+    # full batch's (exact), activation memory falls to one chunk's, compute rises by one no-grad forward.
+    # None or <= 0 (FlagEmbedding's -1): off
+    sub_batch_size: int | None = None
     # dropout on the attention probabilities; None keeps the model's own (BERT: 0.1). 0 lets SDPA use
     # its fused kernels (on CPU, attention forward+backward ~5x faster than with dropout)
     attention_dropout: float | None = None

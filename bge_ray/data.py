@@ -40,9 +40,11 @@ if TYPE_CHECKING:
 TRIPLET_EXTENSIONS = ["jsonl", "json", "jsonl.gz", "json.gz"]
 _MAX_ERRORS_KEPT = 5
 _ROWS_PER_BLOCK = 512
+_FIRST_BLOCK_ROWS = 32  # a read task's blocks double from this to _ROWS_PER_BLOCK
 _READ_CHUNK = 1 << 20
 MAX_LINE_BYTES = 16 << 20  # one row; longer lines are reported, never read whole
 MAX_TEXTS_PER_ROW = 10_000
+IN_PROCESS_SCAN_BYTES = 256 << 20  # training data up to this size is validated on the driver, not by Ray tasks
 DEFAULT_MAX_EXAMPLES = 100_000_000
 
 ROW_SCHEMA = pa.schema(
@@ -270,6 +272,8 @@ class TripletDatasource(FileBasedDatasource):
         rows: list[dict] = []
         reservoir: list[tuple[int, dict]] = []
         n_good = 0
+        # small first blocks, so the first batches reach the trainers seconds after the file is opened
+        block_rows = _FIRST_BLOCK_ROWS
         for line_no, raw in iter_lines(f):
             row = parse_line(raw, path, line_no, self._rules)
             if line_no == 1 and isinstance(raw, bytes) and raw.lstrip().startswith(b"["):
@@ -286,9 +290,10 @@ class TripletDatasource(FileBasedDatasource):
                         reservoir[j] = (line_no, row)
                 continue
             rows.append(row)
-            if len(rows) >= _ROWS_PER_BLOCK:
+            if len(rows) >= block_rows:
                 yield pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
                 rows = []
+                block_rows = min(2 * block_rows, _ROWS_PER_BLOCK)
         rows.extend(r for _, r in sorted(reservoir, key=lambda t: t[0]))
         if rows:
             yield pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
@@ -330,12 +335,18 @@ def expand_paths(paths: list[str]) -> list[str]:
     return out
 
 
+def triplet_source(paths: list[str], rules: RowRules, max_examples: int = DEFAULT_MAX_EXAMPLES,
+                   seed: int = 42) -> TripletDatasource:
+    """The datasource of the triplet files (lists directories and URIs; needs Ray up)."""
+    return TripletDatasource(expand_paths(paths), rules, max_examples=max_examples, seed=seed)
+
+
 def read_triplets(paths: list[str], rules: RowRules, max_examples: int = DEFAULT_MAX_EXAMPLES,
                   seed: int = 42) -> ray.data.Dataset:
     """A Ray Dataset of validated triplet rows (bad rows carry their ``error``)."""
     import ray.data
 
-    return ray.data.read_datasource(TripletDatasource(expand_paths(paths), rules, max_examples=max_examples, seed=seed))
+    return ray.data.read_datasource(triplet_source(paths, rules, max_examples=max_examples, seed=seed))
 
 
 @dataclass
@@ -359,11 +370,29 @@ def _summarize_block(batch: pa.Table) -> pa.Table:
     return pa.table({"good": [len(errors) - len(bad)], "bad": [len(bad)], "errors": [bad[:_MAX_ERRORS_KEPT]]})
 
 
-def scan_triplets(ds: ray.data.Dataset, skip_bad_rows: bool) -> DataSummary:
-    """Count usable rows; without ``skip_bad_rows`` the first bad row is a :class:`DataValidationError`."""
+def _block_summaries(data: ray.data.Dataset | TripletDatasource) -> Iterator[dict[str, Any]]:
+    """One summary per block. A datasource small enough is read right here, by its own read tasks
+    (the same code Ray Data runs): on small data the pass then costs what parsing costs, not the
+    seconds Ray Data needs to start its task workers. Larger data is scanned by Ray Data tasks."""
+    if isinstance(data, TripletDatasource):
+        size = data.estimate_inmemory_data_size()
+        if size is not None and size <= IN_PROCESS_SCAN_BYTES:
+            for task in data.get_read_tasks(1):
+                for block in task():
+                    yield from _summarize_block(block).to_pylist()
+            return
+        import ray.data
+
+        data = ray.data.read_datasource(data)
+    parts = data.select_columns(["error"]).map_batches(_summarize_block, batch_format="pyarrow", batch_size=None)
+    yield from parts.iter_rows()
+
+
+def scan_triplets(data: ray.data.Dataset | TripletDatasource, skip_bad_rows: bool) -> DataSummary:
+    """Count usable rows (of a dataset, or of a datasource: see :func:`_block_summaries`); without
+    ``skip_bad_rows`` the first bad row is a :class:`DataValidationError`."""
     summary = DataSummary()
-    parts = ds.select_columns(["error"]).map_batches(_summarize_block, batch_format="pyarrow", batch_size=None)
-    for part in parts.iter_rows():
+    for part in _block_summaries(data):
         summary.num_rows += int(part["good"])
         summary.num_bad += int(part["bad"])
         for err in part["errors"]:
@@ -513,11 +542,12 @@ def build_train_dataset(cfg: FinetuneConfig, trained_rows: Any = None) -> tuple[
     # The driver prints its own progress (loss, groups/s); Ray Data's bars would bury it.
     ray.data.DataContext.get_current().enable_progress_bars = False
     rules = RowRules.from_config(cfg)
-    rows = read_triplets(cfg.train_data, rules, max_examples=cfg.max_example_num_per_dataset, seed=cfg.seed)
-    summary = scan_triplets(rows, skip_bad_rows=cfg.skip_bad_rows)
+    source = triplet_source(cfg.train_data, rules, max_examples=cfg.max_example_num_per_dataset, seed=cfg.seed)
+    summary = scan_triplets(source, skip_bad_rows=cfg.skip_bad_rows)
+    rows = ray.data.read_datasource(source)
     spec = TokenizeSpec.from_config(cfg)
     ds = rows.map_batches(_usable_rows, fn_kwargs={"trained": trained_rows}, batch_format="pyarrow").map_batches(
-        tokenize_rows, fn_kwargs={"spec": spec}, batch_format="pyarrow", batch_size=256
+        tokenize_rows, fn_kwargs={"spec": spec}, batch_format="pyarrow", batch_size=None  # a block at a time
     )
     return ds, summary
 

@@ -11,6 +11,9 @@ from bge_ray.config import ZERO_SHORTHANDS, ConfigError, FinetuneConfig
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "deepspeed_configs")
 BUCKET_CAP = int(5e8)  # DeepSpeed's own default bucket size, in elements
+# "auto" values that depend on the model's size, filled on each worker once the model is loaded
+MODEL_SIZED_KEYS = tuple(f"zero_optimization.{k}" for k in (
+    "reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"))
 
 
 def load_base_config(deepspeed: str | None) -> dict[str, Any]:
@@ -38,25 +41,11 @@ def _fill(section: dict[str, Any], key: str, value: Any, where: str) -> None:
         )
 
 
-def model_sizes(cfg: FinetuneConfig) -> tuple[int | None, int]:
-    """(hidden size, parameter count) of the model to train, from its config alone (built on the meta
-    device: no weights read, no memory)."""
-    import torch
-    from transformers import AutoConfig, AutoModel
-
-    config = AutoConfig.from_pretrained(cfg.model_name_or_path, cache_dir=cfg.cache_dir,
-                                        trust_remote_code=cfg.trust_remote_code)
-    with torch.device("meta"):
-        model = AutoModel.from_config(config, trust_remote_code=cfg.trust_remote_code)
-    hidden = getattr(config, "hidden_size", None)
-    return (int(hidden) if hidden else None), sum(p.numel() for p in model.parameters())
-
-
 def build_deepspeed_config(cfg: FinetuneConfig, world_size: int, total_steps: int = 1,
-                           warmup_steps: int = 0, hidden_size: int | None = None,
-                           num_params: int | None = None) -> dict[str, Any]:
-    """The DeepSpeed config dict for this run, every ``auto`` resolved (bucket sizes from the model's
-    ``hidden_size`` and ``num_params`` where given)."""
+                           warmup_steps: int = 0) -> dict[str, Any]:
+    """The DeepSpeed config dict for this run, every ``auto`` resolved except the bucket sizes that
+    depend on the model (:data:`MODEL_SIZED_KEYS`): the workers fill those with
+    :func:`fill_model_sizes` from the model they load, so the driver never loads it."""
     ds = copy.deepcopy(load_base_config(cfg.deepspeed))
     _fill(ds, "train_micro_batch_size_per_gpu", cfg.per_device_train_batch_size, "")
     _fill(ds, "gradient_accumulation_steps", cfg.gradient_accumulation_steps, "")
@@ -68,6 +57,27 @@ def build_deepspeed_config(cfg: FinetuneConfig, world_size: int, total_steps: in
             section["enabled"] = enabled
         elif bool(section["enabled"]) != enabled:
             raise ConfigError(f"deepspeed config has {name}.enabled={section['enabled']} but the bge-ray config has {name}: {enabled}")
+    ds.setdefault("zero_optimization", {"stage": 0})
+    if "optimizer" in ds:
+        params = ds["optimizer"].setdefault("params", {})
+        for key, value in (("lr", cfg.learning_rate), ("betas", [cfg.adam_beta1, cfg.adam_beta2]),
+                           ("eps", cfg.adam_epsilon), ("weight_decay", cfg.weight_decay)):
+            _fill(params, key, value, "optimizer.params.")
+    if "scheduler" in ds:
+        params = ds["scheduler"].setdefault("params", {})
+        for key, value in (("total_num_steps", total_steps), ("warmup_num_steps", warmup_steps),
+                           ("warmup_max_lr", cfg.learning_rate), ("warmup_min_lr", 0.0)):
+            _fill(params, key, value, "scheduler.params.")
+    ds.setdefault("steps_per_print", 10**9)
+    leftover = [k for k in _find_auto(ds) if k not in MODEL_SIZED_KEYS]
+    if leftover:
+        raise ConfigError(f"deepspeed config: bge-ray cannot fill \"auto\" for {', '.join(leftover)}; give explicit values")
+    return ds
+
+
+def fill_model_sizes(ds: dict[str, Any], hidden_size: int | None, num_params: int) -> dict[str, Any]:
+    """A copy of ``ds`` with the model-sized ``auto`` bucket sizes filled (see :data:`MODEL_SIZED_KEYS`)."""
+    ds = copy.deepcopy(ds)
     zero = ds.setdefault("zero_optimization", {"stage": 0})
     if int(zero.get("stage", 0)) < 3:
         # one bucket never larger than the whole model: DeepSpeed's 5e8-element default allocates
@@ -86,20 +96,6 @@ def build_deepspeed_config(cfg: FinetuneConfig, world_size: int, total_steps: in
                        ("stage3_prefetch_bucket_size", BUCKET_CAP), ("stage3_param_persistence_threshold", int(1e5))):
         if zero.get(key) == "auto":
             zero[key] = value
-    if "optimizer" in ds:
-        params = ds["optimizer"].setdefault("params", {})
-        for key, value in (("lr", cfg.learning_rate), ("betas", [cfg.adam_beta1, cfg.adam_beta2]),
-                           ("eps", cfg.adam_epsilon), ("weight_decay", cfg.weight_decay)):
-            _fill(params, key, value, "optimizer.params.")
-    if "scheduler" in ds:
-        params = ds["scheduler"].setdefault("params", {})
-        for key, value in (("total_num_steps", total_steps), ("warmup_num_steps", warmup_steps),
-                           ("warmup_max_lr", cfg.learning_rate), ("warmup_min_lr", 0.0)):
-            _fill(params, key, value, "scheduler.params.")
-    ds.setdefault("steps_per_print", 10**9)
-    leftover = _find_auto(ds)
-    if leftover:
-        raise ConfigError(f"deepspeed config: bge-ray cannot fill \"auto\" for {', '.join(leftover)}; give explicit values")
     return ds
 
 

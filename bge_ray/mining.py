@@ -45,8 +45,8 @@ from bge_ray.data import (
     RowRules,
     _drop_bad,
     decode_json_line,
-    read_triplets,
     scan_triplets,
+    triplet_source,
 )
 
 # hn_mine / add_reranker_score flags that mean nothing here; accepted so a FlagEmbedding command moves over.
@@ -320,8 +320,11 @@ class JsonlShardSink(BlockBasedFileDatasink):
 
 def _read_rows(paths: list[str], skip_bad_rows: bool) -> tuple[Any, Any]:
     """Validated triplet rows (``neg`` may be empty) and the scan summary; bad rows fail unless skipped."""
-    ds = read_triplets(paths, RowRules(train_group_size=1, knowledge_distillation=False))
-    summary = scan_triplets(ds, skip_bad_rows)
+    import ray.data
+
+    source = triplet_source(paths, RowRules(train_group_size=1, knowledge_distillation=False))
+    summary = scan_triplets(source, skip_bad_rows)
+    ds = ray.data.read_datasource(source)
     return ds.map_batches(_drop_bad, batch_format="pyarrow") if summary.num_bad else ds, summary
 
 

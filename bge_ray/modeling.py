@@ -73,9 +73,13 @@ class Embedder(nn.Module):
             emb = F.normalize(emb, dim=-1)
         return emb
 
-    def forward(self, q_input_ids: torch.Tensor, q_attention_mask: torch.Tensor,
-                p_input_ids: torch.Tensor, p_attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.encode(q_input_ids, q_attention_mask), self.encode(p_input_ids, p_attention_mask)
+    def forward(self, q_input_ids: torch.Tensor | None, q_attention_mask: torch.Tensor | None,
+                p_input_ids: torch.Tensor | None = None, p_attention_mask: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(query embeddings, passage embeddings); a side given as None is skipped (None)."""
+        q = self.encode(q_input_ids, q_attention_mask) if q_input_ids is not None else None
+        p = self.encode(p_input_ids, p_attention_mask) if p_input_ids is not None else None
+        return q, p
 
     def freeze_position_embeddings(self) -> int:
         """FlagEmbedding's ``fix_position_embedding``: stop training position embeddings."""

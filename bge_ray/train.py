@@ -6,12 +6,14 @@ to bottom: :func:`train_loop` is the whole story.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import resource
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,7 +36,9 @@ from bge_ray.checkpointing import (
 )
 from bge_ray.config import FinetuneConfig
 from bge_ray.data import GroupCollator, load_tokenizer
+from bge_ray.deepspeed_config import fill_model_sizes
 from bge_ray.evaluation import EncoderSpec, load_validation_set, validate
+from bge_ray.grad_cache import micro_steps, train_micro_batch
 from bge_ray.loss import contrastive_loss
 from bge_ray.modeling import Embedder
 from bge_ray.optim import build_optimizer, linear_schedule
@@ -112,6 +116,53 @@ def _batches_in_lockstep(it: Iterator[dict], limit: int, device: torch.device) -
         if int(have.item()) == 0:
             return
         yield batch, waited
+
+
+class FirstBatchEarly:
+    """An iterator whose first item is already being fetched, on a thread, from the moment it is made:
+    the data pipeline starts up while the caller builds the model. Errors surface on the first ``next``."""
+
+    _END = object()
+
+    def __init__(self, it: Iterator[Any]) -> None:
+        self._it = it
+        self._first: list[Any] = []
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = threading.Thread(target=self._fetch, name="first-batch", daemon=True)
+        self._thread.start()
+
+    def _fetch(self) -> None:
+        try:
+            self._first.append(next(self._it, self._END))
+        except BaseException as e:  # re-raised by __next__ in the training thread
+            self._error = e
+
+    def __iter__(self) -> FirstBatchEarly:
+        return self
+
+    def __next__(self) -> Any:
+        if self._thread is None:
+            return next(self._it)
+        self._thread.join()
+        self._thread = None
+        if self._error is not None:
+            raise self._error
+        item = self._first.pop()
+        if item is self._END:
+            raise StopIteration
+        return item
+
+
+def engine_config(ds_config: dict[str, Any], model: torch.nn.Module, steps_per_micro_batch: int = 1) -> dict[str, Any]:
+    """The driver's DeepSpeed config with the bucket sizes that depend on the model filled from it, and
+    DeepSpeed's accumulation counting each micro-batch as ``steps_per_micro_batch`` micro-steps (GradCache's
+    chunks: :func:`bge_ray.grad_cache.micro_steps`)."""
+    hidden = getattr(getattr(getattr(model, "model", model), "config", None), "hidden_size", None)
+    ds = fill_model_sizes(ds_config, int(hidden) if hidden else None, sum(p.numel() for p in model.parameters()))
+    if steps_per_micro_batch > 1:
+        ds["gradient_accumulation_steps"] *= steps_per_micro_batch
+        ds["train_batch_size"] *= steps_per_micro_batch
+    return ds
 
 
 def _new_window() -> dict[str, float]:
@@ -229,6 +280,56 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     )
     shard = ray.train.get_dataset_shard("train")
 
+    # --- resume point ---
+    # A worker group restarted after a failure, or a rerun of the same run, continues from the newest
+    # intact checkpoint: same step, optimizer, scheduler and RNG-free data position. Mid-epoch, the
+    # rows trained before the checkpoint are left out of the rest of that epoch (exactly: Ray Data's
+    # equal split then gives each worker the micro-batches it has left). Read before the model is
+    # built, so that the data pipeline can start while the model loads.
+    stack = contextlib.ExitStack()
+    global_step, start_epoch, skip_micro = 0, 0, 0
+    epoch_rows: list[np.ndarray] = []  # row keys this worker trained in the current epoch
+    resumed_rows = np.empty(0, dtype=np.int64)  # every worker's, for the resumed epoch's filter
+    tag = None
+    ckpt_dir = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        checkpoint, tag = _choose_checkpoint(checkpoint)
+        ckpt_dir = stack.enter_context(checkpoint.as_directory())
+        with open(os.path.join(ckpt_dir, STATE_FILE), encoding="utf-8") as f:
+            state = json.load(f)
+        if state["world_size"] != world:
+            raise CheckpointError(
+                f"{checkpoint.path} was written by {state['world_size']} workers; this run has {world}. "
+                f"Resume with num_workers: {state['world_size']}, or start over with resume: never"
+            )
+        global_step = int(state["global_step"])
+        start_epoch = global_step // plan.steps_per_epoch
+        skip_micro = (global_step % plan.steps_per_epoch) * cfg.gradient_accumulation_steps
+        if skip_micro:
+            epoch_rows = [load_trained_rows(ckpt_dir, rank)]
+            if rank == 0:
+                resumed_rows = np.concatenate([load_trained_rows(ckpt_dir, r) for r in range(world)])
+    resumed_at = global_step
+
+    def open_epoch(epoch: int) -> Iterator[dict]:
+        """This worker's batches of ``epoch``; a resumed epoch leaves out the rows trained before."""
+        if trained_rows is not None:
+            if rank == 0:
+                leave_out = resumed_rows if epoch == start_epoch and skip_micro else np.empty(0, dtype=np.int64)
+                ray.get(trained_rows.set.remote(leave_out))
+            if dist.is_available() and dist.is_initialized():
+                dist.barrier()
+        buffer = max(cfg.shuffle_buffer_size, cfg.per_device_train_batch_size) if cfg.shuffle_buffer_size else None
+        return iter(shard.iter_batches(
+            batch_size=cfg.per_device_train_batch_size, batch_format="numpy", drop_last=True,
+            local_shuffle_buffer_size=buffer, local_shuffle_seed=cfg.seed * 7919 + epoch * 104729 + rank if buffer else None,
+            prefetch_batches=2,
+        ))
+
+    # the first epoch's pipeline starts now (reading, tokenizing) and runs while the model and engine are built
+    first_batches = FirstBatchEarly(open_epoch(start_epoch)) if global_step < plan.total_steps else None
+
     # --- model and engine ---
     model = Embedder.from_pretrained(cfg.model_name_or_path, pooling=cfg.sentence_pooling_method,
                                      normalize=cfg.normalize_embeddings, cache_dir=cfg.cache_dir,
@@ -238,7 +339,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         model.model.config.use_cache = False
     if cfg.fix_position_embedding:
         model.freeze_position_embeddings()
-    ds_config = dict(loop_config["ds_config"])
+    ds_config = engine_config(loop_config["ds_config"], model, micro_steps(
+        cfg.per_device_train_batch_size, cfg.train_group_size, cfg.sub_batch_size))
     zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
     optimizer = scheduler = None
     if "optimizer" not in ds_config:
@@ -251,38 +353,14 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         dist_init_required=False,
     )
     engine.train()
-
-    # --- resume ---
-    # A worker group restarted after a failure, or a rerun of the same run, continues from the newest
-    # intact checkpoint: same step, optimizer, scheduler and RNG-free data position. Mid-epoch, the
-    # rows trained before the checkpoint are left out of the rest of that epoch (exactly: Ray Data's
-    # equal split then gives each worker the micro-batches it has left).
-    global_step, start_epoch, skip_micro = 0, 0, 0
-    epoch_rows: list[np.ndarray] = []  # row keys this worker trained in the current epoch
-    resumed_rows = np.empty(0, dtype=np.int64)  # every worker's, for the resumed epoch's filter
-    tag = None
-    resumed_at = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        checkpoint, tag = _choose_checkpoint(checkpoint)
-        with checkpoint.as_directory() as ckpt_dir:
-            with open(os.path.join(ckpt_dir, STATE_FILE), encoding="utf-8") as f:
-                saved_world = json.load(f)["world_size"]
-            if saved_world != world:
-                raise CheckpointError(
-                    f"{checkpoint.path} was written by {saved_world} workers; this run has {world}. "
-                    f"Resume with num_workers: {saved_world}, or start over with resume: never"
-                )
+    engine_ready_s = time.time() - t_start
+    if ckpt_dir is not None:
+        with stack:
             _, client = engine.load_checkpoint(ckpt_dir, tag=DS_TAG)
-            state = client["bge_ray"]
-            global_step = int(state["global_step"])
-            start_epoch = global_step // plan.steps_per_epoch
-            skip_micro = (global_step % plan.steps_per_epoch) * cfg.gradient_accumulation_steps
-            if skip_micro:
-                epoch_rows = [load_trained_rows(ckpt_dir, rank)]
-                if rank == 0:
-                    resumed_rows = np.concatenate([load_trained_rows(ckpt_dir, r) for r in range(world)])
-        resumed_at = global_step
+        saved_step = int(client["bge_ray"]["global_step"])
+        if saved_step != global_step:
+            raise CheckpointError(f"{checkpoint.path}: its DeepSpeed state is at step {saved_step}, "
+                                  f"its {STATE_FILE} at step {global_step}")
         if rank == 0:
             print(f"[bge-ray] resumed from {checkpoint.path} at step {global_step}"
                   + (f" ({skip_micro} micro-batches into epoch {start_epoch})" if skip_micro else ""), flush=True)
@@ -323,6 +401,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     window = _new_window()
     totals = {"loss": 0.0, "micro": 0}
     first_step_s: float | None = None
+    first_batch_s: float | None = None
     last_metrics: dict[str, Any] = {}
     done = global_step >= plan.total_steps
     for epoch in range(start_epoch, plan.num_epochs):
@@ -331,30 +410,19 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         resumed_epoch = epoch == start_epoch and skip_micro > 0
         if not resumed_epoch:
             epoch_rows = []
-        if trained_rows is not None:
-            # the data pipeline leaves out what this epoch already trained (nothing, unless resumed)
-            if rank == 0:
-                ray.get(trained_rows.set.remote(resumed_rows if resumed_epoch else np.empty(0, dtype=np.int64)))
-            if dist.is_available() and dist.is_initialized():
-                dist.barrier()
         first_micro = skip_micro if resumed_epoch else 0
-        buffer = max(cfg.shuffle_buffer_size, cfg.per_device_train_batch_size) if cfg.shuffle_buffer_size else None
-        batches = iter(shard.iter_batches(
-            batch_size=cfg.per_device_train_batch_size, batch_format="numpy", drop_last=True,
-            local_shuffle_buffer_size=buffer, local_shuffle_seed=cfg.seed * 7919 + epoch * 104729 + rank if buffer else None,
-            prefetch_batches=2,
-        ))
+        batches = first_batches if epoch == start_epoch and first_batches is not None else open_epoch(epoch)
         lockstep = _batches_in_lockstep(batches, plan.micro_batches_per_epoch - first_micro, device)
         for micro, (raw, waited) in enumerate(lockstep, start=first_micro):
+            if first_batch_s is None:
+                first_batch_s = time.time() - t_start
             epoch_rows.append(np.asarray(raw["row_key"], dtype=np.int64))
             batch = collate(raw, epoch)
             inputs = {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
-            q, p = engine(inputs["q_input_ids"], inputs["q_attention_mask"],
-                          inputs["p_input_ids"], inputs["p_attention_mask"])
-            loss = contrastive_loss(q.float(), p.float(), cfg.temperature, teacher_scores=inputs.get("teacher_scores"),
-                                    kd_loss_type=cfg.kd_loss_type, cross_device=cfg.negatives_cross_device)
-            engine.backward(loss)
-            engine.step()
+            teacher = inputs.get("teacher_scores")
+            loss = train_micro_batch(engine, inputs, lambda q, p, teacher=teacher: contrastive_loss(
+                q, p, cfg.temperature, teacher_scores=teacher, kd_loss_type=cfg.kd_loss_type,
+                cross_device=cfg.negatives_cross_device), cfg.sub_batch_size)
             window["loss"] += float(loss.detach())
             window["micro"] += 1
             window["groups"] += int(inputs["q_input_ids"].shape[0])
@@ -368,7 +436,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             if first_step_s is None:
                 first_step_s = time.time() - t_start
                 if rank == 0 and progress is not None:
-                    progress.put_nowait({"kind": "first_step", "time": time.time(), "step": global_step})
+                    progress.put_nowait({"kind": "first_step", "time": time.time(), "step": global_step,
+                                         "worker_start": t_start, "engine_ready_s": engine_ready_s,
+                                         "first_batch_s": first_batch_s})
             if global_step % cfg.logging_steps == 0 or global_step == plan.total_steps:
                 elapsed = time.perf_counter() - window["t0"]
                 loss_sum, micro_n, groups, tokens, wait = _all_reduce(
@@ -382,6 +452,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                     "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                     "groups_per_s": groups / elapsed, "tokens_per_s": tokens / elapsed,
                     "data_wait_frac": wait / world / elapsed, "time_to_first_step_s": first_step_s,
+                    "time_to_engine_s": engine_ready_s, "time_to_first_batch_s": first_batch_s,
                     "window_s": elapsed, "window_groups": groups, "window_tokens": tokens,
                 }
                 if rank == 0 and progress is not None:

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from bge_ray.config import ConfigError, FinetuneConfig, load_config, parse_overrides
-from bge_ray.deepspeed_config import build_deepspeed_config
+from bge_ray.deepspeed_config import build_deepspeed_config, fill_model_sizes
 from tests.helpers import FE_EXAMPLES
 
 
@@ -124,28 +124,33 @@ def test_user_deepspeed_json(base, tmp_path):
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_shipped_zero_configs_resolve(base, stage):
     cfg = load_config(None, base + ["--deepspeed", f"zero{stage}", "--gradient_accumulation_steps", "2"])
-    ds = build_deepspeed_config(cfg, world_size=4, total_steps=100, hidden_size=64)
+    ds = fill_model_sizes(build_deepspeed_config(cfg, world_size=4, total_steps=100), hidden_size=64, num_params=10**6)
+    assert "auto" not in json.dumps(ds)
     assert ds["zero_optimization"]["stage"] == stage
     assert ds["train_batch_size"] == 8 * 2 * 4 and ds["gradient_clipping"] == 1.0
     assert ds["bf16"]["enabled"] is False
 
 
 def test_bucket_sizes_follow_the_model(base, tiny_model):
-    from transformers import AutoModel
-
-    from bge_ray.deepspeed_config import model_sizes
+    from bge_ray.modeling import Embedder
+    from bge_ray.train import engine_config
 
     cfg = load_config(None, base + ["--deepspeed", "zero2"])
-    hidden, params = model_sizes(cfg)  # counted on the meta device, without the weights
-    assert hidden == 32 and params == sum(p.numel() for p in AutoModel.from_pretrained(tiny_model).parameters())
-    zero = build_deepspeed_config(cfg, world_size=2, hidden_size=hidden, num_params=params)["zero_optimization"]
+    driver = build_deepspeed_config(cfg, world_size=2)  # the driver never loads the model
+    assert driver["zero_optimization"]["reduce_bucket_size"] == "auto"
+    model = Embedder.from_pretrained(tiny_model)
+    params = sum(p.numel() for p in model.parameters())
+    zero = engine_config(driver, model)["zero_optimization"]  # what each worker hands DeepSpeed
     assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == params
     # a model bigger than DeepSpeed's default keeps the default; no size known: the default
-    assert build_deepspeed_config(cfg, world_size=2, num_params=10**10)["zero_optimization"]["reduce_bucket_size"] == 5e8
-    assert build_deepspeed_config(cfg, world_size=2)["zero_optimization"]["allgather_bucket_size"] == 5e8
+    assert fill_model_sizes(driver, None, 10**10)["zero_optimization"]["reduce_bucket_size"] == 5e8
+    assert fill_model_sizes(driver, None, 0)["zero_optimization"]["allgather_bucket_size"] == 5e8
     cfg3 = load_config(None, base + ["--deepspeed", "zero3"])
-    assert build_deepspeed_config(cfg3, world_size=2, hidden_size=hidden, num_params=params)[
-        "zero_optimization"]["reduce_bucket_size"] == 32 * 32
+    zero3 = engine_config(build_deepspeed_config(cfg3, world_size=2), model)["zero_optimization"]
+    assert zero3["reduce_bucket_size"] == 32 * 32 and zero3["stage3_param_persistence_threshold"] == 320
+    # an explicit value is the user's
+    user = dict(driver, zero_optimization=dict(driver["zero_optimization"], reduce_bucket_size=12345))
+    assert engine_config(user, model)["zero_optimization"]["reduce_bucket_size"] == 12345
 
 
 def test_positional_argument_is_rejected(base):

@@ -9,6 +9,7 @@ from collections import Counter
 
 import pytest
 
+from bge_ray import data as data_mod
 from bge_ray.config import FinetuneConfig
 from bge_ray.data import (
     DataValidationError,
@@ -22,6 +23,7 @@ from bge_ray.data import (
     sample_group,
     scan_triplets,
     tokenize_rows,
+    triplet_source,
 )
 from tests.helpers import FE_EXAMPLES
 
@@ -156,41 +158,52 @@ def _write(path, lines, gz=False):
         f.write(data)
 
 
-def test_reads_files_dirs_globs_and_gzip(ray_cluster, tmp_path):
+@pytest.fixture(params=["ray-data", "driver", "datasource-over-threshold"])
+def scan_data(request, monkeypatch):
+    """The three ways a scan runs: a Ray Dataset, a small datasource read on the driver by its own read
+    tasks, and a datasource above IN_PROCESS_SCAN_BYTES (handed to Ray Data). All must agree."""
+    if request.param == "ray-data":
+        return read_triplets
+    if request.param == "datasource-over-threshold":
+        monkeypatch.setattr(data_mod, "IN_PROCESS_SCAN_BYTES", 0)
+    return triplet_source
+
+
+def test_reads_files_dirs_globs_and_gzip(ray_cluster, tmp_path, scan_data):
     good = json.dumps(GOOD)
     _write(str(tmp_path / "a" / "one.jsonl"), [good] * 3)
     _write(str(tmp_path / "a" / "two.jsonl.gz"), [good] * 4 + [""], gz=True)
     _write(str(tmp_path / "b" / "three.json"), [good] * 5)
     (tmp_path / "a" / "notes.txt").write_text("not data")
-    ds = read_triplets([str(tmp_path / "a"), str(tmp_path / "b" / "*.json")], RowRules())
+    ds = scan_data([str(tmp_path / "a"), str(tmp_path / "b" / "*.json")], RowRules())
     summary = scan_triplets(ds, skip_bad_rows=False)
     assert summary.num_rows == 12 and summary.num_bad == 0
 
 
-def test_bad_row_fails_the_scan_with_file_and_line(ray_cluster, tmp_path):
+def test_bad_row_fails_the_scan_with_file_and_line(ray_cluster, tmp_path, scan_data):
     good = json.dumps(GOOD)
     path = str(tmp_path / "train.jsonl")
     _write(path, [good, good, '{"query": "q", "pos": ["p"]  oops', good])
     with pytest.raises(DataValidationError, match=rf"{path}:3: not valid JSON"):
-        scan_triplets(read_triplets([path], RowRules()), skip_bad_rows=False)
+        scan_triplets(scan_data([path], RowRules()), skip_bad_rows=False)
 
 
-def test_skip_bad_rows_counts_and_reports(ray_cluster, tmp_path):
+def test_skip_bad_rows_counts_and_reports(ray_cluster, tmp_path, scan_data):
     good = json.dumps(GOOD)
     path = str(tmp_path / "train.jsonl")
     _write(path, [good, "garbage", good, json.dumps({"query": "q", "pos": []}), good])
-    summary = scan_triplets(read_triplets([path], RowRules()), skip_bad_rows=True)
+    summary = scan_triplets(scan_data([path], RowRules()), skip_bad_rows=True)
     assert (summary.num_rows, summary.num_bad) == (3, 2)
     assert any(e.startswith(f"{path}:2:") for e in summary.first_errors)
     assert any(e.startswith(f"{path}:4:") for e in summary.first_errors)
     assert "2 bad rows skipped" in summary.describe()
 
 
-def test_json_array_file_is_explained(ray_cluster, tmp_path):
+def test_json_array_file_is_explained(ray_cluster, tmp_path, scan_data):
     path = str(tmp_path / "train.json")
     (tmp_path / "train.json").write_text(json.dumps([GOOD, GOOD]))
     with pytest.raises(DataValidationError, match="JSON Lines"):
-        scan_triplets(read_triplets([path], RowRules()), skip_bad_rows=False)
+        scan_triplets(scan_data([path], RowRules()), skip_bad_rows=False)
 
 
 def test_max_example_num_per_dataset_is_a_seeded_sample(ray_cluster, tmp_path):
@@ -202,6 +215,8 @@ def test_max_example_num_per_dataset_is_a_seeded_sample(ray_cluster, tmp_path):
 
     first = queries(1)
     assert len(first) == 10 and first == queries(1) and first != queries(2)
+    # the driver's scan counts the same sample the pipeline then reads
+    assert scan_triplets(triplet_source([path], RowRules(), max_examples=10, seed=1), skip_bad_rows=False).num_rows == 10
 
 
 def test_build_train_dataset_tokenizes_fe_examples(ray_cluster, tiny_model, tmp_path):
@@ -214,11 +229,11 @@ def test_build_train_dataset_tokenizes_fe_examples(ray_cluster, tiny_model, tmp_
     assert len({r["row_key"] for r in rows}) == 50
 
 
-def test_reads_cloud_uris_and_names_the_object_and_line(ray_cluster, s3):
+def test_reads_cloud_uris_and_names_the_object_and_line(ray_cluster, s3, scan_data):
     with open(FE_EXAMPLES, "rb") as f:
         s3.put_object(Bucket="bge-ray-test", Key="train/good.jsonl", Body=f.read())
-    summary = scan_triplets(read_triplets(["s3://bge-ray-test/train/"], RowRules()), skip_bad_rows=False)
+    summary = scan_triplets(scan_data(["s3://bge-ray-test/train/"], RowRules()), skip_bad_rows=False)
     assert summary.num_rows == 50
     s3.put_object(Bucket="bge-ray-test", Key="bad/rows.jsonl", Body=(json.dumps(GOOD) + "\n{oops\n").encode())
     with pytest.raises(DataValidationError, match=r"bge-ray-test/bad/rows.jsonl:2: not valid JSON"):
-        scan_triplets(read_triplets(["s3://bge-ray-test/bad/rows.jsonl"], RowRules()), skip_bad_rows=False)
+        scan_triplets(scan_data(["s3://bge-ray-test/bad/rows.jsonl"], RowRules()), skip_bad_rows=False)

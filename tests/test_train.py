@@ -141,7 +141,7 @@ def test_zero3_cross_device_distillation_cls_checkpointing(ray_cluster, tiny_mod
         "sentence_pooling_method": "cls", "negatives_cross_device": True, "knowledge_distillation": True,
         "kd_loss_type": "m3_kd_loss", "gradient_checkpointing": True, "gradient_accumulation_steps": 2,
         "learning_rate": 5e-4, "max_steps": 3, "logging_steps": 1, "save_steps": 100,
-        "query_instruction_for_retrieval": "query: ",
+        "query_instruction_for_retrieval": "query: ", "sub_batch_size": 5,  # GradCache: 4 query, 12 passage rows
     })
     assert result.metrics["step"] == 3
     from safetensors.torch import load_file
@@ -201,3 +201,28 @@ def test_bf16_on_cpu_trains_and_exports_fp32_master_weights(ray_cluster, tiny_mo
         assert json.load(f).get("dtype") in (None, "float32")
     model = Embedder.from_pretrained(result.model_dir, pooling="mean")
     assert next(model.parameters()).dtype == torch.float32
+
+
+def test_first_batch_early_fetches_ahead_keeps_order_and_raises_in_the_caller():
+    import threading
+
+    from bge_ray.train import FirstBatchEarly
+
+    fetched = threading.Event()
+
+    def source():
+        fetched.set()
+        yield from range(4)
+
+    it = FirstBatchEarly(source())
+    assert fetched.wait(5)  # the first item is fetched before anyone asks
+    assert list(it) == [0, 1, 2, 3]
+    assert list(FirstBatchEarly(iter([]))) == []
+
+    def broken():
+        raise ValueError("bad shard")
+        yield
+
+    it = FirstBatchEarly(broken())
+    with pytest.raises(ValueError, match="bad shard"):
+        next(it)

@@ -1,0 +1,119 @@
+"""One micro-batch's forward and backward, whole or with gradient caching (``sub_batch_size``).
+
+Contrastive loss couples every query with every passage of the batch (and, with
+``negatives_cross_device``, of every worker's batch), so the batch cannot simply be split into
+micro-batches: the loss of the parts is not the loss of the whole. GradCache (Gao et al., 2021,
+"Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup") computes the exact
+full-batch gradient with the activations of only ``sub_batch_size`` sequences alive at a time:
+
+1. encode queries and passages in chunks of ``sub_batch_size`` without autograd, keeping only the
+   embeddings (and each chunk's RNG state, so dropout can be replayed);
+2. compute the loss on those embeddings as leaf tensors and take its gradient with respect to
+   them: ``dL/dq``, ``dL/dp`` (the all-gathers of cross-device negatives happen here, once);
+3. encode each chunk again, now with autograd and the same dropout masks, and backpropagate
+   ``sum(chunk_embeddings * dL/dchunk)``: by the chain rule the parameter gradients of all chunks
+   add up to the gradient of the full-batch loss.
+
+The cost is a second forward pass (about +1/3 compute); the memory for activations falls from the
+whole batch to one chunk. To DeepSpeed each chunk's backward is one gradient-accumulation
+micro-step (``engine.backward`` then ``engine.step``): the engine is configured with
+``gradient_accumulation_steps`` times :func:`micro_steps` (``train.engine_config`` does it), so
+ZeRO 1-3 accumulate the chunks' gradients as they do micro-batches, fp16 loss scaling included,
+and the optimizer steps once per batch (several backward passes between two ``step`` calls are
+not accumulated correctly by ZeRO 1/2).
+
+FlagEmbedding's ``sub_batch_size`` encodes in chunks but keeps every chunk's graph, so it saves
+no activation memory; the loss and its gradient are the same as here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class RngState:
+    """The CPU (and, on a GPU, the device's) random state at one point, to replay dropout masks."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    @contextlib.contextmanager
+    def replay(self) -> Iterator[None]:
+        """Run the block from this state; the outer random streams continue as if it never ran."""
+        with torch.random.fork_rng(devices=[self.device] if self.cuda is not None else []):
+            torch.set_rng_state(self.cpu)
+            if self.cuda is not None:
+                torch.cuda.set_rng_state(self.cuda, self.device)
+            yield
+
+
+def _chunks(n: int, size: int) -> list[slice]:
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def micro_steps(batch_size: int, group_size: int, sub_batch_size: int | None) -> int:
+    """DeepSpeed micro-steps per micro-batch: 1 without GradCache, else one per chunk of queries or passages."""
+    if not sub_batch_size or sub_batch_size <= 0 or batch_size * max(1, group_size) <= sub_batch_size:
+        return 1
+    return len(_chunks(batch_size, sub_batch_size)) + len(_chunks(batch_size * group_size, sub_batch_size))
+
+
+def train_micro_batch(engine: Any, inputs: dict[str, torch.Tensor], loss_fn: LossFn,
+                      sub_batch_size: int | None = None) -> torch.Tensor:
+    """Forward, backward and ``engine.step()`` of one micro-batch; returns the detached loss.
+
+    ``engine``: a DeepSpeed engine (or anything with ``__call__(q_ids, q_mask, p_ids, p_mask) -> (q, p)``,
+    ``backward(loss)`` that divides by ``gradient_accumulation_steps()``, and ``step()``). With
+    ``sub_batch_size`` below the batch's passages, the gradient is computed by GradCache (module
+    docstring) and equals the full-batch one; the engine must then count :func:`micro_steps` per batch."""
+    q_ids, q_mask = inputs["q_input_ids"], inputs["q_attention_mask"]
+    p_ids, p_mask = inputs["p_input_ids"], inputs["p_attention_mask"]
+    batch, group = q_ids.size(0), p_ids.size(0) // max(1, q_ids.size(0))
+    steps = micro_steps(batch, group, sub_batch_size)
+    if steps == 1:
+        q, p = engine(q_ids, q_mask, p_ids, p_mask)
+        loss = loss_fn(q.float(), p.float())
+        engine.backward(loss)
+        engine.step()
+        return loss.detach()
+    if engine.gradient_accumulation_steps() % steps:
+        raise ValueError(f"GradCache with sub_batch_size {sub_batch_size} takes {steps} micro-steps per batch; the "
+                         f"engine's gradient_accumulation_steps ({engine.gradient_accumulation_steps()}) must be a "
+                         "multiple (bge_ray.train.engine_config sets it)")
+
+    def encode(side: str, rows: slice) -> torch.Tensor:
+        if side == "q":
+            return engine(q_ids[rows], q_mask[rows], None, None)[0]
+        return engine(None, None, p_ids[rows], p_mask[rows])[1]
+
+    pieces = [("q", s) for s in _chunks(q_ids.size(0), sub_batch_size)]
+    pieces += [("p", s) for s in _chunks(p_ids.size(0), sub_batch_size)]
+    # 1. embeddings without autograd, each chunk's random state kept
+    states: list[RngState] = []
+    reps: dict[str, list[torch.Tensor]] = {"q": [], "p": []}
+    with torch.no_grad():
+        for side, rows in pieces:
+            states.append(RngState(q_ids.device))
+            reps[side].append(encode(side, rows).float())
+    # 2. the loss on the cached embeddings, and its gradient with respect to them
+    q = torch.cat(reps["q"]).requires_grad_()
+    p = torch.cat(reps["p"]).requires_grad_()
+    loss = loss_fn(q, p)
+    q_grad, p_grad = torch.autograd.grad(loss, [q, p])
+    grads = {"q": q_grad, "p": p_grad}
+    # 3. each chunk again, with autograd and the same dropout, backpropagating its cached gradient; the
+    #    engine divides each by its micro-steps per optimizer step, the sum over chunks is multiplied back
+    for (side, rows), state in zip(pieces, states, strict=True):
+        with state.replay():
+            emb = encode(side, rows)
+        engine.backward((emb.float() * grads[side][rows]).sum() * steps)
+        engine.step()
+    return loss.detach()
