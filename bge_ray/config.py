@@ -75,6 +75,8 @@ class FinetuneConfig:
     max_example_num_per_dataset: int = 100_000_000
     skip_bad_rows: bool = False
     shuffle_buffer_size: int = 1000
+    # batches of rows of similar length (sorted within pools of 16 batches of the shuffled stream): less padding
+    group_by_length: bool = False
 
     # --- training ---
     temperature: float = 0.02

@@ -588,6 +588,41 @@ def pad_ids(seqs: list[list[int]], pad_id: int, side: str = "right", multiple_of
     return ids, mask
 
 
+LENGTH_POOL_BATCHES = 16  # group_by_length sorts this many consecutive batches' rows at a time
+
+
+def row_length(pos_ids: Any, neg_ids: Any) -> int:
+    """The padded length a row asks of its batch: its longest passage (passages dominate the compute)."""
+    return max((len(t) for texts in (pos_ids, neg_ids) if texts is not None for t in texts), default=0)
+
+
+def length_grouped(batches: Iterator[dict[str, Any]], batch_size: int, seed: int,
+                   pool: int = LENGTH_POOL_BATCHES) -> Iterator[dict[str, Any]]:
+    """``group_by_length``: regroup the rows of every ``pool`` consecutive batches so that each batch
+    holds rows of similar length (padding less), then yield those batches in a seeded random order.
+
+    The rows still arrive shuffled (the pool is ``pool`` x ``batch_size`` rows of the shuffled stream),
+    so a batch's in-batch negatives are random rows of similar length. The same rows are trained, in
+    the same number of batches: only which rows share a batch changes."""
+    rng = random.Random(seed)
+    while True:
+        taken = []
+        for _ in range(pool):
+            batch = next(batches, None)
+            if batch is None:
+                break
+            taken.append(batch)
+        if not taken:
+            return
+        merged = {k: np.concatenate([b[k] for b in taken]) for k in taken[0]}
+        lengths = [row_length(p, n) for p, n in zip(merged["pos_ids"], merged["neg_ids"], strict=True)]
+        order = np.argsort(np.asarray(lengths), kind="stable")
+        groups = [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+        rng.shuffle(groups)
+        for rows in groups:
+            yield {k: v[rows] for k, v in merged.items()}
+
+
 @dataclass
 class GroupCollator:
     """Turns a batch of tokenized rows into model inputs for one epoch."""

@@ -14,8 +14,8 @@ full-batch gradient with the activations of only ``sub_batch_size`` sequences al
    ``sum(chunk_embeddings * dL/dchunk)``: by the chain rule the parameter gradients of all chunks
    add up to the gradient of the full-batch loss.
 
-The cost is a second forward pass (about +1/3 compute); the memory for activations falls from the
-whole batch to one chunk. To DeepSpeed each chunk's backward is one gradient-accumulation
+The cost is a second forward pass (about +1/3 compute, less the padding saved: each chunk is padded
+to its own longest sequence); the memory for activations falls from the whole batch to one chunk. To DeepSpeed each chunk's backward is one gradient-accumulation
 micro-step (``engine.backward`` then ``engine.step``): the engine is configured with
 ``gradient_accumulation_steps`` times :func:`micro_steps` (``train.engine_config`` does it), so
 ZeRO 1-3 accumulate the chunks' gradients as they do micro-batches, fp16 loss scaling included,
@@ -55,8 +55,22 @@ class RngState:
             yield
 
 
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 embeddings to fp32 for the loss; fp32 and fp64 as they are."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def _chunks(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def _trim_right_padding(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A chunk padded to its own longest sequence, not the batch's (right padding only: cutting left
+    padding would move the tokens' positions)."""
+    longest = int(mask.sum(dim=1).max())
+    if longest < mask.size(1) and not bool(mask[:, longest:].any()):
+        return ids[:, :longest], mask[:, :longest]
+    return ids, mask
 
 
 def micro_steps(batch_size: int, group_size: int, sub_batch_size: int | None) -> int:
@@ -80,7 +94,7 @@ def train_micro_batch(engine: Any, inputs: dict[str, torch.Tensor], loss_fn: Los
     steps = micro_steps(batch, group, sub_batch_size)
     if steps == 1:
         q, p = engine(q_ids, q_mask, p_ids, p_mask)
-        loss = loss_fn(q.float(), p.float())
+        loss = loss_fn(_upcast(q), _upcast(p))
         engine.backward(loss)
         engine.step()
         return loss.detach()
@@ -91,8 +105,8 @@ def train_micro_batch(engine: Any, inputs: dict[str, torch.Tensor], loss_fn: Los
 
     def encode(side: str, rows: slice) -> torch.Tensor:
         if side == "q":
-            return engine(q_ids[rows], q_mask[rows], None, None)[0]
-        return engine(None, None, p_ids[rows], p_mask[rows])[1]
+            return engine(*_trim_right_padding(q_ids[rows], q_mask[rows]), None, None)[0]
+        return engine(None, None, *_trim_right_padding(p_ids[rows], p_mask[rows]))[1]
 
     pieces = [("q", s) for s in _chunks(q_ids.size(0), sub_batch_size)]
     pieces += [("p", s) for s in _chunks(p_ids.size(0), sub_batch_size)]
@@ -102,7 +116,7 @@ def train_micro_batch(engine: Any, inputs: dict[str, torch.Tensor], loss_fn: Los
     with torch.no_grad():
         for side, rows in pieces:
             states.append(RngState(q_ids.device))
-            reps[side].append(encode(side, rows).float())
+            reps[side].append(_upcast(encode(side, rows)))
     # 2. the loss on the cached embeddings, and its gradient with respect to them
     q = torch.cat(reps["q"]).requires_grad_()
     p = torch.cat(reps["p"]).requires_grad_()
@@ -114,6 +128,6 @@ def train_micro_batch(engine: Any, inputs: dict[str, torch.Tensor], loss_fn: Los
     for (side, rows), state in zip(pieces, states, strict=True):
         with state.replay():
             emb = encode(side, rows)
-        engine.backward((emb.float() * grads[side][rows]).sum() * steps)
+        engine.backward((_upcast(emb) * grads[side][rows]).sum() * steps)
         engine.step()
     return loss.detach()

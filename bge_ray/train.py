@@ -35,7 +35,7 @@ from bge_ray.checkpointing import (
     write_manifest,
 )
 from bge_ray.config import FinetuneConfig
-from bge_ray.data import GroupCollator, load_tokenizer
+from bge_ray.data import GroupCollator, length_grouped, load_tokenizer
 from bge_ray.deepspeed_config import fill_model_sizes
 from bge_ray.evaluation import EncoderSpec, load_validation_set, validate
 from bge_ray.grad_cache import micro_steps, train_micro_batch
@@ -271,13 +271,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     if cfg.use_gpu and cfg.bf16 and not torch.cuda.is_bf16_supported():
         raise RuntimeError(f"bf16 is on but {torch.cuda.get_device_name(device)} has no bf16: use fp16 instead")
 
-    # --- data ---
-    tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.cache_dir, cfg.trust_remote_code)
-    collate = GroupCollator(
-        group_size=cfg.train_group_size, seed=cfg.seed, pad_token_id=tokenizer.pad_token_id,
-        padding_side=tokenizer.padding_side, pad_to_multiple_of=cfg.pad_to_multiple_of,
-        knowledge_distillation=cfg.knowledge_distillation,
-    )
     shard = ray.train.get_dataset_shard("train")
 
     # --- resume point ---
@@ -321,16 +314,23 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             if dist.is_available() and dist.is_initialized():
                 dist.barrier()
         buffer = max(cfg.shuffle_buffer_size, cfg.per_device_train_batch_size) if cfg.shuffle_buffer_size else None
-        return iter(shard.iter_batches(
+        seed = cfg.seed * 7919 + epoch * 104729 + rank
+        batches = iter(shard.iter_batches(
             batch_size=cfg.per_device_train_batch_size, batch_format="numpy", drop_last=True,
-            local_shuffle_buffer_size=buffer, local_shuffle_seed=cfg.seed * 7919 + epoch * 104729 + rank if buffer else None,
-            prefetch_batches=2,
+            local_shuffle_buffer_size=buffer, local_shuffle_seed=seed if buffer else None, prefetch_batches=2,
         ))
+        return length_grouped(batches, cfg.per_device_train_batch_size, seed) if cfg.group_by_length else batches
 
-    # the first epoch's pipeline starts now (reading, tokenizing) and runs while the model and engine are built
+    # the first epoch's pipeline starts now (reading, tokenizing) and runs while the tokenizer, model and engine load
     first_batches = FirstBatchEarly(open_epoch(start_epoch)) if global_step < plan.total_steps else None
 
-    # --- model and engine ---
+    # --- tokenizer, model and engine ---
+    tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.cache_dir, cfg.trust_remote_code)
+    collate = GroupCollator(
+        group_size=cfg.train_group_size, seed=cfg.seed, pad_token_id=tokenizer.pad_token_id,
+        padding_side=tokenizer.padding_side, pad_to_multiple_of=cfg.pad_to_multiple_of,
+        knowledge_distillation=cfg.knowledge_distillation,
+    )
     model = Embedder.from_pretrained(cfg.model_name_or_path, pooling=cfg.sentence_pooling_method,
                                      normalize=cfg.normalize_embeddings, cache_dir=cfg.cache_dir,
                                      trust_remote_code=cfg.trust_remote_code, attention_dropout=cfg.attention_dropout)

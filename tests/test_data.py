@@ -237,3 +237,40 @@ def test_reads_cloud_uris_and_names_the_object_and_line(ray_cluster, s3, scan_da
     s3.put_object(Bucket="bge-ray-test", Key="bad/rows.jsonl", Body=(json.dumps(GOOD) + "\n{oops\n").encode())
     with pytest.raises(DataValidationError, match=r"bge-ray-test/bad/rows.jsonl:2: not valid JSON"):
         scan_triplets(scan_data(["s3://bge-ray-test/bad/rows.jsonl"], RowRules()), skip_bad_rows=False)
+
+
+def test_group_by_length_keeps_the_rows_and_pads_less():
+    import numpy as np
+
+    from bge_ray.data import length_grouped, row_length
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 250, size=32 * 8)
+
+    def objects(items):  # a column of lists, as Ray Data's numpy batches hold them
+        out = np.empty(len(items), dtype=object)
+        out[:] = items
+        return out
+
+    def stream():
+        for b in range(32):
+            rows = range(b * 8, (b + 1) * 8)
+            yield {"row_key": np.array(list(rows)),
+                   "pos_ids": objects([[list(range(lengths[r]))] for r in rows]),
+                   "neg_ids": objects([[[1, 2]] for _ in rows])}
+
+    def padded(batches):
+        return sum(8 * max(row_length(p, n) for p, n in zip(b["pos_ids"], b["neg_ids"], strict=True)) for b in batches)
+
+    plain = list(stream())
+    grouped = list(length_grouped(stream(), batch_size=8, seed=3))
+    assert len(grouped) == len(plain) and all(len(b["row_key"]) == 8 for b in grouped)
+    keys = np.concatenate([b["row_key"] for b in grouped])
+    assert sorted(keys.tolist()) == list(range(256))  # every row once
+    assert all(row_length(p, n) == lengths[k] for b in grouped for k, p, n in zip(b["row_key"], b["pos_ids"], b["neg_ids"], strict=True))
+    assert padded(grouped) < 0.75 * padded(plain)
+    # batches come in a seeded random order, not shortest first
+    longest = [max(lengths[b["row_key"]]) for b in grouped[:16]]
+    assert longest != sorted(longest)
+    again = list(length_grouped(stream(), batch_size=8, seed=3))
+    assert all((a["row_key"] == b["row_key"]).all() for a, b in zip(grouped, again, strict=True))

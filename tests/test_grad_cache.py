@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from bge_ray.data import load_tokenizer
-from bge_ray.grad_cache import micro_steps, train_micro_batch
+from bge_ray.grad_cache import _trim_right_padding, micro_steps, train_micro_batch
 from bge_ray.loss import contrastive_loss
 from bge_ray.modeling import Embedder
 
@@ -52,12 +52,19 @@ def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _model(path: str, pooling: str, dropout: float) -> Embedder:
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal up to float64 rounding, relative to the tensor's own scale. (In float32 this tiny random model
+    at temperature 0.05 computes the same gradient only to ~0.5%, whichever way it is batched; a wrong
+    scale, mask or dropout shows as differences of the gradient's own size.)"""
+    return bool((a - b).abs().max() <= 1e-9 * b.abs().max() + 1e-15)
+
+
+def _model(path: str, pooling: str, dropout: float, dtype: torch.dtype = torch.float64) -> Embedder:
     from transformers import AutoConfig, AutoModel
 
     config = AutoConfig.from_pretrained(path)
     config.hidden_dropout_prob = config.attention_probs_dropout_prob = dropout
-    model = Embedder(AutoModel.from_pretrained(path, config=config), pooling=pooling)
+    model = Embedder(AutoModel.from_pretrained(path, config=config), pooling=pooling).to(dtype)
     model.train()
     return model
 
@@ -66,7 +73,7 @@ def _model(path: str, pooling: str, dropout: float) -> Embedder:
 def test_gradients_equal_the_full_batch_gradients(tiny_model, pooling, kd):
     model = _model(tiny_model, pooling, dropout=0.0)
     batch = _batch(load_tokenizer(tiny_model), n_queries=5, group=4)
-    teacher = torch.randn(5, 4) if kd else None
+    teacher = torch.randn(5, 4, dtype=torch.float64) if kd else None
 
     def loss_fn(q, p):
         return contrastive_loss(q, p, 0.05, teacher_scores=teacher)
@@ -78,8 +85,8 @@ def test_gradients_equal_the_full_batch_gradients(tiny_model, pooling, kd):
         cached = _grads(model)
         assert torch.allclose(loss, full_loss, atol=1e-6)
         assert cached.keys() == full.keys() and len(full) > 10
-        for name, g in full.items():
-            assert torch.allclose(cached[name], g, rtol=1e-4, atol=1e-6), (sub, name, (cached[name] - g).abs().max())
+        for name, g in full.items():  # equal up to float rounding (chunks pad to their own length)
+            assert _close(cached[name], g), (sub, name, (cached[name] - g).abs().max(), g.abs().max())
 
 
 def test_dropout_is_replayed_in_the_second_forward(tiny_model):
@@ -93,11 +100,13 @@ def test_dropout_is_replayed_in_the_second_forward(tiny_model):
     def loss_fn(q, p):
         return contrastive_loss(q, p, 0.05)
 
+    def encode_chunks(side: str, n: int) -> torch.Tensor:  # each chunk padded to its own longest, as GradCache does
+        return torch.cat([model.encode(*_trim_right_padding(batch[f"{side}_input_ids"][i:i + sub],
+                                                             batch[f"{side}_attention_mask"][i:i + sub]))
+                          for i in range(0, n, sub)])
+
     torch.manual_seed(7)
-    q = torch.cat([model.encode(batch["q_input_ids"][i:i + sub], batch["q_attention_mask"][i:i + sub])
-                   for i in range(0, 4, sub)])
-    p = torch.cat([model.encode(batch["p_input_ids"][i:i + sub], batch["p_attention_mask"][i:i + sub])
-                   for i in range(0, 12, sub)])
+    q, p = encode_chunks("q", 4), encode_chunks("p", 12)
     reference_loss = loss_fn(q, p)
     reference_loss.backward()
     reference = _grads(model)
@@ -107,7 +116,7 @@ def test_dropout_is_replayed_in_the_second_forward(tiny_model):
     cached = _grads(model)
     assert torch.allclose(loss, reference_loss.detach(), atol=1e-6)
     for name, g in reference.items():
-        assert torch.allclose(cached[name], g, rtol=1e-4, atol=1e-6), name
+        assert _close(cached[name], g), name
     # and dropout really was on: another seed gives another loss
     torch.manual_seed(8)
     assert not torch.allclose(train_micro_batch(engine, batch, loss_fn, sub_batch_size=sub), loss)
@@ -137,8 +146,8 @@ def _deepspeed_worker(config: dict) -> None:
         batch = {k: v.flip(0) for k, v in batch.items()}
     teacher = torch.arange(12, dtype=torch.float32).view(4, 3) * (rank + 1) / 10
 
-    def loss_fn(q, p):
-        return contrastive_loss(q, p, 0.05, teacher_scores=teacher, cross_device=True)
+    def loss_fn(q, p):  # temperature 0.2: float32 rounding stays ~1e-5 of the gradient (DeepSpeed: no float64)
+        return contrastive_loss(q, p, 0.2, teacher_scores=teacher, cross_device=True)
 
     ds_config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "train_batch_size": 8,
                  "zero_optimization": {"stage": config["stage"], "reduce_bucket_size": 10**5,
@@ -146,7 +155,7 @@ def _deepspeed_worker(config: dict) -> None:
                  "zero_allow_untested_optimizer": True, "gradient_clipping": 0.0, "steps_per_print": 10**9}
     weights = []
     for sub in (None, 2):
-        model = _model(config["model"], "mean", dropout=0.0)
+        model = _model(config["model"], "mean", dropout=0.0, dtype=torch.float32)
         engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
                                           config=engine_config(ds_config, model, micro_steps(4, 3, sub)),
                                           dist_init_required=False)
@@ -176,4 +185,14 @@ def test_gradcache_step_equals_full_batch_step_under_zero_on_two_workers(ray_clu
     with open(out) as f:
         result = json.load(f)
     assert result["moved"] > 1e-4  # the step did something
-    assert result["diff"] < 1e-5 * max(1.0, result["moved"]), result
+    # equal up to float32 rounding; wrong accumulation across chunks or ranks is off by the step's own size
+    assert result["diff"] < 1e-3 * result["moved"], result
+
+
+def test_chunks_drop_their_own_right_padding_only():
+    ids = torch.tensor([[5, 6, 0, 0], [7, 0, 0, 0]])
+    mask = (ids != 0).long()
+    t_ids, t_mask = _trim_right_padding(ids, mask)
+    assert t_ids.tolist() == [[5, 6], [7, 0]] and t_mask.tolist() == [[1, 1], [1, 0]]
+    left = torch.tensor([[0, 0, 5, 6], [0, 0, 0, 7]])
+    assert _trim_right_padding(left, (left != 0).long())[0] is left  # positions would move: untouched
