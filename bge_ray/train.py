@@ -325,45 +325,48 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     first_batches = FirstBatchEarly(open_epoch(start_epoch)) if global_step < plan.total_steps else None
 
     # --- tokenizer, model and engine ---
-    tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.cache_dir, cfg.trust_remote_code)
-    collate = GroupCollator(
-        group_size=cfg.train_group_size, seed=cfg.seed, pad_token_id=tokenizer.pad_token_id,
-        padding_side=tokenizer.padding_side, pad_to_multiple_of=cfg.pad_to_multiple_of,
-        knowledge_distillation=cfg.knowledge_distillation,
-    )
-    model = Embedder.from_pretrained(cfg.model_name_or_path, pooling=cfg.sentence_pooling_method,
-                                     normalize=cfg.normalize_embeddings, cache_dir=cfg.cache_dir,
-                                     trust_remote_code=cfg.trust_remote_code, attention_dropout=cfg.attention_dropout)
-    if cfg.gradient_checkpointing:
-        model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.model.config.use_cache = False
-    if cfg.fix_position_embedding:
-        model.freeze_position_embeddings()
-    ds_config = engine_config(loop_config["ds_config"], model, micro_steps(
-        cfg.per_device_train_batch_size, cfg.train_group_size, cfg.sub_batch_size))
-    zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
-    optimizer = scheduler = None
-    if "optimizer" not in ds_config:
-        optimizer = build_optimizer(model, cfg, cfg.use_gpu)
-        if "scheduler" not in ds_config:
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(plan.warmup_steps, plan.total_steps))
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
-        model_parameters=[p for p in model.parameters() if p.requires_grad] if optimizer is None else None,
-        dist_init_required=False,
-    )
-    engine.train()
-    engine_ready_s = time.time() - t_start
-    if ckpt_dir is not None:
-        with stack:
+    # (the checkpoint's local copy, if it was downloaded, is removed however this ends)
+    try:
+        tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.cache_dir, cfg.trust_remote_code)
+        collate = GroupCollator(
+            group_size=cfg.train_group_size, seed=cfg.seed, pad_token_id=tokenizer.pad_token_id,
+            padding_side=tokenizer.padding_side, pad_to_multiple_of=cfg.pad_to_multiple_of,
+            knowledge_distillation=cfg.knowledge_distillation,
+        )
+        model = Embedder.from_pretrained(cfg.model_name_or_path, pooling=cfg.sentence_pooling_method,
+                                         normalize=cfg.normalize_embeddings, cache_dir=cfg.cache_dir,
+                                         trust_remote_code=cfg.trust_remote_code, attention_dropout=cfg.attention_dropout)
+        if cfg.gradient_checkpointing:
+            model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.model.config.use_cache = False
+        if cfg.fix_position_embedding:
+            model.freeze_position_embeddings()
+        ds_config = engine_config(loop_config["ds_config"], model, micro_steps(
+            cfg.per_device_train_batch_size, cfg.train_group_size, cfg.sub_batch_size))
+        zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+        optimizer = scheduler = None
+        if "optimizer" not in ds_config:
+            optimizer = build_optimizer(model, cfg, cfg.use_gpu)
+            if "scheduler" not in ds_config:
+                scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(plan.warmup_steps, plan.total_steps))
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
+            model_parameters=[p for p in model.parameters() if p.requires_grad] if optimizer is None else None,
+            dist_init_required=False,
+        )
+        engine.train()
+        engine_ready_s = time.time() - t_start
+        if ckpt_dir is not None:
             _, client = engine.load_checkpoint(ckpt_dir, tag=DS_TAG)
-        saved_step = int(client["bge_ray"]["global_step"])
-        if saved_step != global_step:
-            raise CheckpointError(f"{checkpoint.path}: its DeepSpeed state is at step {saved_step}, "
-                                  f"its {STATE_FILE} at step {global_step}")
-        if rank == 0:
-            print(f"[bge-ray] resumed from {checkpoint.path} at step {global_step}"
-                  + (f" ({skip_micro} micro-batches into epoch {start_epoch})" if skip_micro else ""), flush=True)
+            saved_step = int(client["bge_ray"]["global_step"])
+            if saved_step != global_step:
+                raise CheckpointError(f"{checkpoint.path}: its DeepSpeed state is at step {saved_step}, "
+                                      f"its {STATE_FILE} at step {global_step}")
+            if rank == 0:
+                print(f"[bge-ray] resumed from {checkpoint.path} at step {global_step}"
+                      + (f" ({skip_micro} micro-batches into epoch {start_epoch})" if skip_micro else ""), flush=True)
+    finally:
+        stack.close()
 
     def export(out_dir: str) -> None:
         sd = _consolidated_state_dict(engine, zero_stage, cfg.bf16 or cfg.fp16)

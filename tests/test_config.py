@@ -41,6 +41,12 @@ def test_flagembedding_command_moves_over(base):
     cfg = load_config(None, base + ["--overwrite_output_dir", "--dataloader_drop_last", "True",
                                     "--cache_path", "./cache/data", "--sentence_pooling_method", "mean"])
     assert cfg.sentence_pooling_method == "mean"
+    # FlagEmbedding's sub_batch_size, here GradCache; its -1 means off, as there
+    assert load_config(None, base + ["--sub_batch_size", "16"]).sub_batch_size == 16
+    from bge_ray.grad_cache import micro_steps
+
+    assert micro_steps(8, 8, load_config(None, base + ["--sub_batch_size", "-1"]).sub_batch_size) == 1
+    assert micro_steps(8, 8, 16) == 1 + 4 and micro_steps(8, 8, 64) == 1  # chunks of queries + of passages
 
 
 def test_yaml_then_command_line_wins(tmp_path, tiny_model):

@@ -187,6 +187,7 @@ def test_bf16_on_cpu_trains_and_exports_fp32_master_weights(ray_cluster, tiny_mo
         "attention_dropout": 0.0, "per_device_train_batch_size": 4, "train_group_size": 4, "query_max_len": 32,
         "passage_max_len": 64, "sentence_pooling_method": "mean", "temperature": 0.05, "learning_rate": 1e-3,
         "num_train_epochs": 2, "logging_steps": 2, "save_steps": 100, "seed": 3,
+        "group_by_length": True,  # regrouped batches: the same 6 per worker and epoch
     }
     result = bge_ray.finetune(cfg)
     assert result.metrics["step"] == 12
