@@ -40,7 +40,6 @@ if TYPE_CHECKING:
 TRIPLET_EXTENSIONS = ["jsonl", "json", "jsonl.gz", "json.gz"]
 _MAX_ERRORS_KEPT = 5
 _ROWS_PER_BLOCK = 512
-_FIRST_BLOCK_ROWS = 32  # a read task's blocks double from this to _ROWS_PER_BLOCK
 _READ_CHUNK = 1 << 20
 MAX_LINE_BYTES = 16 << 20  # one row; longer lines are reported, never read whole
 MAX_TEXTS_PER_ROW = 10_000
@@ -272,8 +271,6 @@ class TripletDatasource(FileBasedDatasource):
         rows: list[dict] = []
         reservoir: list[tuple[int, dict]] = []
         n_good = 0
-        # small first blocks, so the first batches reach the trainers seconds after the file is opened
-        block_rows = _FIRST_BLOCK_ROWS
         for line_no, raw in iter_lines(f):
             row = parse_line(raw, path, line_no, self._rules)
             if line_no == 1 and isinstance(raw, bytes) and raw.lstrip().startswith(b"["):
@@ -290,10 +287,9 @@ class TripletDatasource(FileBasedDatasource):
                         reservoir[j] = (line_no, row)
                 continue
             rows.append(row)
-            if len(rows) >= block_rows:
+            if len(rows) >= _ROWS_PER_BLOCK:
                 yield pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
                 rows = []
-                block_rows = min(2 * block_rows, _ROWS_PER_BLOCK)
         rows.extend(r for _, r in sorted(reservoir, key=lambda t: t[0]))
         if rows:
             yield pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
@@ -547,7 +543,7 @@ def build_train_dataset(cfg: FinetuneConfig, trained_rows: Any = None) -> tuple[
     rows = ray.data.read_datasource(source)
     spec = TokenizeSpec.from_config(cfg)
     ds = rows.map_batches(_usable_rows, fn_kwargs={"trained": trained_rows}, batch_format="pyarrow").map_batches(
-        tokenize_rows, fn_kwargs={"spec": spec}, batch_format="pyarrow", batch_size=None  # a block at a time
+        tokenize_rows, fn_kwargs={"spec": spec}, batch_format="pyarrow", batch_size=256
     )
     return ds, summary
 
