@@ -21,6 +21,7 @@ import codecs
 import functools
 import glob
 import hashlib
+import itertools
 import json
 import math
 import random
@@ -602,12 +603,7 @@ def length_grouped(batches: Iterator[dict[str, Any]], batch_size: int, seed: int
     the same number of batches: only which rows share a batch changes."""
     rng = random.Random(seed)
     while True:
-        taken = []
-        for _ in range(pool):
-            batch = next(batches, None)
-            if batch is None:
-                break
-            taken.append(batch)
+        taken = list(itertools.islice(batches, pool))
         if not taken:
             return
         merged = {k: np.concatenate([b[k] for b in taken]) for k in taken[0]}
