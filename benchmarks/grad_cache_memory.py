@@ -33,7 +33,7 @@ def one_setting(batch: int, steps: int, sub: int) -> dict:
     import torch.distributed as dist
 
     from bge_ray.config import FinetuneConfig
-    from bge_ray.data import GroupCollator, load_tokenizer
+    from bge_ray.data import GroupCollator, load_tokenizer, sample_row
     from bge_ray.deepspeed_config import build_deepspeed_config
     from bge_ray.grad_cache import micro_steps, train_micro_batch
     from bge_ray.loss import contrastive_loss
@@ -54,8 +54,8 @@ def one_setting(batch: int, steps: int, sub: int) -> dict:
                          learning_rate=2e-5, attention_dropout=0.0, sub_batch_size=sub or None)
     tok = load_tokenizer(path)
     with open(DATA, encoding="utf-8") as f:
-        rows = [json.loads(next(f)) for _ in range(batch * steps)]
-    collate = GroupCollator(group_size=group, seed=0, pad_token_id=tok.pad_token_id)
+        rows = [sample_row(dict(json.loads(next(f)), row_key=k), group, seed=0, epoch=0) for k in range(batch * steps)]
+    collate = GroupCollator(group_size=group, pad_token_id=tok.pad_token_id)
     model = Embedder.from_pretrained(path, pooling="mean", attention_dropout=0.0)
     ds = engine_config(build_deepspeed_config(cfg, world_size=1, total_steps=steps), model,
                        micro_steps(batch, group, cfg.sub_batch_size))
@@ -70,7 +70,7 @@ def one_setting(batch: int, steps: int, sub: int) -> dict:
             "pos_ids": [tok(r["pos"], truncation=True, max_length=256)["input_ids"] for r in part],
             "neg_ids": [tok(r["neg"], truncation=True, max_length=256)["input_ids"] for r in part],
         }
-        inputs = {k: torch.as_tensor(v) for k, v in collate(raw, 0).items()}
+        inputs = {k: torch.as_tensor(v) for k, v in collate(raw).items()}
         t0 = time.perf_counter()
         loss = train_micro_batch(engine, inputs, lambda q, p: contrastive_loss(q, p, 0.02), cfg.sub_batch_size)
         times.append(time.perf_counter() - t0)

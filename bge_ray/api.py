@@ -222,7 +222,7 @@ def finetune(config: FinetuneConfig | dict[str, Any] | str, callbacks: list[Any]
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Queue
 
-    from bge_ray.data import TrainedRows, build_train_dataset
+    from bge_ray.data import EpochState, build_train_dataset
     from bge_ray.deepspeed_config import build_deepspeed_config
     from bge_ray.train import MODEL_SUBDIR, TrainPlan, train_loop
 
@@ -235,8 +235,8 @@ def finetune(config: FinetuneConfig | dict[str, Any] | str, callbacks: list[Any]
     ensure_ray(cfg)
     # both off the CPU budget and outside any enclosing placement group (a Tune trial's), so they fit anywhere
     side_actor = {"num_cpus": 0, "scheduling_strategy": "DEFAULT"}
-    trained_rows = ray.remote(TrainedRows).options(**side_actor).remote()
-    dataset, summary = build_train_dataset(cfg, trained_rows)
+    epoch_state = ray.remote(EpochState).options(**side_actor).remote()
+    dataset, summary = build_train_dataset(cfg, epoch_state)
     _log(f"training data: {summary.describe()}")
     plan = TrainPlan.make(cfg, summary.num_rows)
     ds_config = build_deepspeed_config(cfg, cfg.num_workers, plan.total_steps, plan.warmup_steps)
@@ -254,7 +254,7 @@ def finetune(config: FinetuneConfig | dict[str, Any] | str, callbacks: list[Any]
     trainer = TorchTrainer(
         train_loop_per_worker=train_loop,
         train_loop_config={"cfg": cfg.to_dict(), "plan": dataclasses.asdict(plan), "ds_config": ds_config,
-                           "progress": progress, "trained_rows": trained_rows},
+                           "progress": progress, "epoch_state": epoch_state},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=cfg.worker_resources),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
@@ -282,7 +282,7 @@ def finetune(config: FinetuneConfig | dict[str, Any] | str, callbacks: list[Any]
         while not progress.empty():  # show what arrived after the printer's last look
             printer.show(progress.get_nowait())
         ray.kill(progress.actor)
-        ray.kill(trained_rows)
+        ray.kill(epoch_state)
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint; see the run in {storage}/{run_name}")
     chosen, metrics = result.checkpoint, dict(result.metrics or {})

@@ -1,14 +1,17 @@
-"""Training data on Ray Data: read triplet JSONL shards, validate, tokenize, sample groups.
+"""Training data on Ray Data: read triplet JSONL shards, validate, shuffle, sample groups, tokenize.
 
 Flow (one way, streaming):
 
     TripletDatasource (one read task per file, line by line, every row validated)
+      -> training pass (``training_pass``): each file's rows through a shuffle buffer, then each row
+         cut to its group for the epoch: 1 positive + train_group_size-1 negatives (seeded by seed,
+         epoch and the row's file:line, so the draw does not depend on which worker reads the row);
+         the epoch comes from the EpochState actor, so every epoch reshuffles and redraws
       -> drop rows marked bad (only with ``skip_bad_rows``; otherwise the scan has already failed)
-      -> map_batches(tokenize_rows): instructions applied, every query/positive/negative tokenized
+         and rows a resumed epoch already trained
+      -> map_batches(tokenize_rows), 64 rows a task: instructions applied, the sampled texts tokenized
       -> each Ray Train worker: get_dataset_shard("train").iter_batches(...)
-      -> GroupCollator: per epoch, per row, sample 1 positive + train_group_size-1 negatives from
-         the token ids (seeded by seed, epoch and the row's file:line, so the draw does not depend
-         on which worker reads the row), pad to the longest sequence in the batch.
+      -> GroupCollator: pad to the longest sequence in the batch.
 
 A row is ``{"query": str, "pos": [str, ...], "neg": [str, ...]}`` with optional ``pos_scores``,
 ``neg_scores`` (teacher scores, same lengths as ``pos``/``neg``) and ``prompt`` (a query
@@ -18,6 +21,7 @@ instruction for this row that overrides ``query_instruction_for_retrieval``).
 from __future__ import annotations
 
 import codecs
+import copy
 import functools
 import glob
 import hashlib
@@ -25,7 +29,7 @@ import itertools
 import json
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +45,7 @@ if TYPE_CHECKING:
 TRIPLET_EXTENSIONS = ["jsonl", "json", "jsonl.gz", "json.gz"]
 _MAX_ERRORS_KEPT = 5
 _ROWS_PER_BLOCK = 512
+TOKENIZE_BATCH_ROWS = 64  # rows per tokenize task: the first batches leave after ~2 x 64 rows, not a whole file
 _READ_CHUNK = 1 << 20
 MAX_LINE_BYTES = 16 << 20  # one row; longer lines are reported, never read whole
 MAX_TEXTS_PER_ROW = 10_000
@@ -263,21 +268,53 @@ class TripletDatasource(FileBasedDatasource):
         self._rules = rules
         self._max_examples = max_examples
         self._seed = seed
+        self._training = False
+        self._shuffle_window = 0
+        self._epoch_state: Any = None
+
+    def training_pass(self, shuffle_window: int, epoch_state: Any = None) -> TripletDatasource:
+        """This datasource as an epoch's training pass: each file's rows go through a shuffle buffer
+        of ``shuffle_window`` rows (0: file order), and each good row keeps only its sampled group
+        (:func:`sample_row`). Both are seeded by the epoch an :class:`EpochState` actor holds (0
+        without one), so every epoch reshuffles and draws new negatives."""
+        source = copy.copy(self)
+        source._training, source._shuffle_window, source._epoch_state = True, shuffle_window, epoch_state
+        return source
 
     def _read_stream(self, f: Any, path: str) -> Iterator[pa.Table]:
+        rows = self._file_rows(f, path)
+        if self._training:
+            epoch = 0
+            if self._epoch_state is not None:
+                import ray
+
+                epoch = int(ray.get(self._epoch_state.epoch.remote()))
+            if self._shuffle_window > 0:
+                rows = window_shuffle(rows, self._shuffle_window, random.Random(f"{self._seed}:{epoch}:{path}"))
+            group, seed = self._rules.train_group_size, self._seed
+            rows = (sample_row(r, group, seed, epoch) if r["error"] is None else r for r in rows)
+        block: list[dict] = []
+        for row in rows:
+            block.append(row)
+            if len(block) >= _ROWS_PER_BLOCK:
+                yield pa.Table.from_pylist(block, schema=ROW_SCHEMA)
+                block = []
+        if block:
+            yield pa.Table.from_pylist(block, schema=ROW_SCHEMA)
+
+    def _file_rows(self, f: Any, path: str) -> Iterator[dict]:
         # With max_example_num_per_dataset below the row count, FlagEmbedding keeps a uniform
         # random sample; here a seeded reservoir of that many rows (held by this read task).
         capped = self._max_examples < DEFAULT_MAX_EXAMPLES
         rng = random.Random(f"{self._seed}:{path}")
-        rows: list[dict] = []
         reservoir: list[tuple[int, dict]] = []
         n_good = 0
         for line_no, raw in iter_lines(f):
             row = parse_line(raw, path, line_no, self._rules)
             if line_no == 1 and isinstance(raw, bytes) and raw.lstrip().startswith(b"["):
                 row["error"] = f"{path}:1: the file is a JSON array; bge-ray reads JSON Lines (one object per line)"
-                rows = [row]
-                break
+                yield row
+                return
             if capped and row["error"] is None:
                 n_good += 1
                 if len(reservoir) < self._max_examples:
@@ -287,13 +324,24 @@ class TripletDatasource(FileBasedDatasource):
                     if j < self._max_examples:
                         reservoir[j] = (line_no, row)
                 continue
-            rows.append(row)
-            if len(rows) >= _ROWS_PER_BLOCK:
-                yield pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
-                rows = []
-        rows.extend(r for _, r in sorted(reservoir, key=lambda t: t[0]))
-        if rows:
-            yield pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+            yield row
+        yield from (r for _, r in sorted(reservoir, key=lambda t: t[0]))
+
+
+def window_shuffle(rows: Iterable[dict], window: int, rng: random.Random) -> Iterator[dict]:
+    """Rows in a random order through a buffer of ``window`` rows: once it is full, each new row
+    takes the place of a random one, which goes out (a row can travel any distance forward, at most
+    ``window`` back). Holds ``window`` rows, never the stream."""
+    buffer: list[dict] = []
+    for row in rows:
+        if len(buffer) < window:
+            buffer.append(row)
+            continue
+        j = rng.randrange(window)
+        yield buffer[j]
+        buffer[j] = row
+    rng.shuffle(buffer)
+    yield from buffer
 
 
 class JsonLinesDatasource(FileBasedDatasource):
@@ -489,18 +537,24 @@ def _drop_bad(batch: pa.Table) -> pa.Table:
     return batch.filter(pc.is_null(batch.column("error")))
 
 
-class TrainedRows:
-    """A Ray actor holding the row keys the current epoch must leave out: the rows trained before the
-    checkpoint a run resumed from (empty otherwise). Workers set it at the start of each epoch."""
+class EpochState:
+    """A Ray actor: the epoch being trained, and the row keys it leaves out (the rows trained before
+    the checkpoint a run resumed from; empty otherwise). Rank 0 sets both at the start of each epoch;
+    the pipeline's read tasks reshuffle by the epoch, and drop the keys."""
 
     def __init__(self) -> None:
         self.generation = 0
+        self.current_epoch = 0
         self.keys = np.empty(0, dtype=np.int64)
 
-    def set(self, keys: np.ndarray) -> int:
+    def begin(self, epoch: int, keys: np.ndarray) -> int:
         self.generation += 1
+        self.current_epoch = int(epoch)
         self.keys = np.unique(np.asarray(keys, dtype=np.int64))
         return self.generation
+
+    def epoch(self) -> int:
+        return self.current_epoch
 
     def get(self, known_generation: int) -> tuple[int, np.ndarray | None]:
         """The keys, or None when the caller already holds this generation."""
@@ -510,16 +564,16 @@ class TrainedRows:
 _TRAINED_CACHE: dict[str, tuple[int, np.ndarray]] = {}  # per process: actor id -> (generation, keys)
 
 
-def _usable_rows(batch: pa.Table, trained: Any = None) -> pa.Table:
+def _usable_rows(batch: pa.Table, state: Any = None) -> pa.Table:
     """Drop bad rows (only there with skip_bad_rows) and rows this epoch already trained."""
     batch = _drop_bad(batch)
-    if trained is None or batch.num_rows == 0:
+    if state is None or batch.num_rows == 0:
         return batch
     import ray
 
-    cache_key = trained._actor_id.hex()
+    cache_key = state._actor_id.hex()
     known, keys = _TRAINED_CACHE.get(cache_key, (-1, np.empty(0, dtype=np.int64)))
-    generation, fresh = ray.get(trained.get.remote(known))
+    generation, fresh = ray.get(state.get.remote(known))
     if fresh is not None:
         _TRAINED_CACHE[cache_key] = (generation, fresh)
         keys = fresh
@@ -529,10 +583,11 @@ def _usable_rows(batch: pa.Table, trained: Any = None) -> pa.Table:
     return batch.filter(pa.array(keep))
 
 
-def build_train_dataset(cfg: FinetuneConfig, trained_rows: Any = None) -> tuple[ray.data.Dataset, DataSummary]:
+def build_train_dataset(cfg: FinetuneConfig, epoch_state: Any = None) -> tuple[ray.data.Dataset, DataSummary]:
     """Validate the training data (one streaming pass) and return the tokenized dataset and its summary.
 
-    ``trained_rows``: a :class:`TrainedRows` actor; its keys are left out of every pass while set.
+    ``epoch_state``: an :class:`EpochState` actor; its epoch seeds each pass's shuffle, and its keys
+    are left out of the pass while set.
     """
     import ray.data
 
@@ -541,11 +596,14 @@ def build_train_dataset(cfg: FinetuneConfig, trained_rows: Any = None) -> tuple[
     rules = RowRules.from_config(cfg)
     source = triplet_source(cfg.train_data, rules, max_examples=cfg.max_example_num_per_dataset, seed=cfg.seed)
     summary = scan_triplets(source, skip_bad_rows=cfg.skip_bad_rows)
-    rows = ray.data.read_datasource(source)
+    rows = ray.data.read_datasource(source.training_pass(cfg.shuffle_buffer_size, epoch_state))
     spec = TokenizeSpec.from_config(cfg)
-    ds = rows.map_batches(_usable_rows, fn_kwargs={"trained": trained_rows}, batch_format="pyarrow").map_batches(
-        tokenize_rows, fn_kwargs={"spec": spec}, batch_format="pyarrow", batch_size=256
-    )
+    # Small tokenize tasks, their output cut into small blocks: Train's equal split hands a block out
+    # only once every worker can get as many rows, so with a few large blocks the first batch
+    # waited for most of the epoch's tokenization (SciFact: 22 CPU-s).
+    ds = rows.map_batches(_usable_rows, fn_kwargs={"state": epoch_state}, batch_format="pyarrow").map_batches(
+        tokenize_rows, fn_kwargs={"spec": spec}, batch_format="pyarrow", batch_size=TOKENIZE_BATCH_ROWS
+    ).repartition(target_num_rows_per_block=TOKENIZE_BATCH_ROWS)  # fused into the task: its output leaves in small blocks
     return ds, summary
 
 
@@ -566,6 +624,18 @@ def sample_group(num_pos: int, num_neg: int, group_size: int, seed: int, epoch: 
     if num_neg < need:
         pool = pool * math.ceil(need / num_neg)
     return pos_idx, rng.sample(pool, need)
+
+
+def sample_row(row: dict, group_size: int, seed: int, epoch: int) -> dict:
+    """The row with only its group for ``epoch``: ``pos`` the one sampled positive, ``neg`` the
+    ``group_size-1`` sampled negatives, teacher scores cut the same way (:func:`sample_group`)."""
+    pos_idx, neg_idx = sample_group(len(row["pos"]), len(row["neg"] or []), group_size, seed, epoch, row["row_key"])
+    out = dict(row, pos=[row["pos"][pos_idx]], neg=[row["neg"][j] for j in neg_idx])
+    if row.get("pos_scores"):  # scores are optional (empty or None without them)
+        out["pos_scores"] = [row["pos_scores"][pos_idx]]
+    if row.get("neg_scores"):
+        out["neg_scores"] = [row["neg_scores"][j] for j in neg_idx]
+    return out
 
 
 def pad_ids(seqs: list[list[int]], pad_id: int, side: str = "right", multiple_of: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -617,27 +687,27 @@ def length_grouped(batches: Iterator[dict[str, Any]], batch_size: int, seed: int
 
 @dataclass
 class GroupCollator:
-    """Turns a batch of tokenized rows into model inputs for one epoch."""
+    """Turns a batch of sampled, tokenized rows (1 positive + ``group_size-1`` negatives each, see
+    :func:`sample_row`) into padded model inputs: the queries, then each row's group, positive first."""
 
     group_size: int
-    seed: int
     pad_token_id: int
     padding_side: str = "right"
     pad_to_multiple_of: int | None = None
     knowledge_distillation: bool = False
 
-    def __call__(self, batch: dict[str, Any], epoch: int) -> dict[str, Any]:
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         queries, passages, teacher = [], [], []
         for i in range(len(batch["row_key"])):
             pos, neg = batch["pos_ids"][i], batch["neg_ids"][i]
-            pos_idx, neg_idx = sample_group(len(pos), len(neg), self.group_size, self.seed, epoch,
-                                            int(batch["row_key"][i]))
+            if len(pos) != 1 or len(neg) != self.group_size - 1:
+                raise ValueError(f"row {int(batch['row_key'][i])} holds {len(pos)} positive(s) and {len(neg)} "
+                                 f"negative(s), not a sampled group of {self.group_size} (see sample_row)")
             queries.append(list(batch["q_ids"][i]))
-            passages.append(list(pos[pos_idx]))
-            passages.extend(list(neg[j]) for j in neg_idx)
+            passages.append(list(pos[0]))
+            passages.extend(list(t) for t in neg)
             if self.knowledge_distillation:
-                teacher.append([float(batch["pos_scores"][i][pos_idx])]
-                               + [float(batch["neg_scores"][i][j]) for j in neg_idx])
+                teacher.append([float(batch["pos_scores"][i][0])] + [float(x) for x in batch["neg_scores"][i]])
         q_ids, q_mask = pad_ids(queries, self.pad_token_id, self.padding_side, self.pad_to_multiple_of)
         p_ids, p_mask = pad_ids(passages, self.pad_token_id, self.padding_side, self.pad_to_multiple_of)
         out: dict[str, Any] = {"q_input_ids": q_ids, "q_attention_mask": q_mask,

@@ -259,7 +259,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     cfg = FinetuneConfig(**loop_config["cfg"])
     plan = TrainPlan(**loop_config["plan"])
     progress = loop_config.get("progress")
-    trained_rows = loop_config.get("trained_rows")  # TrainedRows actor: the rows a resumed epoch leaves out
+    epoch_state = loop_config.get("epoch_state")  # EpochState actor: the epoch (shuffle seed) and rows it leaves out
     t_start = time.time()
     rank, world = _world()
     ctx = ray.train.get_context()
@@ -307,18 +307,17 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     def open_epoch(epoch: int) -> Iterator[dict]:
         """This worker's batches of ``epoch``; a resumed epoch leaves out the rows trained before."""
-        if trained_rows is not None:
+        if epoch_state is not None:
             if rank == 0:
                 leave_out = resumed_rows if epoch == start_epoch and skip_micro else np.empty(0, dtype=np.int64)
-                ray.get(trained_rows.set.remote(leave_out))
+                ray.get(epoch_state.begin.remote(epoch, leave_out))
             if dist.is_available() and dist.is_initialized():
                 dist.barrier()
-        buffer = max(cfg.shuffle_buffer_size, cfg.per_device_train_batch_size) if cfg.shuffle_buffer_size else None
+        # rows arrive shuffled (the read's shuffle buffer, reseeded by the epoch): no local buffer to
+        # fill here before the first batch
         seed = cfg.seed * 7919 + epoch * 104729 + rank
-        batches = iter(shard.iter_batches(
-            batch_size=cfg.per_device_train_batch_size, batch_format="numpy", drop_last=True,
-            local_shuffle_buffer_size=buffer, local_shuffle_seed=seed if buffer else None, prefetch_batches=2,
-        ))
+        batches = iter(shard.iter_batches(batch_size=cfg.per_device_train_batch_size, batch_format="numpy",
+                                          drop_last=True, prefetch_batches=2))
         return length_grouped(batches, cfg.per_device_train_batch_size, seed) if cfg.group_by_length else batches
 
     # the first epoch's pipeline starts now (reading, tokenizing) and runs while the tokenizer, model and engine load
@@ -329,7 +328,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     try:
         tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.cache_dir, cfg.trust_remote_code)
         collate = GroupCollator(
-            group_size=cfg.train_group_size, seed=cfg.seed, pad_token_id=tokenizer.pad_token_id,
+            group_size=cfg.train_group_size, pad_token_id=tokenizer.pad_token_id,
             padding_side=tokenizer.padding_side, pad_to_multiple_of=cfg.pad_to_multiple_of,
             knowledge_distillation=cfg.knowledge_distillation,
         )
@@ -420,7 +419,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             if first_batch_s is None:
                 first_batch_s = time.time() - t_start
             epoch_rows.append(np.asarray(raw["row_key"], dtype=np.int64))
-            batch = collate(raw, epoch)
+            batch = collate(raw)
             inputs = {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
             teacher = inputs.get("teacher_scores")
             loss = train_micro_batch(engine, inputs, lambda q, p, teacher=teacher: contrastive_loss(

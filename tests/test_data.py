@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import random
 from collections import Counter
 
 import pytest
@@ -13,6 +14,7 @@ from bge_ray import data as data_mod
 from bge_ray.config import FinetuneConfig
 from bge_ray.data import (
     DataValidationError,
+    EpochState,
     GroupCollator,
     RowRules,
     TokenizeSpec,
@@ -21,9 +23,11 @@ from bge_ray.data import (
     parse_line,
     read_triplets,
     sample_group,
+    sample_row,
     scan_triplets,
     tokenize_rows,
     triplet_source,
+    window_shuffle,
 )
 from tests.helpers import FE_EXAMPLES
 
@@ -109,14 +113,41 @@ def test_collator_layout_padding_and_teacher_alignment():
         "neg_scores": [[1.0, 2.0], [3.0, 4.0]],
         "row_key": [1, 2],
     }
-    out = GroupCollator(group_size=3, seed=0, pad_token_id=0, pad_to_multiple_of=8, knowledge_distillation=True)(batch, 0)
+    out = GroupCollator(group_size=3, pad_token_id=0, pad_to_multiple_of=8, knowledge_distillation=True)(batch)
     assert out["q_input_ids"].shape == (2, 8) and out["p_input_ids"].shape == (6, 8)
     assert out["q_attention_mask"].sum(1).tolist() == [3, 5]
-    # positive first in each group; teacher scores follow the same sampled passages
+    # positive first in each group; teacher scores follow the same passages
     first_tokens = out["p_input_ids"][:, 1].tolist()
-    assert first_tokens[0] == 10 and first_tokens[3] == 20
-    score_of = {10: 5.0, 11: 1.0, 12: 2.0, 20: 6.0, 22: 3.0, 23: 4.0}
-    assert out["teacher_scores"].reshape(-1).tolist() == [score_of[t] for t in first_tokens]
+    assert first_tokens == [10, 11, 12, 20, 22, 23]
+    assert out["teacher_scores"].reshape(-1).tolist() == [5.0, 1.0, 2.0, 6.0, 3.0, 4.0]
+    # a row that was not cut to its group is refused, not silently trained on
+    with pytest.raises(ValueError, match="row 1 holds 1 positive.* and 2 negative.*not a sampled group of 4"):
+        GroupCollator(group_size=4, pad_token_id=0)(batch)
+
+
+def test_sample_row_cuts_the_group_and_its_teacher_scores():
+    row = dict(GOOD, neg=[f"n{i}" for i in range(10)], pos=["p0", "p1"], pos_scores=[0.9, 0.8],
+               neg_scores=[i / 10 for i in range(10)], row_key=7)
+    out = sample_row(row, group_size=4, seed=1, epoch=0)
+    pos_idx, neg_idx = sample_group(2, 10, 4, seed=1, epoch=0, key=7)
+    assert out["pos"] == [row["pos"][pos_idx]] and out["neg"] == [f"n{j}" for j in neg_idx]
+    assert out["pos_scores"] == [row["pos_scores"][pos_idx]] and out["neg_scores"] == [j / 10 for j in neg_idx]
+    assert out["query"] == row["query"] and len(set(out["neg"])) == 3
+    assert sample_row(row, 4, seed=1, epoch=1)["neg"] != out["neg"] or sample_row(row, 4, 1, 2)["neg"] != out["neg"]
+    # without teacher scores, none appear
+    assert sample_row(dict(row, pos_scores=None, neg_scores=None), 4, 1, 0)["neg_scores"] is None
+
+
+def test_window_shuffle_permutes_within_its_window():
+    rows = [{"i": i} for i in range(500)]
+    out = [r["i"] for r in window_shuffle(iter(rows), 50, random.Random(3))]
+    assert sorted(out) == list(range(500)) and out != list(range(500))
+    # a row leaves at most `window` places before where it came in (the buffer holds no more)
+    assert all(pos >= i - 50 for pos, i in enumerate(out))
+    assert out == [r["i"] for r in window_shuffle(iter(rows), 50, random.Random(3))]
+    assert out != [r["i"] for r in window_shuffle(iter(rows), 50, random.Random(4))]
+    # a window as large as the data is a full shuffle
+    assert sorted(r["i"] for r in window_shuffle(iter(rows[:20]), 50, random.Random(0))) == list(range(20))
 
 
 def test_pad_ids_left_and_right():
@@ -227,6 +258,38 @@ def test_build_train_dataset_tokenizes_fe_examples(ray_cluster, tiny_model, tmp_
     assert summary.num_rows == len(rows) == 50
     assert all(len(r["q_ids"]) <= 16 and all(len(p) <= 24 for p in r["neg_ids"]) for r in rows)
     assert len({r["row_key"] for r in rows}) == 50
+
+
+def test_training_pass_reshuffles_resamples_and_leaves_out_rows_per_epoch(ray_cluster, tiny_model, tmp_path):
+    import ray
+
+    path = str(tmp_path / "train.jsonl")
+    _write(path, [json.dumps({"query": f"q{i}", "pos": [f"p{i}"], "neg": [f"n{i} {j}" for j in range(12)]})
+                  for i in range(200)])
+    cfg = FinetuneConfig(model_name_or_path=tiny_model, train_data=[path], output_dir=str(tmp_path),
+                         train_group_size=4, query_max_len=16, passage_max_len=24, shuffle_buffer_size=64)
+    state = ray.remote(EpochState).remote()
+    ds, summary = build_train_dataset(cfg, state)
+
+    def epoch_pass(epoch, leave_out=()):
+        ray.get(state.begin.remote(epoch, list(leave_out)))
+        blocks = [b.num_rows() for b in ds.iter_internal_ref_bundles()]
+        rows = ds.take_all()
+        return blocks, [r["row_key"] for r in rows], {r["row_key"]: [list(p) for p in r["neg_ids"]] for r in rows}
+
+    blocks, order0, negs0 = epoch_pass(0)
+    # each row holds its sampled group only, and leaves in small blocks (the first batch waits for
+    # a few tokenize tasks, not for the whole file)
+    assert summary.num_rows == len(order0) == 200 and all(len(n) == 3 for n in negs0.values())
+    assert max(blocks) <= data_mod.TOKENIZE_BATCH_ROWS and len(blocks) >= 200 // data_mod.TOKENIZE_BATCH_ROWS
+    assert order0 != sorted(order0)
+    _, order0_again, negs0_again = epoch_pass(0)
+    assert negs0_again == negs0  # seeded: the same epoch draws the same groups
+    _, order1, negs1 = epoch_pass(1)
+    assert sorted(order1) == sorted(order0) and order1 != order0  # another epoch, another order
+    assert sum(negs1[k] != negs0[k] for k in negs0) > 150  # and other negatives for most rows
+    _, order2, _ = epoch_pass(2, leave_out=order0[:30])
+    assert sorted(order2) == sorted(order0[30:])
 
 
 def test_reads_cloud_uris_and_names_the_object_and_line(ray_cluster, s3, scan_data):

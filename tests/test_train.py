@@ -10,7 +10,16 @@ import pytest
 import torch
 
 import bge_ray
-from bge_ray.data import ROW_SCHEMA, GroupCollator, RowRules, TokenizeSpec, load_tokenizer, parse_line, tokenize_rows
+from bge_ray.data import (
+    ROW_SCHEMA,
+    GroupCollator,
+    RowRules,
+    TokenizeSpec,
+    load_tokenizer,
+    parse_line,
+    sample_row,
+    tokenize_rows,
+)
 from bge_ray.loss import contrastive_loss
 from bge_ray.modeling import Embedder
 from tests.helpers import FE_EXAMPLES, make_beir_subset
@@ -24,14 +33,15 @@ def dataset_loss(model_dir: str, cfg: dict) -> float:
     import pyarrow as pa
 
     with open(cfg["train_data"][0], encoding="utf-8") as f:
-        rows = [parse_line(line.encode(), "f", i, RowRules(cfg["train_group_size"])) for i, line in enumerate(f, 1)]
+        rows = [sample_row(parse_line(line.encode(), "f", i, RowRules(cfg["train_group_size"])), cfg["train_group_size"],
+                           seed=123, epoch=0) for i, line in enumerate(f, 1)]
     spec = TokenizeSpec(tokenizer=model_dir, cache_dir=None, trust_remote_code=False,
                         query_max_len=cfg["query_max_len"], passage_max_len=cfg["passage_max_len"],
                         query_instruction=None, query_instruction_format="{}{}", passage_instruction=None,
                         passage_instruction_format="{}{}")
     tokenized = tokenize_rows(pa.Table.from_pylist(rows, schema=ROW_SCHEMA), spec).to_pydict()
     tok = load_tokenizer(model_dir)
-    batch = GroupCollator(cfg["train_group_size"], seed=123, pad_token_id=tok.pad_token_id)(tokenized, epoch=0)
+    batch = GroupCollator(cfg["train_group_size"], pad_token_id=tok.pad_token_id)(tokenized)
     model = Embedder.from_pretrained(model_dir, pooling=cfg["sentence_pooling_method"], normalize=True).eval()
     with torch.no_grad():
         q, p = model(*(torch.as_tensor(batch[k]) for k in ("q_input_ids", "q_attention_mask", "p_input_ids",
