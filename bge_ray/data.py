@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 TRIPLET_EXTENSIONS = ["jsonl", "json", "jsonl.gz", "json.gz"]
 _MAX_ERRORS_KEPT = 5
 _ROWS_PER_BLOCK = 512
-TOKENIZE_BATCH_ROWS = 64  # rows per tokenize task: the first batches leave after ~2 x 64 rows, not a whole file
+TOKENIZE_BATCH_ROWS = 64  # rows per tokenize task: first batches leave after a few such tasks, not a whole file
 _READ_CHUNK = 1 << 20
 MAX_LINE_BYTES = 16 << 20  # one row; longer lines are reported, never read whole
 MAX_TEXTS_PER_ROW = 10_000
@@ -330,8 +330,8 @@ class TripletDatasource(FileBasedDatasource):
 
 def window_shuffle(rows: Iterable[dict], window: int, rng: random.Random) -> Iterator[dict]:
     """Rows in a random order through a buffer of ``window`` rows: once it is full, each new row
-    takes the place of a random one, which goes out (a row can travel any distance forward, at most
-    ``window`` back). Holds ``window`` rows, never the stream."""
+    takes the place of a random one, which goes out. A row leaves at most ``window`` places before
+    the place it came in, and any number after. Holds ``window`` rows, never the stream."""
     buffer: list[dict] = []
     for row in rows:
         if len(buffer) < window:
@@ -586,8 +586,8 @@ def _usable_rows(batch: pa.Table, state: Any = None) -> pa.Table:
 def build_train_dataset(cfg: FinetuneConfig, epoch_state: Any = None) -> tuple[ray.data.Dataset, DataSummary]:
     """Validate the training data (one streaming pass) and return the tokenized dataset and its summary.
 
-    ``epoch_state``: an :class:`EpochState` actor; its epoch seeds each pass's shuffle, and its keys
-    are left out of the pass while set.
+    ``epoch_state``: an :class:`EpochState` actor; its epoch seeds each pass's shuffle and group
+    draw, and its keys are left out of the pass while set.
     """
     import ray.data
 
