@@ -16,11 +16,11 @@ full-batch gradient with the activations of only ``sub_batch_size`` sequences al
 
 The cost is a second forward pass (about +1/3 compute, less the padding saved: each chunk is padded
 to its own longest sequence); the memory for activations falls from the whole batch to one chunk.
-To DeepSpeed each chunk's backward is one gradient-accumulation micro-step (``engine.backward`` then ``engine.step``): the engine is configured with
-``gradient_accumulation_steps`` times :func:`micro_steps` (``train.engine_config`` does it), so
-ZeRO 1-3 accumulate the chunks' gradients as they do micro-batches, fp16 loss scaling included,
-and the optimizer steps once per batch (several backward passes between two ``step`` calls are
-not accumulated correctly by ZeRO 1/2).
+To DeepSpeed each chunk's backward is one gradient-accumulation micro-step (``engine.backward``
+then ``engine.step``): the engine is configured with ``gradient_accumulation_steps`` times
+:func:`micro_steps` (``train.engine_config`` does it), so ZeRO 1-3 accumulate the chunks'
+gradients as they do micro-batches, fp16 loss scaling included, and the optimizer steps once per
+batch (several backward passes between two ``step`` calls are not accumulated correctly by ZeRO 1/2).
 
 FlagEmbedding's ``sub_batch_size`` encodes in chunks but keeps every chunk's graph, so it saves
 no activation memory; the loss and its gradient are the same as here.

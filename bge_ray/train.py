@@ -259,7 +259,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     cfg = FinetuneConfig(**loop_config["cfg"])
     plan = TrainPlan(**loop_config["plan"])
     progress = loop_config.get("progress")
-    epoch_state = loop_config.get("epoch_state")  # EpochState actor: the epoch (shuffle seed) and rows it leaves out
+    epoch_state = loop_config.get("epoch_state")  # EpochState actor: the epoch (seeds shuffle and groups), rows left out
     t_start = time.time()
     rank, world = _world()
     ctx = ray.train.get_context()
