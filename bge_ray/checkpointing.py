@@ -22,6 +22,9 @@ import hashlib
 import json
 import os
 import re
+import shutil
+import socket
+import tempfile
 from typing import Any
 
 import numpy as np
@@ -31,6 +34,8 @@ STATE_FILE = "trainer_state.json"
 CHECKPOINT_PREFIX = "checkpoint_step_"
 _NAME = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)(?:-(\w+))?$")
 _HASH_CHUNK = 8 << 20
+STAGING_PREFIX = "bge_ray_ckpt_"
+_STAGING = re.compile(rf"^{STAGING_PREFIX}(?P<host>[A-Za-z0-9.-]+)_(?P<pid>\d+)_")
 
 
 class CheckpointError(RuntimeError):
@@ -155,3 +160,42 @@ def load_trained_rows(local_dir: str, rank: int) -> np.ndarray:
     if not os.path.exists(path):
         return np.empty(0, dtype=np.int64)
     return np.load(path, allow_pickle=False)
+
+
+def _host_tag() -> str:
+    """This host's name as it can sit between underscores in a directory name."""
+    return re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname()) or "host"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def staging_dir(parent: str | None = None) -> str:
+    """A new local directory to write one checkpoint into before Ray uploads it, named after this
+    host and process.
+
+    A worker killed while it saves never reaches its cleanup, and what it leaves holds a full copy
+    of its model and optimizer shards; a node that sees many restarts would fill its disk. So the
+    directories that processes of this host left behind and that are no longer running are removed
+    first (another host's, sharing the directory, are left to that host)."""
+    parent = parent or tempfile.gettempdir()
+    host = _host_tag()
+    for name in os.listdir(parent):
+        m = _STAGING.match(name)
+        if m is None or m["host"] != host or _pid_alive(int(m["pid"])):
+            continue
+        path = os.path.join(parent, name)
+        try:
+            shutil.rmtree(path)
+        except FileNotFoundError:  # another worker of this host removed it first
+            pass
+        except OSError as e:
+            print(f"[bge-ray] could not remove the leftover checkpoint staging dir {path}: {e}", flush=True)
+    return tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{host}_{os.getpid()}_", dir=parent)

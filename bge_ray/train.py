@@ -12,7 +12,6 @@ import math
 import os
 import resource
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -31,6 +30,7 @@ from bge_ray.checkpointing import (
     checkpoint_name,
     load_trained_rows,
     pick_resume_checkpoint,
+    staging_dir,
     trained_rows_name,
     write_manifest,
 )
@@ -177,7 +177,7 @@ def _save_checkpoint(engine: Any, state: dict, metrics: dict, rows: list[np.ndar
     registers it only once all have arrived."""
     rank, world = _world()
     state = dict(state, world_size=world)
-    ckpt_dir = tempfile.mkdtemp(prefix="bge_ray_ckpt_")
+    ckpt_dir = staging_dir()
     try:
         engine.save_checkpoint(ckpt_dir, tag=DS_TAG, client_state={"bge_ray": state})
         if export is not None:

@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 import bge_ray
-from bge_ray.checkpointing import CheckpointError, pick_resume_checkpoint, verify, write_manifest
+from bge_ray.checkpointing import CheckpointError, pick_resume_checkpoint, staging_dir, verify, write_manifest
 from bge_ray.data import row_key
 from tests.helpers import REPO, SHARED_DATA
 
@@ -222,6 +222,28 @@ def test_manifest_lists_every_file_with_its_size_and_hash(tmp_path):
     assert verify(_local_fs(), str(tmp_path)) is None
     (tmp_path / "deepspeed" / "a.pt").write_bytes(b"x" * 11)
     assert verify(_local_fs(), str(tmp_path)) == "deepspeed/a.pt has 11 bytes, 10 were written"
+
+
+def test_checkpoint_staging_removes_what_dead_processes_of_this_host_left(tmp_path):
+    """A worker SIGKILLed while it saves leaves its staging dir (a copy of its shards) behind; the
+    next save on the host removes it, and nothing of a live process, another host or anyone else."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    mine = staging_dir(str(tmp_path))
+    host = os.path.basename(mine)[len("bge_ray_ckpt_"):].rsplit("_", 2)[0]
+    assert os.path.basename(mine).startswith(f"bge_ray_ckpt_{host}_{os.getpid()}_")
+    left = tmp_path / f"bge_ray_ckpt_{host}_{dead.pid}_abc"
+    (left / "deepspeed").mkdir(parents=True)
+    (left / "deepspeed" / "shard.pt").write_bytes(b"x" * 100)
+    live = tmp_path / f"bge_ray_ckpt_{host}_{os.getppid()}_abc"
+    other_host = tmp_path / f"bge_ray_ckpt_{host}x_{dead.pid}_abc"
+    unrelated = tmp_path / f"bge_ray_ckptx_{host}_{dead.pid}_abc"
+    for d in (live, other_host, unrelated):
+        d.mkdir()
+    second = staging_dir(str(tmp_path))
+    assert not left.exists()
+    assert all(d.is_dir() for d in (live, other_host, unrelated, tmp_path / os.path.basename(mine)))
+    assert second != mine and os.path.isdir(second)
 
 
 def test_a_too_small_local_ray_is_an_error_not_a_wait(tiny_model, tmp_path):
