@@ -34,7 +34,8 @@ def _log(msg: str) -> None:
 
 
 def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Join ``address`` (or ``RAY_ADDRESS``), or start a local Ray with ``num_cpus`` logical CPUs."""
+    """Join ``address`` (or ``RAY_ADDRESS``, or the cluster ``ray start`` made on this machine), or start a
+    local Ray with ``num_cpus`` logical CPUs."""
     import ray
 
     if ray.is_initialized():
@@ -49,6 +50,14 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None
         return
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
+        return
+    from ray._private.services import canonicalize_bootstrap_address
+
+    if canonicalize_bootstrap_address(None) is not None:
+        # `ray start` recorded a cluster on this machine (a head node): with no address, Ray joins it,
+        # and refuses a CPU count for a cluster it joins. A stale record (a head that died without
+        # `ray stop`) fails in ray.init with Ray's own advice.
+        ray.init(runtime_env=env, log_to_driver=True)
         return
     # Ray runs workers at nice 15 by default, below the cluster's own services, which then take CPU
     # from the training workers (2 cores, MiniLM: 29-35 s per step at nice 15, 28 s at nice 0).

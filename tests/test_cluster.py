@@ -129,3 +129,20 @@ def test_job_scripts_run_the_shipped_code_and_reject_bad_configs_fast():
         from bge_ray.cli import cmd_tune
 
         cmd_tune([])
+
+
+def test_with_no_address_bge_ray_joins_the_cluster_ray_start_recorded(ray_head, tmp_path):
+    """On a head node after `ray start --head`, a driver with no address joins that cluster (Ray's
+    rule: `ray start` records it in <tmp>/ray/ray_current_cluster); bge-ray must not hand Ray a
+    CPU count for a local cluster there (Ray refuses one for a cluster it joins)."""
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text(ray_head["address"])
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = str(tmp_path)
+    script = ("import ray\nfrom bge_ray.api import connect_ray\nconnect_ray(None, num_cpus=7)\n"
+              "print('JOINED', ray.get_runtime_context().gcs_address, ray.cluster_resources()['CPU'])\n")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    joined = next(line.split() for line in out.stdout.splitlines() if line.startswith("JOINED"))
+    assert joined[1].rsplit(":", 1)[1] == ray_head["address"].rsplit(":", 1)[1]  # the head's GCS port
+    assert float(joined[2]) == 4.0  # the session head's CPUs, not a new local cluster of 7
