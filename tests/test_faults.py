@@ -230,8 +230,10 @@ def test_checkpoint_staging_removes_what_dead_processes_of_this_host_left(tmp_pa
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     mine = staging_dir(str(tmp_path))
-    host = os.path.basename(mine)[len("bge_ray_ckpt_"):].rsplit("_", 2)[0]
-    assert os.path.basename(mine).startswith(f"bge_ray_ckpt_{host}_{os.getpid()}_")
+    name, sep, _ = os.path.basename(mine).partition(f"_{os.getpid()}_")  # mkdtemp's suffix may hold "_"
+    assert sep and name.startswith("bge_ray_ckpt_")
+    host = name[len("bge_ray_ckpt_"):]
+    assert host and "_" not in host
     left = tmp_path / f"bge_ray_ckpt_{host}_{dead.pid}_abc"
     (left / "deepspeed").mkdir(parents=True)
     (left / "deepspeed" / "shard.pt").write_bytes(b"x" * 100)
