@@ -134,7 +134,7 @@ def main() -> None:
                 r = run_once(variant, work)
                 runs.setdefault(variant, []).append(r)
                 print(f"{variant:17s} run {i + 1}: training function on both workers {r['train_fn_s']:5.1f} s "
-                      f"after launch" + (f" (local Ray up at {r['cluster_up_s']:.1f} s)" if r["cluster_up_s"] else ""),
+                      f"after launch" + (f" (ray.init returned at {r['cluster_up_s']:.1f} s)" if r["cluster_up_s"] else ""),
                       flush=True)
     summary = {"machine": f"{platform.node()} {os.cpu_count()} cpus", "date": time.strftime("%Y-%m-%d"),
                "runs": runs,
