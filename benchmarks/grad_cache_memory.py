@@ -23,7 +23,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-DATA = os.path.join(os.path.dirname(REPO), "shared", "data", "scifact", "train_minilm_hardnegs.jsonl")
+SHARED = os.environ.get("BGE_RAY_BENCH_SHARED", os.path.join(os.path.dirname(REPO), "shared"))  # data/ and peers/ (benchmarks/README.md, "Data")
+DATA = os.path.join(SHARED, "data", "scifact", "train_minilm_hardnegs.jsonl")
 
 
 def one_setting(batch: int, steps: int, sub: int) -> dict:

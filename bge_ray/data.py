@@ -600,7 +600,7 @@ def build_train_dataset(cfg: FinetuneConfig, epoch_state: Any = None) -> tuple[r
     spec = TokenizeSpec.from_config(cfg)
     # Small tokenize tasks, their output cut into small blocks: Train's equal split hands a block out
     # only once every worker can get as many rows, so with a few large blocks the first batch
-    # waited for most of the epoch's tokenization (SciFact: 22 CPU-s).
+    # waits for most of the epoch's tokenization.
     ds = rows.map_batches(_usable_rows, fn_kwargs={"state": epoch_state}, batch_format="pyarrow").map_batches(
         tokenize_rows, fn_kwargs={"spec": spec}, batch_format="pyarrow", batch_size=TOKENIZE_BATCH_ROWS
     ).repartition(target_num_rows_per_block=TOKENIZE_BATCH_ROWS)  # fused into the task: its output leaves in small blocks

@@ -81,7 +81,7 @@ def fill_model_sizes(ds: dict[str, Any], hidden_size: int | None, num_params: in
     zero = ds.setdefault("zero_optimization", {"stage": 0})
     if int(zero.get("stage", 0)) < 3:
         # one bucket never larger than the whole model: DeepSpeed's 5e8-element default allocates
-        # 2 GB fp32 buffers per bucket, sized for billion-parameter models (22M MiniLM: 90 MB)
+        # 2 GB fp32 buffers per bucket, sized for billion-parameter models, not for small encoders
         bucket = min(BUCKET_CAP, num_params) if num_params else BUCKET_CAP
         for key in ("reduce_bucket_size", "allgather_bucket_size"):
             if zero.get(key) == "auto":

@@ -29,7 +29,7 @@ import random
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -38,7 +38,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 from ray.data.datasource.file_datasink import BlockBasedFileDatasink
 
-from bge_ray.config import POOLING_METHODS, REMOTE_SCHEMES, ConfigError, _check_format, resolve_config
+from bge_ray.config import POOLING_METHODS, REMOTE_SCHEMES, ConfigError, _check_format, knob, resolve_config
 from bge_ray.data import (
     DataValidationError,
     JsonLinesDatasource,
@@ -120,20 +120,23 @@ class _RowJobConfig:
 
     IGNORED: ClassVar[dict[str, str]] = MINE_IGNORED
 
-    input_file: list[str] = field(default_factory=list)
-    output_dir: str | None = None
-    query_instruction_for_retrieval: str | None = None
-    query_instruction_format_for_retrieval: str = "{}{}"
-    pooling_method: str | None = None
-    normalize_embeddings: bool | None = None
-    embedder_query_max_length: int = 512
-    embedder_passage_max_length: int = 512
-    trust_remote_code: bool = False
-    use_gpu: bool = False
-    concurrency: int | None = None
-    skip_bad_rows: bool = False
-    overwrite: bool = False
-    ray_address: str | None = None
+    input_file: list[str] = knob(help="triplet JSONL files, folders, globs or URIs; 'neg' may be empty",
+                                 factory=list, shown="required")
+    output_dir: str | None = knob(None, "folder for the output shards and report.txt (new or empty unless "
+                                  "overwrite)", shown="required")
+    query_instruction_for_retrieval: str | None = knob(None, "instruction put before every query (a row's "
+                                                       "'prompt' overrides it)")
+    query_instruction_format_for_retrieval: str = knob("{}{}", "how instruction and query join: two {} slots")
+    pooling_method: str | None = knob(None, "cls, mean or last_token", shown="the model's own")
+    normalize_embeddings: bool | None = knob(None, "L2-normalise embeddings", shown="the model's own")
+    embedder_query_max_length: int = knob(512, "query tokens kept by the embedder")
+    embedder_passage_max_length: int = knob(512, "passage tokens kept by the embedder")
+    trust_remote_code: bool = knob(False, "allow a model's own Python code to run")
+    use_gpu: bool = knob(False, "one GPU per encoder actor (bf16, or fp16 where there is no bf16)")
+    concurrency: int | None = knob(None, "encoder actors", shown="one per GPU, or per CPU - 1")
+    skip_bad_rows: bool = knob(False, "skip and count bad rows instead of stopping at the first one")
+    overwrite: bool = knob(False, "allow a non-empty output_dir (its shards are replaced)")
+    ray_address: str | None = knob(None, "cluster to join; else RAY_ADDRESS; else a local Ray", shown="local")
 
     def _validate_common(self, batch_field: str, extra_inputs: list[str]) -> None:
         _check_inputs(self.input_file, "input_file")
@@ -161,15 +164,18 @@ class MineConfig(_RowJobConfig):
 
     COMMAND: ClassVar[str] = "mine"
 
-    embedder_name_or_path: str = "BAAI/bge-base-en-v1.5"
-    candidate_pool: list[str] | None = None
-    range_for_sampling: str = "10-210"
-    negative_number: int = 15
-    positive_score_ratio: float | None = None
-    max_negative_score: float | None = None
-    seed: int = 42
-    passage_instruction_for_retrieval: str | None = None
-    embedder_batch_size: int = 256
+    embedder_name_or_path: str = knob("BAAI/bge-base-en-v1.5", "the model that mines")
+    candidate_pool: list[str] | None = knob(None, "JSONL files to draw negatives from ('text', or BEIR 'title' + "
+                                            "'text')", shown="the input's passages")
+    range_for_sampling: str = knob("10-210", "ranks START-END (0-based, END excluded) to sample negatives from")
+    negative_number: int = knob(15, "negatives per row")
+    positive_score_ratio: float | None = knob(None, "never pick a candidate scoring above this times the row's "
+                                              "lowest positive score (false-negative filter)")
+    max_negative_score: float | None = knob(None, "never pick a candidate scoring above this (false-negative "
+                                            "filter)")
+    seed: int = knob(42, "same seed and input: same output")
+    passage_instruction_for_retrieval: str | None = knob(None, "instruction put before every candidate passage")
+    embedder_batch_size: int = knob(256, "texts per encoder batch")
 
     def validate(self) -> None:
         from bge_ray.config import resolve_model_path
@@ -197,15 +203,18 @@ class ScoreConfig(_RowJobConfig):
 
     COMMAND: ClassVar[str] = "score"
 
-    reranker_name_or_path: str | None = None
-    embedder_name_or_path: str | None = None
-    reranker_max_length: int = 512
-    query_instruction_for_rerank: str | None = None
-    passage_instruction_for_rerank: str | None = None
-    batch_size: int = 64
-    # a bi-encoder's similarities become logits on the student's scale (similarity / temperature), as a
-    # reranker's already are; distillation's softmax over raw cosines (all within ~0.3) is near uniform
-    teacher_temperature: float = 0.02
+    reranker_name_or_path: str | None = knob(None, "a cross-encoder teacher (one logit per pair); give this or "
+                                             "embedder_name_or_path")
+    embedder_name_or_path: str | None = knob(None, "a bi-encoder teacher (similarity / teacher_temperature); give "
+                                             "this or reranker_name_or_path")
+    reranker_max_length: int = knob(512, "tokens of query + passage the reranker reads")
+    query_instruction_for_rerank: str | None = knob(None, "instruction put before every query for the reranker")
+    passage_instruction_for_rerank: str | None = knob(None, "instruction put before every passage for the reranker")
+    batch_size: int = knob(64, "pairs (or texts) per teacher batch")
+    # raw cosines of one group lie within ~0.3, so their softmax is near uniform; dividing by the
+    # student's temperature puts them on the scale of a reranker's logits
+    teacher_temperature: float = knob(0.02, "a bi-encoder teacher's similarities are divided by this to make "
+                                      "logits (use the temperature you train with)")
 
     def validate(self) -> None:
         from bge_ray.config import resolve_model_path

@@ -38,6 +38,7 @@ from bge_ray.config import (
     _unknown_key_error,
     build_config,
     coerce,
+    knob,
     load_yaml,
     parse_overrides,
     validate,
@@ -61,14 +62,15 @@ class TuneSettings:
 
     COMMAND: ClassVar[str] = "tune"
 
-    num_samples: int = 8
-    search_alg: str = "random"          # random (grid axes are crossed with the samples) | optuna (TPE)
-    scheduler: str = "asha"             # asha (stop weak trials at each validation) | none
-    grace_period: int = 1               # validations a trial always gets before ASHA may stop it
-    reduction_factor: int = 2           # ASHA keeps the top 1/reduction_factor at each rung
-    max_concurrent_trials: int | None = None  # default: as many as the cluster fits
-    sweep_seed: int = 42                # seeds the sampling of trial configs
-    results_dir: str | None = None      # default: <output_dir>_sweep
+    num_samples: int = knob(8, "sampled trial configs (each repeated for every point of the grid axes)")
+    search_alg: str = knob("random", "random (seeded; grid axes crossed with the samples) or optuna (TPE)")
+    scheduler: str = knob("asha", "asha (stop weak trials at each validation) or none")
+    grace_period: int = knob(1, "validations a trial always gets before ASHA may stop it")
+    reduction_factor: int = knob(2, "ASHA keeps the top 1/reduction_factor of trials at each rung")
+    max_concurrent_trials: int | None = knob(None, "trials at once", shown="as many as the cluster fits")
+    sweep_seed: int = knob(42, "seeds the sampling of trial configs")
+    results_dir: str | None = knob(None, "where the trial tables, best_config.yaml and sweep.png go",
+                                   shown="<output_dir>_sweep")
 
     def validate(self) -> None:
         if self.num_samples < 1:

@@ -1,4 +1,5 @@
-"""Rebuild the quickstart data in bge_ray/quickstart/ from ../shared/data/scifact (see its SOURCE.txt).
+"""Rebuild the quickstart data in bge_ray/quickstart/ from a SciFact folder in the BEIR layout
+(corpus.jsonl, queries_test.jsonl, qrels.tsv and train_triplets.jsonl; see NOTICE for the source).
 
 scifact_sample.jsonl: the first ROWS training claims of train_triplets.jsonl with their cited
 abstracts as positives and NEGS hard negatives mined by `bge-ray mine` with the base model
@@ -7,17 +8,17 @@ scifact_eval/: a held-out BEIR folder: the first EVAL_QUERIES test claims (by id
 and a corpus of their cited abstracts plus random others, EVAL_DOCS in all (seed 0).
 Run from the repository root:
 
-    python scripts/build_quickstart_sample.py
+    python scripts/build_quickstart_sample.py --scifact /path/to/scifact
 """
 
+import argparse
 import json
 import os
 import sys
 
 ROWS, NEGS = 200, 7
 EVAL_QUERIES, EVAL_DOCS = 60, 1000
-SCIFACT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "scifact")
-SRC = os.path.join(SCIFACT, "train_triplets.jsonl")
+SCIFACT = ""  # set by main() from --scifact
 QUICKSTART = os.path.join(os.path.dirname(__file__), "..", "bge_ray", "quickstart")
 DST = os.path.join(QUICKSTART, "scifact_sample.jsonl")
 
@@ -59,7 +60,7 @@ def build_train() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         pairs = os.path.join(tmp, "pairs.jsonl")
-        with open(SRC, encoding="utf-8") as f, open(pairs, "w", encoding="utf-8") as out:
+        with open(os.path.join(SCIFACT, "train_triplets.jsonl"), encoding="utf-8") as f, open(pairs, "w", encoding="utf-8") as out:
             rows = [json.loads(line) for _, line in zip(range(ROWS), f, strict=False)]
             out.writelines(json.dumps({"query": r["query"], "pos": r["pos"]}) + "\n" for r in rows)
         mined_dir = os.path.join(tmp, "mined")
@@ -79,6 +80,10 @@ def build_train() -> None:
 
 
 def main() -> int:
+    global SCIFACT
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--scifact", required=True, help="SciFact folder in the BEIR layout")
+    SCIFACT = ap.parse_args().scifact
     build_train()
     build_eval()
     return 0

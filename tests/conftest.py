@@ -1,12 +1,42 @@
-"""One local Ray cluster for the whole session, tiny models built from a config, real tokenizers."""
+"""One local Ray cluster for the whole session, tiny models built from a config, real tokenizers, and the read
+guard that keeps every test inside the checkout."""
 
 from __future__ import annotations
 
 import atexit
+import importlib.util
 import os
 import secrets
 import shutil
+import site
+import sys
+import sysconfig
 import tempfile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# --- the read guard (tests/read_guard/sitecustomize.py): tests open nothing outside the checkout,
+# the temp dir and the installed Python and system files; every process they start inherits it.
+_SESSION_DIR = tempfile.mkdtemp(prefix="bge-ray-tests-")
+atexit.register(shutil.rmtree, _SESSION_DIR, True)
+# caches and configs that libraries keep in the home folder go to this session's temp dir instead
+os.environ.update(HF_HOME=os.path.join(_SESSION_DIR, "hf"), XDG_CACHE_HOME=os.path.join(_SESSION_DIR, "cache"),
+                  XDG_CONFIG_HOME=os.path.join(_SESSION_DIR, "config"),
+                  MPLCONFIGDIR=os.path.join(_SESSION_DIR, "matplotlib"),
+                  AWS_CONFIG_FILE=os.path.join(_SESSION_DIR, "aws", "config"),
+                  AWS_SHARED_CREDENTIALS_FILE=os.path.join(_SESSION_DIR, "aws", "credentials"))
+_GUARD_DIR = os.path.join(REPO, "tests", "read_guard")
+_spec = importlib.util.spec_from_file_location("bge_ray_read_guard", os.path.join(_GUARD_DIR, "sitecustomize.py"))
+read_guard = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(read_guard)
+_SYSTEM_DIRS = ["/proc", "/sys", "/dev", "/etc", "/usr", "/lib", "/lib32", "/lib64", "/bin", "/sbin", "/run"]
+GUARD_ROOTS = [REPO, tempfile.gettempdir(), "/tmp", sys.prefix, sys.base_prefix, sys.exec_prefix,
+               *site.getsitepackages(), site.getusersitepackages(), *sysconfig.get_paths().values(), *_SYSTEM_DIRS]
+GUARD_LOG = os.environ.get(read_guard.LOG_ENV) or os.path.join(_SESSION_DIR, "read_guard.log")
+open(GUARD_LOG, "a").close()
+os.environ.update({read_guard.ROOTS_ENV: os.pathsep.join(GUARD_ROOTS), read_guard.LOG_ENV: GUARD_LOG,
+                   "PYTHONPATH": os.pathsep.join([_GUARD_DIR, *filter(None, [os.environ.get("PYTHONPATH")])])})
+read_guard.install(GUARD_ROOTS)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -30,6 +60,27 @@ atexit.register(shutil.rmtree, _AUTH_DIR, True)
 import pytest  # noqa: E402
 
 from tests.helpers import build_tiny_bert  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):  # noqa: ARG001 - pytest's hook signature
+    """The fast tier is every test that starts no Ray cluster and trains nothing: a test that uses the
+    session's Ray head is marked ``slow`` here; tests that train without it carry the mark themselves."""
+    for item in items:
+        if "ray_head" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _no_reads_outside_the_checkout():
+    """Fails the test during which any process of the suite opened a path outside the allowed folders
+    (the guard raises in the process itself too, but a process may swallow the error)."""
+    start = os.path.getsize(GUARD_LOG)
+    yield
+    with open(GUARD_LOG, encoding="utf-8") as f:
+        f.seek(start)
+        seen = f.read().strip()
+    if seen:
+        pytest.fail(seen, pytrace=False)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Shared test helpers: paths to the shared data, a tiny BERT built from a config."""
+"""Test helpers: the vendored test data (tests/data/, see NOTICE), a tiny BERT built from a config."""
 
 from __future__ import annotations
 
@@ -7,8 +7,11 @@ import os
 import random
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
-FE_EXAMPLES = os.path.join(SHARED_DATA, "flagembedding_examples", "train_triplets.jsonl")
+TEST_DATA = os.path.join(REPO, "tests", "data")
+FE_EXAMPLES = os.path.join(TEST_DATA, "flagembedding_examples", "train_triplets.jsonl")
+SCIFACT_TRAIN = os.path.join(TEST_DATA, "scifact", "train_triplets_400.jsonl")
+# the quickstart's held-out SciFact set (60 test claims, 1,000 abstracts), shipped in the package
+SCIFACT_EVAL = os.path.join(REPO, "bge_ray", "quickstart", "scifact_eval")
 
 
 def minilm_path() -> str:
@@ -32,29 +35,29 @@ def build_tiny_bert(path: str, seed: int = 0, hidden: int = 32, layers: int = 2)
 
 
 def make_beir_subset(dst, n_queries=12, n_extra_docs=60, seed=0):
-    """A small BEIR folder cut from the real SciFact test split."""
-    src = os.path.join(SHARED_DATA, "scifact")
+    """A smaller BEIR folder cut from the quickstart's SciFact evaluation set."""
+    src = SCIFACT_EVAL
     qrels = {}
-    with open(os.path.join(src, "qrels.tsv")) as f:
+    with open(os.path.join(src, "qrels.tsv"), encoding="utf-8") as f:
         next(f)
         for line in f:
             q, d, s = line.rstrip("\n").split("\t")
             qrels.setdefault(q, {})[d] = int(s)
     keep_q = sorted(qrels)[:n_queries]
     rel_docs = {d for q in keep_q for d in qrels[q]}
-    with open(os.path.join(src, "corpus.jsonl")) as f:
+    with open(os.path.join(src, "corpus.jsonl"), encoding="utf-8") as f:
         docs = [json.loads(line) for line in f]
     rng = random.Random(seed)
     others = [d for d in docs if d["_id"] not in rel_docs]
     kept = [d for d in docs if d["_id"] in rel_docs] + rng.sample(others, n_extra_docs)
     os.makedirs(os.path.join(dst, "qrels"), exist_ok=True)
-    with open(os.path.join(dst, "corpus.jsonl"), "w") as f:
+    with open(os.path.join(dst, "corpus.jsonl"), "w", encoding="utf-8") as f:
         f.writelines(json.dumps(d) + "\n" for d in kept)
-    with open(os.path.join(src, "queries.jsonl")) as f:
+    with open(os.path.join(src, "queries.jsonl"), encoding="utf-8") as f:
         queries = [json.loads(line) for line in f]
-    with open(os.path.join(dst, "queries.jsonl"), "w") as f:
+    with open(os.path.join(dst, "queries.jsonl"), "w", encoding="utf-8") as f:
         f.writelines(json.dumps(q) + "\n" for q in queries if q["_id"] in keep_q)
-    with open(os.path.join(dst, "qrels", "test.tsv"), "w") as f:
+    with open(os.path.join(dst, "qrels", "test.tsv"), "w", encoding="utf-8") as f:
         f.write("query-id\tcorpus-id\tscore\n")
         f.writelines(f"{q}\t{d}\t{s}\n" for q in keep_q for d, s in qrels[q].items())
     return str(dst)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -9,6 +10,10 @@ import sys
 
 import pytest
 
+from bge_ray.cli import config_reference, main
+from bge_ray.config import FinetuneConfig
+from bge_ray.mining import MineConfig, ScoreConfig
+from bge_ray.sweep import TuneSettings
 from tests.helpers import FE_EXAMPLES, REPO
 
 
@@ -17,11 +22,28 @@ def _run(args, env_extra=None, timeout=600):
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
 
 
-def test_help_lists_every_key():
+@pytest.mark.parametrize("command, cls", [("train", FinetuneConfig), ("mine", MineConfig), ("score", ScoreConfig),
+                                          ("tune", TuneSettings)])
+def test_help_explains_every_key(command, cls, capsys):
+    assert main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    for f in dataclasses.fields(cls):
+        assert len(f.metadata["help"]) >= 10, f"{cls.__name__}.{f.name} has no meaning in its help"
+        (at,) = [i for i, line in enumerate(lines) if line.startswith(f"  --{f.name} ")]
+        assert lines[at + 1].strip() and f.metadata["help"].startswith(lines[at + 1].strip()), f.name
+    for name in getattr(cls, "IGNORED", {}):
+        assert f"  --{name}: " in out
+
+
+def test_config_reference_is_current():
+    with open(os.path.join(REPO, "docs", "config.md"), encoding="utf-8") as f:
+        assert f.read() == config_reference(), "docs/config.md is stale: run python scripts/config_reference.py"
+
+
+def test_installed_command_prints_help():
     proc = _run(["bge-ray", "train", "--help"])
-    assert proc.returncode == 0
-    for key in ("model_name_or_path", "train_group_size", "negatives_cross_device", "deepspeed", "num_workers"):
-        assert f"--{key}" in proc.stdout
+    assert proc.returncode == 0 and "--negatives_cross_device bool (default: false)" in proc.stdout
 
 
 def test_bad_config_fails_fast_without_ray(tmp_path):
@@ -45,15 +67,14 @@ def test_bad_data_names_file_and_line(ray_cluster, tiny_model, tmp_path):
     assert f"{data}:2: 'query' must be a string" in proc.stderr
 
 
-@pytest.mark.parametrize("door", ["cli", "job"])
-def test_train_door_end_to_end(ray_cluster, tiny_model, tmp_path, door):
+def test_train_door_end_to_end(ray_cluster, tiny_model, tmp_path):
+    """`bge-ray train` as a user runs it (jobs/finetune.py, the same door, runs in test_cluster's job test)."""
     out = tmp_path / "model"
     args = ["--model_name_or_path", tiny_model, f"--train_data={FE_EXAMPLES}", "--output_dir", str(out),
             "--storage_path", str(tmp_path / "storage"), "--num_workers", "2", "--deepspeed", "zero1",
             "--per_device_train_batch_size", "4", "--train_group_size", "2", "--max_steps", "2",
             "--logging_steps", "1", "--passage_max_len", "32", "--sentence_pooling_method", "mean"]
-    cmd = ["bge-ray", "train", *args] if door == "cli" else [sys.executable, "jobs/finetune.py", *args]
-    proc = _run(cmd, {"RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address})
+    proc = _run(["bge-ray", "train", *args], {"RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"fine-tuned model: {out}" in proc.stdout
     assert "step     2/2 | epoch" in proc.stdout  # the driver's progress lines

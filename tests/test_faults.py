@@ -18,9 +18,7 @@ import pytest
 import bge_ray
 from bge_ray.checkpointing import CheckpointError, pick_resume_checkpoint, staging_dir, verify, write_manifest
 from bge_ray.data import row_key
-from tests.helpers import REPO, SHARED_DATA
-
-SCIFACT_TRAIN = os.path.join(SHARED_DATA, "scifact", "train_triplets.jsonl")
+from tests.helpers import REPO, SCIFACT_TRAIN
 
 
 def _rows_file(path, n):
@@ -248,6 +246,7 @@ def test_checkpoint_staging_removes_what_dead_processes_of_this_host_left(tmp_pa
     assert second != mine and os.path.isdir(second)
 
 
+@pytest.mark.slow  # starts a Ray of its own
 def test_a_too_small_local_ray_is_an_error_not_a_wait(tiny_model, tmp_path):
     """A process that started a 2-CPU Ray (as mine() does on 2 cores) then fine-tunes 2 workers: Ray
     Train would wait forever for the data pipeline's CPU; bge-ray refuses before launching."""

@@ -1,4 +1,4 @@
-"""bge_ray/metrics.py against pytrec_eval on real qrels from ../shared/data (scifact, cranfield)."""
+"""bge_ray/metrics.py against pytrec_eval on real qrels (SciFact, Cranfield; vendored in tests/data, see NOTICE)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import random
 import pytest
 
 from bge_ray.metrics import evaluate_run, query_metrics, rank_run
-from tests.helpers import SHARED_DATA
+from tests.helpers import TEST_DATA
 
 pytrec_eval = pytest.importorskip("pytrec_eval")
 
@@ -27,10 +27,8 @@ def read_qrels(path):
 
 
 def read_doc_ids(path):
-    import json
-
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line)["_id"] for line in f]
+        return [line.strip() for line in f if line.strip()]
 
 
 def synthetic_run(qrels, doc_ids, seed, depth=150):
@@ -59,13 +57,13 @@ def pytrec_means(qrels, run):
 
 
 @pytest.mark.parametrize("name, qrels_file", [
-    ("scifact", "qrels.tsv"),
+    ("scifact", "qrels_test.tsv"),
     ("cranfield", "qrels.tsv"),
     ("cranfield", "qrels_original_codes.tsv"),  # graded codes 1..4 and -1 (treated as not relevant)
 ])
 def test_matches_pytrec_eval_on_real_qrels(name, qrels_file):
-    qrels = read_qrels(os.path.join(SHARED_DATA, name, qrels_file))
-    run = synthetic_run(qrels, read_doc_ids(os.path.join(SHARED_DATA, name, "corpus.jsonl")), seed=len(qrels))
+    qrels = read_qrels(os.path.join(TEST_DATA, name, qrels_file))
+    run = synthetic_run(qrels, read_doc_ids(os.path.join(TEST_DATA, name, "corpus_ids.txt")), seed=len(qrels))
     ours = evaluate_run(qrels, run, KS)
     theirs, _ = pytrec_means(qrels, run)
     for key, value in theirs.items():
