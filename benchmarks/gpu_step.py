@@ -54,10 +54,10 @@ def run_variant(name: str, attn: str, grad_ckpt: bool, zero: str, batch: int, gr
     from transformers import BertConfig, BertModel
 
     from bge_ray.config import FinetuneConfig
-    from bge_ray.deepspeed_config import build_deepspeed_config, fill_model_sizes
-    from bge_ray.loss import contrastive_loss
-    from bge_ray.modeling import Embedder
-    from bge_ray.optim import build_optimizer, linear_schedule
+    from bge_ray.config.deepspeed import build_deepspeed_config, fill_model_sizes
+    from bge_ray.model.embedder import Embedder
+    from bge_ray.model.loss import contrastive_loss
+    from bge_ray.model.optim import build_optimizer, build_scheduler
 
     torch.manual_seed(0)
     bert_cfg = BertConfig(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
@@ -73,7 +73,7 @@ def run_variant(name: str, attn: str, grad_ckpt: bool, zero: str, batch: int, gr
     ds_config = fill_model_sizes(build_deepspeed_config(cfg, world_size=1, total_steps=total), 768,
                                  sum(p.numel() for p in model.parameters()))
     optimizer = build_optimizer(model, cfg, use_gpu=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(2, total))
+    scheduler = build_scheduler(optimizer, 2, total)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
                                            dist_init_required=False)
     non_embed = sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n)

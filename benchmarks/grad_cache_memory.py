@@ -34,13 +34,14 @@ def one_setting(batch: int, steps: int, sub: int) -> dict:
     import torch.distributed as dist
 
     from bge_ray.config import FinetuneConfig
-    from bge_ray.data import GroupCollator, load_tokenizer, sample_row
-    from bge_ray.deepspeed_config import build_deepspeed_config
-    from bge_ray.grad_cache import micro_steps, train_micro_batch
-    from bge_ray.loss import contrastive_loss
-    from bge_ray.modeling import Embedder
-    from bge_ray.optim import build_optimizer
-    from bge_ray.train import engine_config
+    from bge_ray.config.deepspeed import build_deepspeed_config, engine_config
+    from bge_ray.data.collate import GroupCollator
+    from bge_ray.data.triplets import sample_row
+    from bge_ray.model.embedder import Embedder
+    from bge_ray.model.grad_cache import micro_steps, train_micro_batch
+    from bge_ray.model.loss import contrastive_loss
+    from bge_ray.model.optim import build_optimizer
+    from bge_ray.model.tokenizer import load_tokenizer
     from tests.helpers import minilm_path
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29600 + sub % 100), RANK="0", WORLD_SIZE="1",
@@ -58,8 +59,8 @@ def one_setting(batch: int, steps: int, sub: int) -> dict:
         rows = [sample_row(dict(json.loads(next(f)), row_key=k), group, seed=0, epoch=0) for k in range(batch * steps)]
     collate = GroupCollator(group_size=group, pad_token_id=tok.pad_token_id)
     model = Embedder.from_pretrained(path, pooling="mean", attention_dropout=0.0)
-    ds = engine_config(build_deepspeed_config(cfg, world_size=1, total_steps=steps), model,
-                       micro_steps(batch, group, cfg.sub_batch_size))
+    ds = engine_config(build_deepspeed_config(cfg, world_size=1, total_steps=steps), model.model.config.hidden_size,
+                       sum(p.numel() for p in model.parameters()), micro_steps(batch, group, cfg.sub_batch_size))
     engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg, False), config=ds,
                                       dist_init_required=False)
     times, losses = [], []

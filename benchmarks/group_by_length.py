@@ -30,7 +30,8 @@ def padding_efficiency(sample: int = 4096) -> dict[str, float]:
     """Real passage tokens / padded passage tokens for random and length-grouped batches of BATCH rows."""
     import numpy as np
 
-    from bge_ray.data import LENGTH_POOL_BATCHES, load_tokenizer
+    from bge_ray.data.collate import LENGTH_POOL_BATCHES
+    from bge_ray.model.tokenizer import load_tokenizer
     from tests.helpers import minilm_path
 
     tok = load_tokenizer(minilm_path())

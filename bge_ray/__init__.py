@@ -1,44 +1,28 @@
-"""bge-ray: fine-tune BGE-style text embedders on Ray (Ray Data + Ray Train + Ray Tune + DeepSpeed)."""
+"""bge-ray: fine-tune BGE-style text embedders on Ray (Ray Data + Ray Train + Ray Tune + DeepSpeed).
 
-__version__ = "0.1.0"
+The Python API; the ``bge-ray`` command and the ``jobs/`` scripts are thin doors onto these. The
+functions that run on a cluster are loaded on first use (``bge_ray.finetune`` imports torch, Ray
+Train and DeepSpeed; ``import bge_ray`` alone does not).
+"""
 
-from bge_ray.config import ConfigError, FinetuneConfig, load_config  # noqa: E402
+from __future__ import annotations
 
+import importlib
+from typing import Any
 
-def finetune(config, **kwargs):  # noqa: ANN001, ANN003, ANN201  (thin door; documented in bge_ray.api.finetune)
-    """Fine-tune an embedder; see :func:`bge_ray.api.finetune`."""
-    from bge_ray.api import finetune as _finetune
+from bge_ray.config import ConfigError, FinetuneConfig, load_config
+from bge_ray.errors import CheckpointError, DataValidationError
+from bge_ray.version import __version__
 
-    return _finetune(config, **kwargs)
-
-
-def evaluate(models, data, **kwargs):  # noqa: ANN001, ANN003, ANN201  (thin door)
-    """Evaluate models on a retrieval data set; see :func:`bge_ray.evaluation.evaluate`."""
-    from bge_ray.evaluation import evaluate as _evaluate
-
-    return _evaluate(models, data, **kwargs)
-
-
-def tune(config, overrides=None):  # noqa: ANN001, ANN201  (thin door)
-    """Hyperparameter sweep on Ray Tune; see :func:`bge_ray.sweep.tune`."""
-    from bge_ray.sweep import tune as _tune
-
-    return _tune(config, overrides)
+_RUNNERS = {"finetune": "bge_ray.train.launch", "evaluate": "bge_ray.retrieval.evaluate", "mine": "bge_ray.tools.mine",
+            "score": "bge_ray.tools.score", "tune": "bge_ray.sweep.run"}
 
 
-def mine(config=None, **kwargs):  # noqa: ANN001, ANN003, ANN201  (thin door)
-    """Mine hard negatives; see :func:`bge_ray.mining.mine`."""
-    from bge_ray.mining import mine as _mine
-
-    return _mine(config, **kwargs)
-
-
-def score(config=None, **kwargs):  # noqa: ANN001, ANN003, ANN201  (thin door)
-    """Add teacher scores for distillation; see :func:`bge_ray.mining.score`."""
-    from bge_ray.mining import score as _score
-
-    return _score(config, **kwargs)
+def __getattr__(name: str) -> Any:
+    if name in _RUNNERS:
+        return getattr(importlib.import_module(_RUNNERS[name]), name)
+    raise AttributeError(f"module 'bge_ray' has no attribute {name!r}")
 
 
-__all__ = ["ConfigError", "FinetuneConfig", "evaluate", "finetune", "load_config", "mine", "score", "tune",
-           "__version__"]
+__all__ = ["CheckpointError", "ConfigError", "DataValidationError", "FinetuneConfig", "__version__", "evaluate",
+           "finetune", "load_config", "mine", "score", "tune"]

@@ -1,14 +1,33 @@
-"""``bge-ray``: the command line. Each command is a thin door onto the Python API."""
+"""``bge-ray``: the command line. Each command is a thin door onto the Python API.
+
+A command's module (and with it torch, Ray Train and DeepSpeed) is loaded when the command runs
+(:func:`command_module`), so ``--help`` and config errors answer at once.
+"""
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import json
 import os
 import sys
 import textwrap
+from types import ModuleType
 from typing import Any
 
-from bge_ray.config import ConfigError, FinetuneConfig, field_docs, load_config
+from bge_ray.config.fields import field_docs
+from bge_ray.config.finetune import FinetuneConfig
+from bge_ray.config.parse import read_config
+from bge_ray.errors import ConfigError, DataValidationError
+from bge_ray.sweep.space import TuneSettings, load_sweep
+from bge_ray.tools.config import MineConfig, ScoreConfig
+
+
+def command_module(name: str) -> ModuleType:
+    """The module that runs a command: ``bge_ray.train.launch``, ``bge_ray.retrieval.evaluate``,
+    ``bge_ray.tools.mine``, ``bge_ray.tools.score`` or ``bge_ray.sweep.run``."""
+    return importlib.import_module(name)
+
 
 QUICKSTART_CONFIG = os.path.join(os.path.dirname(__file__), "quickstart", "config.yaml")
 
@@ -47,9 +66,6 @@ def config_help(cls: type = FinetuneConfig, usage: str | None = None) -> str:
 
 def config_reference() -> str:
     """docs/config.md: every command's keys, generated from the field definitions (a test keeps it current)."""
-    from bge_ray.mining import MineConfig, ScoreConfig
-    from bge_ray.sweep import TuneSettings
-
     out = ["# Config reference", "",
            "Generated from the field definitions by `python scripts/config_reference.py`; `bge-ray <command> --help`",
            "prints the same. Every key can be set in a YAML file (`--config`) or as `--key value`.", ""]
@@ -103,29 +119,27 @@ def cmd_train(argv: list[str]) -> int:
     if path is None and not overrides:
         path = QUICKSTART_CONFIG
         print(f"[bge-ray] quickstart: {path}", file=sys.stderr)
-    cfg = load_config(path, overrides)
-    from bge_ray.api import finetune
-
-    result = finetune(cfg)
-    keys = ["step", "train_loss", "loss", "groups_per_s", "tokens_per_s", "launch_to_first_step_s",
-            "peak_rss_gib_per_worker", "wall_s"]
-    if cfg.eval_data:
-        metric = cfg.metric_for_best_model
-        keys += [f"zero_shot_{metric}", f"eval_{metric}", "best_step", f"best_eval_{metric}"]
-    summary = {k: result.metrics[k] for k in keys if k in result.metrics}
-    print(json.dumps({"model_dir": result.model_dir, **summary}, indent=2))
-    if cfg.eval_data and f"zero_shot_{cfg.metric_for_best_model}" in result.metrics:
-        metric = cfg.metric_for_best_model
-        tuned = result.metrics.get(f"best_eval_{metric}", result.metrics.get(f"eval_{metric}"))
-        print(f"{metric} on {cfg.eval_data}: zero-shot {result.metrics[f'zero_shot_{metric}']:.4f} -> "
-              f"fine-tuned {tuned:.4f}")
-    print(f"fine-tuned model: {result.model_dir}")
+    values = read_config(path, overrides)
+    result = command_module("bge_ray.train.launch").finetune(values)  # validated once, in finetune, before Ray starts
+    print_train_summary(result)
     return 0
 
 
-def eval_parser():
-    import argparse
+def print_train_summary(result: Any) -> None:
+    cfg, metrics = result.config, result.metrics
+    keys = ["step", "train_loss", "loss", "groups_per_s", "tokens_per_s", "launch_to_first_step_s",
+            "peak_rss_gib_per_worker", "wall_s"]
+    metric = cfg.metric_for_best_model
+    if cfg.eval_data:
+        keys += [f"zero_shot_{metric}", f"eval_{metric}", "best_step", f"best_eval_{metric}"]
+    print(json.dumps({"model_dir": result.model_dir, **{k: metrics[k] for k in keys if k in metrics}}, indent=2))
+    if cfg.eval_data and f"zero_shot_{metric}" in metrics:
+        tuned = metrics.get(f"best_eval_{metric}", metrics.get(f"eval_{metric}"))
+        print(f"{metric} on {cfg.eval_data}: zero-shot {metrics[f'zero_shot_{metric}']:.4f} -> fine-tuned {tuned:.4f}")
+    print(f"fine-tuned model: {result.model_dir}")
 
+
+def eval_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="bge-ray eval", description="nDCG/Recall/MRR/MAP/P@k of one or more models "
                                  "on a BEIR or FlagEmbedding evaluation folder (local or cloud URI).")
     ap.add_argument("--model", action="append", required=True, help="model directory or hub id; repeat to compare")
@@ -147,9 +161,8 @@ def eval_parser():
 
 
 def cmd_eval(argv: list[str]) -> int:
-    from bge_ray.evaluation import evaluate, format_table
-
     args = eval_parser().parse_args(argv)
+    evaluation = command_module("bge_ray.retrieval.evaluate")
     try:
         ks = tuple(sorted({int(k) for k in args.k.split(",") if k.strip()}))
     except ValueError:
@@ -157,43 +170,40 @@ def cmd_eval(argv: list[str]) -> int:
     if not ks or min(ks) < 1:
         raise ConfigError("--k needs at least one cut-off >= 1")
     output = args.output or os.path.join("eval_results", os.path.basename(os.path.normpath(args.data)))
-    rows = evaluate(args.model, args.data, split=args.split, ks=ks, use_gpu=args.use_gpu,
+    rows = evaluation.evaluate(args.model, args.data, split=args.split, ks=ks, use_gpu=args.use_gpu,
                     concurrency=args.concurrency, ignore_identical_ids=args.ignore_identical_ids, output_dir=output,
                     pooling=args.pooling, query_instruction=args.query_instruction,
                     passage_instruction=args.passage_instruction, query_max_len=args.query_max_len,
                     passage_max_len=args.passage_max_len, batch_size=args.batch_size)
-    print(format_table(rows, ks))
+    print(evaluation.format_table(rows, ks))
     print(f"results: {os.path.join(output, 'results.json')} and results.md")
     return 0
 
 
-def _config_from_argv(argv: list[str], cls: type) -> Any:
+def _values_from_argv(argv: list[str], cls: type) -> dict[str, Any]:
     path, overrides = split_config_arg(argv)
-    return load_config(path, overrides, cls=cls)
+    return read_config(path, overrides, cls=cls)  # validated once, by the command
 
 
-def _row_job(argv: list[str], cls: type, run: Any, summary: Any) -> int:
+def _row_job(argv: list[str], cls: type, module: str, summary: Any) -> int:
     """``bge-ray mine`` / ``bge-ray score``: config + overrides -> run -> a JSON summary."""
     if "-h" in argv or "--help" in argv:
         print(config_help(cls))
         return 0
-    print(json.dumps(summary(run(_config_from_argv(argv, cls))), indent=2))
+    run = getattr(command_module(module), cls.COMMAND)
+    print(json.dumps(summary(run(_values_from_argv(argv, cls))), indent=2))
     return 0
 
 
 def cmd_mine(argv: list[str]) -> int:
-    from bge_ray.mining import MineConfig, mine
-
-    return _row_job(argv, MineConfig, mine, lambda r: {
+    return _row_job(argv, MineConfig, "bge_ray.tools.mine", lambda r: {
         "output_dir": r.output_dir, "rows": r.num_rows, "bad_rows": r.num_bad_rows, "pool_size": r.pool_size,
         "short_rows": r.short_rows, "removed_positives": r.removed_positives, "pool_embed_s": round(r.pool_embed_s, 1),
         "search_s": round(r.search_s, 1), "queries_per_s": round(r.queries_per_s, 2), "wall_s": round(r.wall_s, 1)})
 
 
 def cmd_score(argv: list[str]) -> int:
-    from bge_ray.mining import ScoreConfig, score
-
-    return _row_job(argv, ScoreConfig, score, lambda r: {
+    return _row_job(argv, ScoreConfig, "bge_ray.tools.score", lambda r: {
         "output_dir": r.output_dir, "rows": r.num_rows, "bad_rows": r.num_bad_rows, "teacher": r.teacher,
         "wall_s": round(r.wall_s, 1)})
 
@@ -220,15 +230,14 @@ tune settings:
 
 
 def cmd_tune(argv: list[str]) -> int:
-    from bge_ray.sweep import TuneSettings, load_sweep, tune
-
     if "-h" in argv or "--help" in argv:
         print(TUNE_HELP.rstrip("\n") + "\n" + config_help(TuneSettings).split("\n\n", 2)[2])
         return 0
     path, overrides = split_config_arg(argv)
     if path is None:
         raise ConfigError("bge-ray tune needs --config sweep.yaml (see bge-ray tune --help)")
-    result = tune(load_sweep(path, overrides))
+    sweep = load_sweep(path, overrides)
+    result = command_module("bge_ray.sweep.run").tune(sweep)
     print(json.dumps({"model_dir": result.model_dir, "results_dir": result.results_dir,
                       "best_config": result.best_config_path, "best_params": result.best_params,
                       result.metric: result.best_metric, "trials": len(result.trials),
@@ -253,13 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"bge-ray: config error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:  # noqa: BLE001 - shown readably, then re-raised for the traceback
-        from bge_ray.data import DataValidationError
-
-        if isinstance(e, DataValidationError):
-            print(f"bge-ray: data error: {e}", file=sys.stderr)
-            return 2
-        raise
+    except DataValidationError as e:
+        print(f"bge-ray: data error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ def build_train() -> None:
     import glob
     import tempfile
 
-    from bge_ray.mining import mine
+    from bge_ray.tools.mine import mine
 
     with tempfile.TemporaryDirectory() as tmp:
         pairs = os.path.join(tmp, "pairs.jsonl")

@@ -12,8 +12,8 @@ import pytest
 
 from bge_ray.cli import config_reference, main
 from bge_ray.config import FinetuneConfig
-from bge_ray.mining import MineConfig, ScoreConfig
-from bge_ray.sweep import TuneSettings
+from bge_ray.sweep.space import TuneSettings
+from bge_ray.tools.config import MineConfig, ScoreConfig
 from tests.helpers import FE_EXAMPLES, REPO
 
 

@@ -13,7 +13,8 @@ import time
 import pytest
 import yaml
 
-from bge_ray.config import ConfigError, load_config
+from bge_ray.config import load_config
+from bge_ray.errors import ConfigError
 from tests.helpers import REPO
 
 JOB_CONFIGS = os.path.join(REPO, "jobs", "configs")
@@ -55,8 +56,8 @@ def test_training_job_configs_are_valid(name):
 
 
 def test_sweep_and_mine_job_configs_are_valid():
-    from bge_ray.mining import MineConfig
-    from bge_ray.sweep import load_sweep
+    from bge_ray.sweep.space import load_sweep
+    from bge_ray.tools.config import MineConfig
 
     sweep = load_sweep(os.path.join(JOB_CONFIGS, "sweep.yaml"))
     assert set(sweep.space) == {"temperature", "learning_rate", "sentence_pooling_method"}
@@ -139,7 +140,7 @@ def test_with_no_address_bge_ray_joins_the_cluster_ray_start_recorded(ray_head, 
     (tmp_path / "ray" / "ray_current_cluster").write_text(ray_head["address"])
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_TMPDIR"] = str(tmp_path)
-    script = ("import ray\nfrom bge_ray.api import connect_ray\nconnect_ray(None, num_cpus=7)\n"
+    script = ("import ray\nfrom bge_ray.cluster import connect_ray\nconnect_ray(None, num_cpus=7)\n"
               "print('JOINED', ray.get_runtime_context().gcs_address, ray.cluster_resources()['CPU'])\n")
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

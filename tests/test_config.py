@@ -1,4 +1,4 @@
-"""bge_ray/config.py: YAML + command-line overrides, types, and errors that say what to change."""
+"""bge_ray/config/: YAML + command-line overrides, types, and errors that say what to change."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ import json
 
 import pytest
 
-from bge_ray.config import ConfigError, FinetuneConfig, load_config, parse_overrides
-from bge_ray.deepspeed_config import build_deepspeed_config, fill_model_sizes
+from bge_ray.config import FinetuneConfig, load_config
+from bge_ray.config.deepspeed import build_deepspeed_config, fill_model_sizes
+from bge_ray.config.parse import parse_overrides
+from bge_ray.errors import ConfigError
 from tests.helpers import FE_EXAMPLES
 
 
@@ -43,7 +45,7 @@ def test_flagembedding_command_moves_over(base):
     assert cfg.sentence_pooling_method == "mean"
     # FlagEmbedding's sub_batch_size, here GradCache; its -1 means off, as there
     assert load_config(None, base + ["--sub_batch_size", "16"]).sub_batch_size == 16
-    from bge_ray.grad_cache import micro_steps
+    from bge_ray.model.grad_cache import micro_steps
 
     assert micro_steps(8, 8, load_config(None, base + ["--sub_batch_size", "-1"]).sub_batch_size) == 1
     assert micro_steps(8, 8, 16) == 1 + 4 and micro_steps(8, 8, 64) == 1  # chunks of queries + of passages
@@ -138,25 +140,26 @@ def test_shipped_zero_configs_resolve(base, stage):
 
 
 def test_bucket_sizes_follow_the_model(base, tiny_model):
-    from bge_ray.modeling import Embedder
-    from bge_ray.train import engine_config
+    from bge_ray.config.deepspeed import engine_config
+    from bge_ray.model.embedder import Embedder
 
     cfg = load_config(None, base + ["--deepspeed", "zero2"])
     driver = build_deepspeed_config(cfg, world_size=2)  # the driver never loads the model
     assert driver["zero_optimization"]["reduce_bucket_size"] == "auto"
     model = Embedder.from_pretrained(tiny_model)
     params = sum(p.numel() for p in model.parameters())
-    zero = engine_config(driver, model)["zero_optimization"]  # what each worker hands DeepSpeed
+    hidden = model.model.config.hidden_size
+    zero = engine_config(driver, hidden, params)["zero_optimization"]  # what each worker hands DeepSpeed
     assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == params
     # a model bigger than DeepSpeed's default keeps the default; no size known: the default
     assert fill_model_sizes(driver, None, 10**10)["zero_optimization"]["reduce_bucket_size"] == 5e8
     assert fill_model_sizes(driver, None, 0)["zero_optimization"]["allgather_bucket_size"] == 5e8
     cfg3 = load_config(None, base + ["--deepspeed", "zero3"])
-    zero3 = engine_config(build_deepspeed_config(cfg3, world_size=2), model)["zero_optimization"]
+    zero3 = engine_config(build_deepspeed_config(cfg3, world_size=2), hidden, params)["zero_optimization"]
     assert zero3["reduce_bucket_size"] == 32 * 32 and zero3["stage3_param_persistence_threshold"] == 320
     # an explicit value is the user's
     user = dict(driver, zero_optimization=dict(driver["zero_optimization"], reduce_bucket_size=12345))
-    assert engine_config(user, model)["zero_optimization"]["reduce_bucket_size"] == 12345
+    assert engine_config(user, hidden, params)["zero_optimization"]["reduce_bucket_size"] == 12345
 
 
 def test_positional_argument_is_rejected(base):

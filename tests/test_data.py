@@ -1,34 +1,31 @@
-"""bge_ray/data.py: row validation, real Ray Data reads, group sampling, tokenization, collation."""
+"""bge_ray/data/: row validation, real Ray Data reads, group sampling, tokenization, collation."""
 
 from __future__ import annotations
 
 import gzip
 import json
+import math
 import os
 import random
 from collections import Counter
 
 import pytest
 
-from bge_ray import data as data_mod
 from bge_ray.config import FinetuneConfig
-from bge_ray.data import (
-    DataValidationError,
+from bge_ray.data import pipeline as data_mod
+from bge_ray.data.collate import GroupCollator, pad_ids
+from bge_ray.data.pipeline import (
     EpochState,
-    GroupCollator,
-    RowRules,
-    TokenizeSpec,
     build_train_dataset,
-    pad_ids,
-    parse_line,
     read_triplets,
-    sample_group,
-    sample_row,
     scan_triplets,
     tokenize_rows,
     triplet_source,
     window_shuffle,
 )
+from bge_ray.data.text import TextSpec
+from bge_ray.data.triplets import RowRules, parse_line, sample_group, sample_row
+from bge_ray.errors import DataValidationError
 from tests.helpers import FE_EXAMPLES
 
 GOOD = {"query": "what is a cell", "pos": ["a cell is a unit of life"], "neg": ["rocks", "cars", "rain"]}
@@ -133,9 +130,20 @@ def test_sample_row_cuts_the_group_and_its_teacher_scores():
     assert out["pos"] == [row["pos"][pos_idx]] and out["neg"] == [f"n{j}" for j in neg_idx]
     assert out["pos_scores"] == [row["pos_scores"][pos_idx]] and out["neg_scores"] == [j / 10 for j in neg_idx]
     assert out["query"] == row["query"] and len(set(out["neg"])) == 3
-    assert sample_row(row, 4, seed=1, epoch=1)["neg"] != out["neg"] or sample_row(row, 4, 1, 2)["neg"] != out["neg"]
+    assert sample_row(row, 4, seed=1, epoch=0) == out  # the draw depends only on (seed, epoch, key)
     # without teacher scores, none appear
     assert sample_row(dict(row, pos_scores=None, neg_scores=None), 4, 1, 0)["neg_scores"] is None
+
+
+def test_group_draws_change_every_epoch_and_cover_the_negatives_evenly():
+    draws = [tuple(sample_group(2, 10, 4, seed=1, epoch=e, key=7)[1]) for e in range(400)]
+    assert len(set(draws)) > 300  # 720 ordered triples: a new draw almost every epoch
+    counts = Counter(j for d in draws for j in d)
+    assert set(counts) == set(range(10))
+    assert all(abs(c - 120) < 4 * math.sqrt(120) for c in counts.values())  # 1,200 picks over 10 negatives
+    # other rows, other seeds: other draws in the same epoch
+    assert sample_group(2, 10, 4, seed=1, epoch=0, key=8) != sample_group(2, 10, 4, seed=1, epoch=0, key=7)
+    assert sample_group(2, 10, 4, seed=2, epoch=0, key=7) != sample_group(2, 10, 4, seed=1, epoch=0, key=7)
 
 
 def test_window_shuffle_permutes_within_its_window():
@@ -163,13 +171,12 @@ def test_tokenize_applies_instructions_and_truncates(tiny_model):
     import pyarrow as pa
     from transformers import AutoTokenizer
 
-    spec = TokenizeSpec(tokenizer=tiny_model, cache_dir=None, trust_remote_code=False, query_max_len=8,
-                        passage_max_len=6, query_instruction="search: ", query_instruction_format="{}{}",
-                        passage_instruction="doc: ", passage_instruction_format="{}{}")
+    spec = TextSpec(tokenizer=tiny_model, query_max_len=8, passage_max_len=6, query_instruction="search: ",
+                    passage_instruction="doc: ")
     rows = [parse_line(_line(GOOD), "f", 1, RowRules()),
             parse_line(_line(dict(GOOD, prompt="find: ", pos=["one two three four five six seven eight"])), "f", 2,
                        RowRules())]
-    from bge_ray.data import ROW_SCHEMA
+    from bge_ray.data.triplets import ROW_SCHEMA
 
     out = tokenize_rows(pa.Table.from_pylist(rows, schema=ROW_SCHEMA), spec).to_pylist()
     tok = AutoTokenizer.from_pretrained(tiny_model)
@@ -305,7 +312,7 @@ def test_reads_cloud_uris_and_names_the_object_and_line(ray_cluster, s3, scan_da
 def test_group_by_length_keeps_the_rows_and_pads_less():
     import numpy as np
 
-    from bge_ray.data import length_grouped, row_length
+    from bge_ray.data.collate import length_grouped, row_length
 
     rng = np.random.default_rng(0)
     lengths = rng.integers(5, 250, size=32 * 8)

@@ -1,4 +1,4 @@
-"""bge_ray/evaluation.py: data layouts and their errors, chunked exact search, Ray Data encoding."""
+"""bge_ray/retrieval/: data layouts and their errors, chunked exact search, Ray Data encoding."""
 
 from __future__ import annotations
 
@@ -10,18 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from bge_ray.data import DataValidationError, load_tokenizer
-from bge_ray.evaluation import (
-    TopK,
-    check_corpus,
-    encode_texts,
-    encoder_spec_for,
-    evaluate,
-    load_dataset,
-    read_corpus,
-)
-from bge_ray.metrics import evaluate_run
-from bge_ray.modeling import Embedder
+from bge_ray.errors import DataValidationError
+from bge_ray.model.embedder import Embedder
+from bge_ray.model.tokenizer import load_tokenizer
+from bge_ray.retrieval.datasets import check_corpus, load_dataset, read_corpus
+from bge_ray.retrieval.encode import encode_texts, encoder_spec_for
+from bge_ray.retrieval.evaluate import evaluate
+from bge_ray.retrieval.metrics import evaluate_run
+from bge_ray.retrieval.search import TopK
 from tests.helpers import REPO, make_beir_subset, minilm_path
 
 
@@ -36,7 +32,7 @@ def test_topk_over_chunks_equals_full_search():
     ids = [f"d{i}" for i in range(503)]
     top = TopK(q, k=10)
     for start in range(0, 503, 37):  # uneven chunks; compaction kicks in along the way
-        top.add(ids[start:start + 37], d[start:start + 37])
+        top.add(d[start:start + 37], ids[start:start + 37])
     full = torch.topk(q @ d.T, 10, dim=1)
     run = top.run([f"q{i}" for i in range(7)])
     for i in range(7):
@@ -107,7 +103,7 @@ def test_encoder_spec_comes_from_the_model_directory(tmp_path):
         "query_instruction_for_retrieval": "q: ", "query_instruction_format": "{}{}",
         "passage_instruction_for_retrieval": None, "passage_instruction_format": "{}{}"}))
     spec = encoder_spec_for(str(tmp_path))
-    assert (spec.pooling, spec.normalize, spec.query_instruction) == ("last_token", False, "q: ")
+    assert (spec.pooling, spec.normalize, spec.text.query_instruction) == ("last_token", False, "q: ")
     assert encoder_spec_for(str(tmp_path), pooling="cls").pooling == "cls"
 
 

@@ -16,8 +16,16 @@ import psutil
 import pytest
 
 import bge_ray
-from bge_ray.checkpointing import CheckpointError, pick_resume_checkpoint, staging_dir, verify, write_manifest
-from bge_ray.data import row_key
+from bge_ray.data.triplets import row_key
+from bge_ray.errors import CheckpointError
+from bge_ray.train.checkpointing import (
+    pick_resume_checkpoint,
+    rank_files,
+    rank_problem,
+    staging_dir,
+    verify,
+    write_manifest,
+)
 from tests.helpers import REPO, SCIFACT_TRAIN
 
 
@@ -175,6 +183,10 @@ def _manifest(path, rank, files):
 
     entries = {}
     for rel in files:
+        if not os.path.exists(os.path.join(path, rel)):  # a file this test's checkpoint did not make yet
+            os.makedirs(os.path.dirname(os.path.join(path, rel)), exist_ok=True)
+            with open(os.path.join(path, rel), "wb") as f:
+                f.write(os.urandom(256))
         data = open(os.path.join(path, rel), "rb").read()
         entries[rel] = [len(data), hashlib.sha256(data).hexdigest()]
     with open(os.path.join(path, f"manifest_rank{rank}.json"), "w") as f:
@@ -190,7 +202,7 @@ def test_resume_choice_passes_over_damaged_checkpoints_and_fails_when_none_is_wh
         _manifest(path, 1, ["deepspeed/shard_rank1.pt"])
         paths[step] = path
     fs = _local_fs()
-    assert pick_resume_checkpoint(fs, paths[15]) == (paths[15], [])
+    assert pick_resume_checkpoint(fs, paths[15]) == (paths[15], paths[15], [])
     # rank 1 died before finishing step 15 (no manifest); a bit flip in step 10
     os.remove(os.path.join(paths[15], "manifest_rank1.json"))
     with open(os.path.join(paths[10], "deepspeed", "shard_rank0.pt"), "r+b") as f:
@@ -198,8 +210,8 @@ def test_resume_choice_passes_over_damaged_checkpoints_and_fails_when_none_is_wh
         byte = f.read(1)
         f.seek(100)
         f.write(bytes([byte[0] ^ 1]))
-    chosen, skipped = pick_resume_checkpoint(fs, paths[15])
-    assert chosen == paths[5]
+    chosen, local, skipped = pick_resume_checkpoint(fs, paths[15])
+    assert chosen == local == paths[5]
     assert skipped == ["checkpoint_step_00000015: rank 1 never finished writing it (manifest_rank1.json is missing)",
                        "checkpoint_step_00000010: deepspeed/shard_rank0.pt does not match its checksum"]
     # a newer checkpoint than the one Ray hands over is never picked (it was not registered)
@@ -207,6 +219,42 @@ def test_resume_choice_passes_over_damaged_checkpoints_and_fails_when_none_is_wh
     os.remove(os.path.join(paths[5], "deepspeed", "shard_rank1.pt"))
     with pytest.raises(CheckpointError, match=r"no intact checkpoint to resume from: .*shard_rank1.pt is missing"):
         pick_resume_checkpoint(fs, paths[15])
+
+
+def test_each_rank_reads_only_its_files_and_damage_any_rank_finds_fails_the_checkpoint_for_all(tmp_path):
+    run_dir = str(tmp_path)
+    paths = {}
+    for step in (5, 10):
+        path = _fake_checkpoint(run_dir, step)
+        _manifest(path, 0, ["deepspeed/mp_rank_00_model_states.pt", "deepspeed/zero_pp_rank_0_optim.pt",
+                            "trainer_state.json", "trained_rows_rank0.npy", "model/model.safetensors"])
+        _manifest(path, 1, ["deepspeed/zero_pp_rank_1_optim.pt", "trained_rows_rank1.npy"])
+        paths[step] = path
+    manifests = {r: json.load(open(os.path.join(paths[10], f"manifest_rank{r}.json")))["files"] for r in (0, 1)}
+    # rank 1 loads its own shard and rows, the shared model states and the trainer state; not rank 0's
+    # optimizer shard, not the exported model
+    assert sorted(rank_files(manifests, 1)) == ["deepspeed/mp_rank_00_model_states.pt",
+                                                "deepspeed/zero_pp_rank_1_optim.pt", "trained_rows_rank1.npy",
+                                                "trainer_state.json"]
+    assert "model/model.safetensors" not in rank_files(manifests, 0)
+    assert {"trained_rows_rank0.npy", "trained_rows_rank1.npy"} <= set(rank_files(manifests, 0))  # rank 0 filters
+    # a bit flip in rank 1's shard at step 10: rank 0 alone does not see it, rank 1 does, and both move on
+    shard = os.path.join(paths[10], "deepspeed", "zero_pp_rank_1_optim.pt")
+    data = bytearray(open(shard, "rb").read())
+    data[7] ^= 1
+    open(shard, "wb").write(bytes(data))
+    fs = _local_fs()
+    assert rank_problem(fs, paths[10], 0) is None
+    assert rank_problem(fs, paths[10], 1) == "deepspeed/zero_pp_rank_1_optim.pt does not match its checksum"
+    both = lambda path, why: [why, rank_problem(fs, path, 1)]  # noqa: E731 - rank 0's view of an all-gather
+    chosen, _, skipped = pick_resume_checkpoint(fs, paths[10], 0, both)
+    assert chosen == paths[5] and skipped == [
+        "checkpoint_step_00000010: deepspeed/zero_pp_rank_1_optim.pt does not match its checksum"]
+    # a remote checkpoint is copied, file by file as it is hashed, to a local folder
+    local_root = tmp_path / "local"
+    chosen, local, _ = pick_resume_checkpoint(fs, paths[5], 1, local_root=str(local_root))
+    assert local.startswith(str(local_root)) and sorted(os.listdir(os.path.join(local, "deepspeed"))) == [
+        "mp_rank_00_model_states.pt", "zero_pp_rank_1_optim.pt"]
 
 
 def test_manifest_lists_every_file_with_its_size_and_hash(tmp_path):

@@ -9,10 +9,10 @@ import os
 import pytest
 import torch
 
-from bge_ray.data import load_tokenizer
-from bge_ray.grad_cache import _trim_right_padding, micro_steps, train_micro_batch
-from bge_ray.loss import contrastive_loss
-from bge_ray.modeling import Embedder
+from bge_ray.model.embedder import Embedder
+from bge_ray.model.grad_cache import micro_steps, train_micro_batch, trim_right_padding
+from bge_ray.model.loss import contrastive_loss
+from bge_ray.model.tokenizer import load_tokenizer
 
 QUERIES = ["what causes rain", "how do vaccines work", "who wrote hamlet", "speed of light", "why is the sky blue"]
 
@@ -101,7 +101,7 @@ def test_dropout_is_replayed_in_the_second_forward(tiny_model):
         return contrastive_loss(q, p, 0.05)
 
     def encode_chunks(side: str, n: int) -> torch.Tensor:  # each chunk padded to its own longest, as GradCache does
-        return torch.cat([model.encode(*_trim_right_padding(batch[f"{side}_input_ids"][i:i + sub],
+        return torch.cat([model.encode(*trim_right_padding(batch[f"{side}_input_ids"][i:i + sub],
                                                              batch[f"{side}_attention_mask"][i:i + sub]))
                           for i in range(0, n, sub)])
 
@@ -137,7 +137,7 @@ def _deepspeed_worker(config: dict) -> None:
     import deepspeed
     import torch.distributed as dist
 
-    from bge_ray.train import engine_config
+    from bge_ray.config.deepspeed import engine_config
 
     rank = dist.get_rank()
     tok = load_tokenizer(config["model"])
@@ -157,7 +157,9 @@ def _deepspeed_worker(config: dict) -> None:
     for sub in (None, 2):
         model = _model(config["model"], "mean", dropout=0.0, dtype=torch.float32)
         engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
-                                          config=engine_config(ds_config, model, micro_steps(4, 3, sub)),
+                                          config=engine_config(ds_config, model.model.config.hidden_size,
+                                                                sum(p.numel() for p in model.parameters()),
+                                                                micro_steps(4, 3, sub)),
                                           dist_init_required=False)
         before = _full_weights(engine)
         train_micro_batch(engine, batch, loss_fn, sub_batch_size=sub)
@@ -192,7 +194,7 @@ def test_gradcache_step_equals_full_batch_step_under_zero_on_two_workers(ray_clu
 def test_chunks_drop_their_own_right_padding_only():
     ids = torch.tensor([[5, 6, 0, 0], [7, 0, 0, 0]])
     mask = (ids != 0).long()
-    t_ids, t_mask = _trim_right_padding(ids, mask)
+    t_ids, t_mask = trim_right_padding(ids, mask)
     assert t_ids.tolist() == [[5, 6], [7, 0]] and t_mask.tolist() == [[1, 1], [1, 0]]
     left = torch.tensor([[0, 0, 5, 6], [0, 0, 0, 7]])
-    assert _trim_right_padding(left, (left != 0).long())[0] is left  # positions would move: untouched
+    assert trim_right_padding(left, (left != 0).long())[0] is left  # positions would move: untouched

@@ -15,15 +15,11 @@ import tracemalloc
 import pytest
 import torch
 
-from bge_ray.config import ConfigError, FinetuneConfig, resolve_config
-from bge_ray.data import (
-    DataValidationError,
-    LineTooLong,
-    RowRules,
-    iter_lines,
-    read_triplets,
-    scan_triplets,
-)
+from bge_ray.config import FinetuneConfig, resolve_config
+from bge_ray.data.jsonl import LineTooLong, iter_lines
+from bge_ray.data.pipeline import read_triplets, scan_triplets
+from bge_ray.data.triplets import RowRules
+from bge_ray.errors import ConfigError, DataValidationError
 from tests.helpers import FE_EXAMPLES, minilm_path
 
 GOOD = {"query": "what is a cell", "pos": ["a cell is the unit of life"], "neg": ["a prison cell", "a battery cell"],
@@ -113,7 +109,7 @@ JUNK = [None, True, 0, -1, 1.5, float("nan"), "", "x", "1e999", [], [1, "a"], {"
 
 
 def _bases(tmp_path):
-    from bge_ray.mining import MineConfig, ScoreConfig
+    from bge_ray.tools.config import MineConfig, ScoreConfig
 
     out = str(tmp_path / "out")
     return [
@@ -157,7 +153,7 @@ def _unsafe_model_dir(path, marker):
 
 
 def test_model_weights_are_never_unpickled_from_untrusted_files(tmp_path):
-    from bge_ray.modeling import Embedder
+    from bge_ray.model.embedder import Embedder
 
     marker = str(tmp_path / "pwned")
     model_dir = _unsafe_model_dir(tmp_path / "model", marker)
@@ -167,7 +163,7 @@ def test_model_weights_are_never_unpickled_from_untrusted_files(tmp_path):
 
 
 def test_remote_code_stays_off_unless_asked_for(tmp_path):
-    from bge_ray.modeling import Embedder
+    from bge_ray.model.embedder import Embedder
 
     marker = tmp_path / "ran"
     model_dir = tmp_path / "custom"

@@ -1,4 +1,4 @@
-"""bge_ray/loss.py against an independent float64 reference, in one process and across 2 gloo processes."""
+"""bge_ray/model/loss.py against an independent float64 reference, in one process and across 2 gloo processes."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from bge_ray.loss import contrastive_loss
+from bge_ray.model.loss import contrastive_loss
 
 T = 0.05
 
@@ -82,9 +82,18 @@ def test_group_size_one_is_in_batch_only():
     assert got.item() == pytest.approx(F.cross_entropy(q @ p.T / T, torch.arange(4)).item(), rel=1e-12)
 
 
-def test_temperature_scales_scores():
+@pytest.mark.parametrize("temperature", [0.01, 0.05, 1.0, 7.0])
+def test_temperature_divides_the_scores(temperature):
     q, p, _ = _data()
-    assert contrastive_loss(q, p, 0.02).item() != pytest.approx(contrastive_loss(q, p, 1.0).item())
+    got = contrastive_loss(q, p, temperature).item()
+    assert got == pytest.approx(ref_infonce(q.numpy(), p.numpy(), temperature), rel=1e-9)
+    # the same loss as unit temperature on scores scaled by 1/temperature
+    assert got == pytest.approx(contrastive_loss(q / temperature, p, 1.0).item(), rel=1e-9)
+
+
+def test_a_very_high_temperature_makes_every_passage_equally_likely():
+    q, p, _ = _data(b=4, g=3)
+    assert contrastive_loss(q, p, 1e9).item() == pytest.approx(math.log(4 * 3), rel=1e-6)
 
 
 def test_kl_div_distillation_matches_reference():

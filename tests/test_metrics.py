@@ -1,4 +1,4 @@
-"""bge_ray/metrics.py against pytrec_eval on real qrels (SciFact, Cranfield; vendored in tests/data, see NOTICE)."""
+"""bge_ray/retrieval/metrics.py against pytrec_eval on real qrels (SciFact, Cranfield; vendored in tests/data, see NOTICE)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from bge_ray.metrics import evaluate_run, query_metrics, rank_run
+from bge_ray.retrieval.metrics import evaluate_run, query_metrics, rank_run
 from tests.helpers import TEST_DATA
 
 pytrec_eval = pytest.importorskip("pytrec_eval")

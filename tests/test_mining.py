@@ -12,11 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from bge_ray.config import ConfigError
-from bge_ray.data import DataValidationError, RowRules, load_tokenizer, read_triplets, scan_triplets
-from bge_ray.evaluation import encode_texts
-from bge_ray.mining import mine, normalize_text, score
-from bge_ray.modeling import Embedder
+from bge_ray.data.pipeline import read_triplets, scan_triplets
+from bge_ray.data.triplets import RowRules
+from bge_ray.errors import ConfigError, DataValidationError
+from bge_ray.model.embedder import Embedder
+from bge_ray.model.tokenizer import load_tokenizer
+from bge_ray.retrieval.encode import encode_texts
+from bge_ray.tools.mine import mine, normalize_text
+from bge_ray.tools.score import score
 from tests.helpers import FE_EXAMPLES, REPO
 
 START, END, NUMBER = 3, 40, 6

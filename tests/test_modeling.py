@@ -1,11 +1,11 @@
-"""bge_ray/modeling.py: pooling is right under left and right padding; normalisation."""
+"""bge_ray/model/embedder.py: pooling is right under left and right padding; normalisation."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from bge_ray.modeling import Embedder, pool
+from bge_ray.model.embedder import Embedder, pool
 
 
 def _padded(hidden_rows, side):
@@ -33,7 +33,7 @@ def test_pooling_ignores_padding(side):
 
 
 def test_unknown_pooling():
-    with pytest.raises(ValueError, match="cls, mean or last_token"):
+    with pytest.raises(ValueError, match="use cls, mean, last_token"):
         pool(torch.zeros(1, 2, 3), torch.ones(1, 2), "max")
 
 
@@ -70,7 +70,7 @@ def test_fix_position_embedding_freezes_only_positions(tiny_model):
 
 
 def test_attention_dropout_override(tiny_model):
-    from bge_ray.modeling import Embedder
+    from bge_ray.model.embedder import Embedder
 
     assert Embedder.from_pretrained(tiny_model).model.config.attention_probs_dropout_prob == 0.1
     model = Embedder.from_pretrained(tiny_model, attention_dropout=0.0).model

@@ -9,8 +9,10 @@ import os
 import pytest
 import yaml
 
-from bge_ray.config import ConfigError, load_config
-from bge_ray.sweep import load_sweep, tune
+from bge_ray.config import load_config
+from bge_ray.errors import ConfigError
+from bge_ray.sweep.run import tune
+from bge_ray.sweep.space import load_sweep
 from tests.helpers import FE_EXAMPLES
 
 
@@ -144,3 +146,32 @@ def test_sweep_settings_and_overrides(tmp_path, tiny_model, memorize_eval):
         load_sweep(path, ["--scheduler", "hyperband"])
     default = load_sweep(path, ["--search_space", "null"])
     assert set(default.space) == {"temperature", "learning_rate", "sentence_pooling_method"}
+    # the training values every trial starts from: typed, validated, the swept field at its first value
+    base = sweep.base_config()
+    assert base.max_steps == 8 and base.temperature == 0.02 and base.num_workers == 2
+
+
+def test_search_space_becomes_tunes_domains(tmp_path, tiny_model, memorize_eval):
+    from ray import tune as rtune
+    from ray.tune.search.sample import Categorical, Float, Integer
+
+    from bge_ray.sweep.run import tune_config, tune_domain
+
+    space = {"temperature": {"loguniform": [0.01, 0.1]}, "learning_rate": {"uniform": [1e-5, 5e-5]},
+             "sentence_pooling_method": {"choice": ["cls", "mean"]}, "train_group_size": {"randint": [2, 5]},
+             "normalize_embeddings": {"grid": [True, False]}, "query_max_len": {"choice": ["16", 32]}}
+    sweep = load_sweep(sweep_file(tmp_path, tiny_model, memorize_eval, search_space=space))
+    domains = {n: tune_domain(d) for n, d in sweep.space.items()}
+    assert isinstance(domains["temperature"], Float) and (domains["temperature"].lower,
+                                                          domains["temperature"].upper) == (0.01, 0.1)
+    assert isinstance(domains["temperature"].sampler, Float._LogUniform)
+    assert isinstance(domains["learning_rate"], Float) and not isinstance(domains["learning_rate"].sampler,
+                                                                           Float._LogUniform)
+    assert isinstance(domains["sentence_pooling_method"], Categorical)
+    assert domains["sentence_pooling_method"].categories == ["cls", "mean"]
+    assert isinstance(domains["train_group_size"], Integer) and domains["train_group_size"].upper == 5
+    assert domains["normalize_embeddings"] == rtune.grid_search([True, False])
+    assert sweep.space["query_max_len"].args == [16, 32]  # values typed as the field
+    settings = tune_config(sweep, concurrency=2)
+    assert settings.metric == "eval_ndcg@10" and settings.mode == "max" and settings.num_samples == 1
+    assert settings.scheduler._time_attr == "validations"

@@ -8,20 +8,16 @@ import os
 import numpy as np
 import pytest
 import torch
+from ray.train import UserCallback
 
 import bge_ray
-from bge_ray.data import (
-    ROW_SCHEMA,
-    GroupCollator,
-    RowRules,
-    TokenizeSpec,
-    load_tokenizer,
-    parse_line,
-    sample_row,
-    tokenize_rows,
-)
-from bge_ray.loss import contrastive_loss
-from bge_ray.modeling import Embedder
+from bge_ray.data.collate import GroupCollator
+from bge_ray.data.pipeline import tokenize_rows
+from bge_ray.data.text import TextSpec
+from bge_ray.data.triplets import ROW_SCHEMA, RowRules, parse_line, sample_row
+from bge_ray.model.embedder import Embedder
+from bge_ray.model.loss import contrastive_loss
+from bge_ray.model.tokenizer import load_tokenizer
 from tests.helpers import FE_EXAMPLES, make_beir_subset
 
 TEXTS = ["What is the capital of France?", "Paris is the capital and largest city of France.",
@@ -35,10 +31,7 @@ def dataset_loss(model_dir: str, cfg: dict) -> float:
     with open(cfg["train_data"][0], encoding="utf-8") as f:
         rows = [sample_row(parse_line(line.encode(), "f", i, RowRules(cfg["train_group_size"])), cfg["train_group_size"],
                            seed=123, epoch=0) for i, line in enumerate(f, 1)]
-    spec = TokenizeSpec(tokenizer=model_dir, cache_dir=None, trust_remote_code=False,
-                        query_max_len=cfg["query_max_len"], passage_max_len=cfg["passage_max_len"],
-                        query_instruction=None, query_instruction_format="{}{}", passage_instruction=None,
-                        passage_instruction_format="{}{}")
+    spec = TextSpec(tokenizer=model_dir, query_max_len=cfg["query_max_len"], passage_max_len=cfg["passage_max_len"])
     tokenized = tokenize_rows(pa.Table.from_pylist(rows, schema=ROW_SCHEMA), spec).to_pydict()
     tok = load_tokenizer(model_dir)
     batch = GroupCollator(cfg["train_group_size"], pad_token_id=tok.pad_token_id)(tokenized)
@@ -60,8 +53,37 @@ def zero2_run(ray_cluster, tiny_model, tmp_path_factory):
         "num_train_epochs": 2, "logging_steps": 2, "save_steps": 6, "seed": 3,
         "eval_data": make_beir_subset(str(out / "eval"), n_queries=8, n_extra_docs=30), "eval_steps": 6,
     }
-    result = bge_ray.finetune(cfg)
+    result = bge_ray.finetune(cfg, callbacks=[ReportRecorder(str(out / "reports.jsonl"))])
     return cfg, result
+
+
+class ReportRecorder(UserCallback):
+    """A user's Ray Train callback: appends every report it sees (on the Train controller) to a file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:  # noqa: ANN001 - Ray's signature
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({k: v for k, v in metrics[0].items() if k != "records"}) + "\n")
+
+
+def test_every_measurement_reaches_the_console_history_metrics_file_and_callbacks(zero2_run, capfd):
+    cfg, result = zero2_run
+    run_dir = os.path.join(cfg["storage_path"], "bge-ray-model")
+    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        lines = [json.loads(line) for line in f]
+    logged = [r for r in lines if r["kind"] == "train"]
+    assert [r["step"] for r in logged] == [m["step"] for m in result.history] == [2, 4, 6, 8, 10, 12]
+    assert [r["loss"] for r in logged] == [m["loss"] for m in result.history]
+    assert [r["step"] for r in lines if r["kind"] == "eval"] == [e["step"] for e in result.evals] == [0, 6, 12]
+    assert [r["step"] for r in lines if r["kind"] == "first_step"] == [1]
+    with open(os.path.join(os.path.dirname(cfg["output_dir"]), "reports.jsonl"), encoding="utf-8") as f:
+        seen = [json.loads(line) for line in f]
+    # the user's callback saw the loss, not only checkpoints: every report carries the latest log record
+    assert [r["kind"] for r in seen][0] == "eval" and seen[-1]["kind"] == "final"
+    assert {r["step"] for r in seen if "loss" in r} >= {6, 12}
+    assert all("loss" in r for r in seen if r.get("step", 0) >= 2)  # once step 2 logged a loss, every report has one
 
 
 def test_zero2_two_workers_lowers_loss_and_exports(zero2_run, tiny_model):
@@ -168,25 +190,25 @@ def test_zero3_cross_device_distillation_cls_checkpointing(ray_cluster, tiny_mod
 
 
 def test_rerun_of_a_finished_run_starts_fresh_and_unfinished_one_resumes(zero2_run, tmp_path):
-    from bge_ray.api import resolve_run_name
     from bge_ray.config import resolve_config
+    from bge_ray.train.launch import resolve_run_name
 
     cfg, result = zero2_run
     config = resolve_config(cfg)
     storage = cfg["storage_path"]
     # the real finished run: a rerun of the same command trains again under a new name
-    fresh = resolve_run_name(config, storage)
-    assert fresh.startswith("bge-ray-model-") and fresh != "bge-ray-model"
+    fresh, resumed_at = resolve_run_name(config, storage)
+    assert fresh.startswith("bge-ray-model-") and fresh != "bge-ray-model" and resumed_at is None
     # an unfinished run (newest checkpoint not final) is continued under its own name
     unfinished = tmp_path / "bge-ray-model" / "checkpoint_step_00000006"
     unfinished.mkdir(parents=True)
     (unfinished / "trainer_state.json").write_text(json.dumps({"global_step": 6, "epoch": 0}))
-    assert resolve_run_name(config, str(tmp_path)) == "bge-ray-model"
+    assert resolve_run_name(config, str(tmp_path)) == ("bge-ray-model", 6)
     config.resume = "never"
-    assert resolve_run_name(config, str(tmp_path)) != "bge-ray-model"
+    assert resolve_run_name(config, str(tmp_path))[0] != "bge-ray-model"
 
 
-@pytest.mark.skipif(not __import__("bge_ray.config", fromlist=["x"]).cpu_supports_bf16(),
+@pytest.mark.skipif(not __import__("bge_ray.config.finetune", fromlist=["x"]).cpu_supports_bf16(),
                     reason="this CPU has no bf16 (AVX512-BF16 / AMX)")
 def test_bf16_on_cpu_trains_and_exports_fp32_master_weights(ray_cluster, tiny_model, tmp_path):
     from safetensors.torch import load_file
@@ -201,8 +223,7 @@ def test_bf16_on_cpu_trains_and_exports_fp32_master_weights(ray_cluster, tiny_mo
     }
     result = bge_ray.finetune(cfg)
     assert result.metrics["step"] == 12
-    history = [m["loss"] for m in result.history]
-    assert history[-1] < history[0]
+    assert dataset_loss(result.model_dir, cfg) < 0.8 * dataset_loss(tiny_model, cfg)
     weights = load_file(os.path.join(result.model_dir, "model.safetensors"))
     # the optimizer's fp32 masters, not bf16 copies: some value is not representable in bf16
     assert all(w.dtype == torch.float32 for w in weights.values())
@@ -217,7 +238,7 @@ def test_bf16_on_cpu_trains_and_exports_fp32_master_weights(ray_cluster, tiny_mo
 def test_first_batch_early_fetches_ahead_keeps_order_and_raises_in_the_caller():
     import threading
 
-    from bge_ray.train import FirstBatchEarly
+    from bge_ray.train.recipe import FirstBatchEarly
 
     fetched = threading.Event()
 

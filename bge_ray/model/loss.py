@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-KD_LOSS_TYPES = ("kl_div", "m3_kd_loss")
+from bge_ray.config.finetune import KD_LOSS_TYPES
 
 
 def gather_with_grad(t: torch.Tensor) -> torch.Tensor:
@@ -96,7 +96,23 @@ def contrastive_loss(
     kd_loss_type: str = "kl_div",
     cross_device: bool = False,
 ) -> torch.Tensor:
-    """The training loss for one batch (see the module docstring for the maths)."""
+    """The training loss for one batch (the maths: the module docstring).
+
+    Args:
+        q: (B, D) query embeddings.
+        p: (B*G, D) passage embeddings, each query's group of G together, its positive first.
+        temperature: scores are ``q @ p.T / temperature``.
+        teacher_scores: (B, G) teacher scores of each query's group (knowledge distillation), or None.
+        kd_loss_type: ``kl_div`` (added to InfoNCE) or ``m3_kd_loss`` (replaces it).
+        cross_device: all-gather queries and passages from every worker first (in a process group).
+
+    Returns:
+        The scalar loss: the mean over the (global, with ``cross_device``) batch of queries.
+
+    Raises:
+        ValueError: a temperature <= 0, an unknown ``kd_loss_type``, or passages that are not whole
+            groups.
+    """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if kd_loss_type not in KD_LOSS_TYPES:

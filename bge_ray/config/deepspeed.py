@@ -7,7 +7,8 @@ import json
 import os
 from typing import Any
 
-from bge_ray.config import ZERO_SHORTHANDS, ConfigError, FinetuneConfig
+from bge_ray.config.finetune import ZERO_SHORTHANDS, FinetuneConfig
+from bge_ray.errors import ConfigError
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "deepspeed_configs")
 BUCKET_CAP = int(5e8)  # DeepSpeed's own default bucket size, in elements
@@ -103,3 +104,15 @@ def _find_auto(obj: Any, prefix: str = "") -> list[str]:
     if isinstance(obj, dict):
         return [k for key, v in obj.items() for k in _find_auto(v, f"{prefix}{key}.")]
     return [prefix.rstrip(".")] if obj == "auto" else []
+
+
+def engine_config(ds_config: dict[str, Any], hidden_size: int | None, num_params: int,
+                  steps_per_micro_batch: int = 1) -> dict[str, Any]:
+    """The driver's DeepSpeed config for one worker's engine: the bucket sizes that depend on the model
+    filled from it (:func:`fill_model_sizes`), and DeepSpeed's accumulation counting each micro-batch
+    as ``steps_per_micro_batch`` micro-steps (GradCache's chunks: ``bge_ray.model.grad_cache.micro_steps``)."""
+    ds = fill_model_sizes(ds_config, hidden_size, num_params)
+    if steps_per_micro_batch > 1:
+        ds["gradient_accumulation_steps"] *= steps_per_micro_batch
+        ds["train_batch_size"] *= steps_per_micro_batch
+    return ds

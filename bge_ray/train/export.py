@@ -18,7 +18,11 @@ import json
 import os
 from typing import Any
 
-from bge_ray import __version__
+import torch
+import torch.distributed as dist
+from deepspeed.utils import safe_get_full_fp32_param
+
+from bge_ray.version import __version__
 
 METADATA_FILE = "bge_ray.json"
 
@@ -77,8 +81,6 @@ def _write_json(path: str, obj: Any) -> None:
 
 def export_model(hf_model: Any, tokenizer: Any, state_dict: dict, out_dir: str, cfg_dict: dict[str, Any]) -> str:
     """Save weights (safetensors), tokenizer, sentence-transformers files and bge-ray metadata."""
-    import torch
-
     os.makedirs(out_dir, exist_ok=True)
     hf_model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
     if {v.dtype for v in state_dict.values() if v.is_floating_point()} == {torch.float32}:
@@ -111,3 +113,27 @@ def export_model(hf_model: Any, tokenizer: Any, state_dict: dict, out_dir: str, 
         "training_config": cfg_dict,
     })
     return out_dir
+
+
+def consolidated_state_dict(engine: Any, zero_stage: int, mixed_precision: bool) -> dict | None:
+    """The full weights on rank 0 (None elsewhere), keyed as the inner transformers model's.
+
+    A collective under ZeRO-3 and under mixed precision: every rank must call it. With bf16/fp16
+    under ZeRO 0-2 these are the fp32 master weights, not their 16-bit copies, so the exported
+    model is as precise as the optimizer's.
+    """
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    prefix = "model."
+    if mixed_precision and zero_stage < 3:
+        full = {name: safe_get_full_fp32_param(param) for name, param in engine.module.named_parameters()}
+        if rank != 0:
+            return None
+        # parameters without an fp32 master (frozen ones, optimizers that keep none) and buffers as they are
+        sd = {k: (full[k].float() if full.get(k) is not None else v) for k, v in engine.module.state_dict().items()}
+    elif zero_stage == 3:
+        sd = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        sd = engine.module.state_dict() if rank == 0 else None
+    if rank != 0 or sd is None:
+        return None
+    return {k[len(prefix):]: v.detach().cpu().contiguous() for k, v in sd.items() if k.startswith(prefix)}

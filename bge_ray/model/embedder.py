@@ -7,6 +7,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import AutoConfig, AutoModel
+
+from bge_ray.config.finetune import POOLING_METHODS
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, method: str) -> torch.Tensor:
@@ -27,7 +30,7 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, method: str) -> tor
         seq_len = attention_mask.size(1)
         last = seq_len - 1 - attention_mask.long().flip(dims=[1]).argmax(dim=1)
         return hidden[rows, last]
-    raise ValueError(f"unknown pooling method {method!r}; use cls, mean or last_token")
+    raise ValueError(f"unknown pooling method {method!r}; use {', '.join(POOLING_METHODS)}")
 
 
 # what transformers configs call the dropout on attention probabilities (BERT/XLM-R, most others, GPT-2)
@@ -39,8 +42,8 @@ class Embedder(nn.Module):
 
     def __init__(self, model: nn.Module, pooling: str = "cls", normalize: bool = True) -> None:
         super().__init__()
-        if pooling not in ("cls", "mean", "last_token"):
-            raise ValueError(f"unknown pooling method {pooling!r}; use cls, mean or last_token")
+        if pooling not in POOLING_METHODS:
+            raise ValueError(f"unknown pooling method {pooling!r}; use {', '.join(POOLING_METHODS)}")
         self.model = model
         self.pooling = pooling
         self.normalize = normalize
@@ -50,8 +53,6 @@ class Embedder(nn.Module):
                         cache_dir: str | None = None, trust_remote_code: bool = False,
                         attn_implementation: str | None = None, attention_dropout: float | None = None,
                         **kwargs: Any) -> Embedder:
-        from transformers import AutoConfig, AutoModel
-
         extra: dict[str, Any] = {"attn_implementation": attn_implementation} if attn_implementation else {}
         if attention_dropout is not None:
             config = AutoConfig.from_pretrained(name_or_path, cache_dir=cache_dir, trust_remote_code=trust_remote_code)

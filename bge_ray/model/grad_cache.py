@@ -18,7 +18,7 @@ The cost is a second forward pass (about +1/3 compute, less the padding saved: e
 to its own longest sequence); the memory for activations falls from the whole batch to one chunk.
 To DeepSpeed each chunk's backward is one gradient-accumulation micro-step (``engine.backward``
 then ``engine.step``): the engine is configured with ``gradient_accumulation_steps`` times
-:func:`micro_steps` (``train.engine_config`` does it), so ZeRO 1-3 accumulate the chunks'
+:func:`micro_steps` (``bge_ray.config.deepspeed.engine_config`` does it), so ZeRO 1-3 accumulate the chunks'
 gradients as they do micro-batches, fp16 loss scaling included, and the optimizer steps once per
 batch (several backward passes between two ``step`` calls are not accumulated correctly by ZeRO 1/2).
 
@@ -64,7 +64,7 @@ def _chunks(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def _trim_right_padding(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def trim_right_padding(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A chunk padded to its own longest sequence, not the batch's (right padding only: cutting left
     padding would move the tokens' positions)."""
     longest = int(mask.sum(dim=1).max())
@@ -82,12 +82,26 @@ def micro_steps(batch_size: int, group_size: int, sub_batch_size: int | None) ->
 
 def train_micro_batch(engine: Any, inputs: dict[str, torch.Tensor], loss_fn: LossFn,
                       sub_batch_size: int | None = None) -> torch.Tensor:
-    """Forward, backward and ``engine.step()`` of one micro-batch; returns the detached loss.
+    """Forward, backward and ``engine.step()`` of one micro-batch.
 
-    ``engine``: a DeepSpeed engine (or anything with ``__call__(q_ids, q_mask, p_ids, p_mask) -> (q, p)``,
-    ``backward(loss)`` that divides by ``gradient_accumulation_steps()``, and ``step()``). With
-    ``sub_batch_size`` below the batch's passages, the gradient is computed by GradCache (module
-    docstring) and equals the full-batch one; the engine must then count :func:`micro_steps` per batch."""
+    With ``sub_batch_size`` below the batch's passages the gradient is computed by GradCache (the
+    module docstring) and equals the full-batch one.
+
+    Args:
+        engine: a DeepSpeed engine (or anything with ``__call__(q_ids, q_mask, p_ids, p_mask) -> (q, p)``,
+            ``backward(loss)`` that divides by ``gradient_accumulation_steps()``, and ``step()``); with
+            GradCache it must count :func:`micro_steps` per batch.
+        inputs: ``q_input_ids``, ``q_attention_mask``, ``p_input_ids``, ``p_attention_mask`` tensors.
+        loss_fn: ``(q, p) -> loss``, e.g. :func:`bge_ray.model.loss.contrastive_loss` with its settings bound.
+        sub_batch_size: GradCache's chunk size; None or <= 0 for the plain forward and backward.
+
+    Returns:
+        The batch's loss, detached.
+
+    Raises:
+        ValueError: with GradCache, an engine whose ``gradient_accumulation_steps`` is not a multiple
+            of the micro-steps one batch takes.
+    """
     q_ids, q_mask = inputs["q_input_ids"], inputs["q_attention_mask"]
     p_ids, p_mask = inputs["p_input_ids"], inputs["p_attention_mask"]
     batch, group = q_ids.size(0), p_ids.size(0) // max(1, q_ids.size(0))
@@ -101,12 +115,12 @@ def train_micro_batch(engine: Any, inputs: dict[str, torch.Tensor], loss_fn: Los
     if engine.gradient_accumulation_steps() % steps:
         raise ValueError(f"GradCache with sub_batch_size {sub_batch_size} takes {steps} micro-steps per batch; the "
                          f"engine's gradient_accumulation_steps ({engine.gradient_accumulation_steps()}) must be a "
-                         "multiple (bge_ray.train.engine_config sets it)")
+                         "multiple (bge_ray.config.deepspeed.engine_config sets it)")
 
     def encode(side: str, rows: slice) -> torch.Tensor:
         if side == "q":
-            return engine(*_trim_right_padding(q_ids[rows], q_mask[rows]), None, None)[0]
-        return engine(None, None, *_trim_right_padding(p_ids[rows], p_mask[rows]))[1]
+            return engine(*trim_right_padding(q_ids[rows], q_mask[rows]), None, None)[0]
+        return engine(None, None, *trim_right_padding(p_ids[rows], p_mask[rows]))[1]
 
     pieces = [("q", s) for s in _chunks(q_ids.size(0), sub_batch_size)]
     pieces += [("p", s) for s in _chunks(p_ids.size(0), sub_batch_size)]

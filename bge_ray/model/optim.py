@@ -1,27 +1,18 @@
-"""Optimizer and learning-rate schedule (used when the DeepSpeed config names none)."""
+"""Optimizer and learning-rate schedule, as HF's Trainer builds them (used when the DeepSpeed config
+names none)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+from transformers import get_scheduler
 
-from bge_ray.config import FinetuneConfig
-
-
-def linear_schedule(warmup_steps: int, total_steps: int):
-    """HF's 'linear' schedule: warm up from 0, then decay linearly to 0 at total_steps."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return float(step) / float(max(1, warmup_steps))
-        return max(0.0, float(total_steps - step) / float(max(1, total_steps - warmup_steps)))
-
-    return factor
+from bge_ray.config.finetune import FinetuneConfig
 
 
 def build_optimizer(model: torch.nn.Module, cfg: FinetuneConfig, use_gpu: bool) -> torch.optim.Optimizer:
-    """AdamW without weight decay on biases and norms (as HF's Trainer does)."""
+    """AdamW without weight decay on biases and norms (as HF's Trainer does); fused on GPUs."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -32,3 +23,8 @@ def build_optimizer(model: torch.nn.Module, cfg: FinetuneConfig, use_gpu: bool) 
     if use_gpu:
         kwargs["fused"] = True
     return torch.optim.AdamW(groups, **kwargs)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> Any:
+    """HF's ``linear`` schedule (transformers' own factory): warm up from 0, then decay linearly to 0."""
+    return get_scheduler("linear", optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)

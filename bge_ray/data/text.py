@@ -1,0 +1,63 @@
+"""How a text becomes model input: its instruction and its token budget. One rule for training,
+evaluation, mining and scoring."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from bge_ray.config.finetune import FinetuneConfig
+
+
+def apply_instruction(text: str, instruction: str | None, fmt: str = "{}{}") -> str:
+    """``fmt.format(instruction, text)``, or the text as it is when there is no instruction.
+
+    An empty instruction is an instruction (FlagEmbedding's rule): with the default format it leaves
+    the text unchanged; with ``"<instruct>{}\\n<query>{}"`` it still adds the markers.
+    """
+    return text if instruction is None else fmt.format(instruction, text)
+
+
+@dataclass(frozen=True)
+class TextSpec:
+    """Instructions, formats and token lengths for queries and passages, and the tokenizer to count
+    tokens with. Picklable, for Ray tasks and actors."""
+
+    tokenizer: str
+    query_max_len: int = 64
+    passage_max_len: int = 256
+    query_instruction: str | None = None
+    query_instruction_format: str = "{}{}"
+    passage_instruction: str | None = None
+    passage_instruction_format: str = "{}{}"
+    cache_dir: str | None = None
+    trust_remote_code: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: FinetuneConfig) -> TextSpec:
+        return cls(tokenizer=cfg.model_name_or_path, query_max_len=cfg.query_max_len,
+                   passage_max_len=cfg.passage_max_len, query_instruction=cfg.query_instruction_for_retrieval,
+                   query_instruction_format=cfg.query_instruction_format,
+                   passage_instruction=cfg.passage_instruction_for_retrieval,
+                   passage_instruction_format=cfg.passage_instruction_format, cache_dir=cfg.cache_dir,
+                   trust_remote_code=cfg.trust_remote_code)
+
+    def query(self, text: str, instruction: str | None = None) -> str:
+        """A query with its instruction: the row's own (its ``prompt``) when given, else the spec's."""
+        chosen = instruction if instruction is not None else self.query_instruction
+        return apply_instruction(text, chosen, self.query_instruction_format)
+
+    def passage(self, text: str) -> str:
+        return apply_instruction(text, self.passage_instruction, self.passage_instruction_format)
+
+    def format(self, texts: list[str], kind: str, instructions: list[str | None] | None = None) -> list[str]:
+        """Queries (``kind == "query"``, each with its own instruction if given) or passages, formatted."""
+        if kind == "query":
+            return [self.query(t, i) for t, i in zip(texts, instructions or [None] * len(texts), strict=True)]
+        return [self.passage(t) for t in texts]
+
+    def max_len(self, kind: str) -> int:
+        return self.query_max_len if kind == "query" else self.passage_max_len
+
+    def replace(self, **changes: object) -> TextSpec:
+        return dataclasses.replace(self, **changes)

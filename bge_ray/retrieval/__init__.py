@@ -1,0 +1,1 @@
+"""Retrieval evaluation: data sets, encoding, exact search, metrics."""

@@ -1,0 +1,164 @@
+"""Retrieval evaluation: ``evaluate`` embeds a corpus and its queries on Ray Data (an actor pool, one
+model per actor, a GPU each where there are GPUs), searches exactly in chunks and scores with
+:mod:`bge_ray.retrieval.metrics`; ``validate`` measures the model being trained, on its workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import numpy as np
+import ray
+import ray.data
+import torch
+import torch.distributed as dist
+
+from bge_ray.cluster import connect_ray
+from bge_ray.retrieval.datasets import RetrievalDataset, ValidationSet, check_corpus, load_dataset, read_corpus
+from bge_ray.retrieval.encode import EncoderSpec, encode_dataset, encode_texts, encoder_spec_for
+from bge_ray.retrieval.metrics import DEFAULT_KS, METRICS, evaluate_run
+from bge_ray.retrieval.search import TopK
+
+
+def evaluate_model(dataset: RetrievalDataset, spec: EncoderSpec, ks: tuple[int, ...] = DEFAULT_KS,
+                   use_gpu: bool = False, concurrency: int = 1, ignore_identical_ids: bool = False,
+                   corpus: Any = None) -> dict[str, Any]:
+    """Embed, search and score one model on one data set. Returns metrics plus timings."""
+    t0 = time.time()
+    corpus = corpus if corpus is not None else read_corpus(dataset)
+    queries = dataset.eval_queries
+    qids = list(queries)
+    q_ds = ray.data.from_items([{"_id": q, "text": queries[q]} for q in qids])
+    q_emb = {row_id: emb for batch in encode_dataset(q_ds, spec, "query", use_gpu, concurrency).iter_batches(
+        batch_size=1024, batch_format="numpy") for row_id, emb in zip(batch["_id"], batch["emb"], strict=True)}
+    topk = TopK(torch.from_numpy(np.stack([q_emb[q] for q in qids])), k=max(ks) + (1 if ignore_identical_ids else 0))
+    n_docs = 0
+    p_ds = encode_dataset(corpus.select_columns(["_id", "text"]), spec, "passage", use_gpu, concurrency)
+    for batch in p_ds.iter_batches(batch_size=4096, batch_format="numpy"):
+        topk.add(torch.tensor(np.asarray(batch["emb"], dtype=np.float32)), [str(x) for x in batch["_id"]])
+        n_docs += len(batch["_id"])
+    elapsed = time.time() - t0
+    metrics = evaluate_run(dataset.qrels, topk.run(qids), ks, ignore_identical_ids=ignore_identical_ids)
+    metrics.update({"num_docs": n_docs, "eval_s": elapsed, "passages_per_s": n_docs / elapsed})
+    return metrics
+
+
+def evaluate(models: list[str] | str, data: str, split: str = "test", ks: tuple[int, ...] = DEFAULT_KS,
+             use_gpu: bool = False, concurrency: int | None = None, ignore_identical_ids: bool = False,
+             output_dir: str | None = None, **overrides: Any) -> list[dict[str, Any]]:
+    """Evaluate one or more models on one retrieval data set.
+
+    Args:
+        models: model directories or hub ids; each is embedded the way its directory says
+            (:func:`~bge_ray.retrieval.encode.encoder_spec_for`).
+        data: a BEIR or FlagEmbedding evaluation folder, local or a cloud URI.
+        split: the split whose queries and qrels are scored.
+        ks: the cut-offs of nDCG, Recall, MRR, MAP and Precision.
+        use_gpu: one GPU per encoder actor (bf16, or fp16 where there is no bf16).
+        concurrency: encoder actors; default one per GPU (``use_gpu``) or per CPU of the cluster.
+        ignore_identical_ids: drop a retrieved document whose id is the query's (BEIR's option).
+        output_dir: where ``results.json`` and ``results.md`` go; nothing is written without it.
+        **overrides: :class:`EncoderSpec` or text fields set for every model (``pooling``,
+            ``query_instruction``, ``passage_max_len``...).
+
+    Returns:
+        One row per model: ``model``, ``data``, ``split``, ``pooling``, ``corpus_size``, the metrics
+        (``ndcg@10``...), ``num_queries`` and timings (``eval_s``, ``passages_per_s``).
+
+    Raises:
+        DataValidationError: the data set is malformed (file and line named) or its qrels name
+            unknown queries or documents.
+        ValueError: no model was given.
+    """
+    if isinstance(models, str):
+        models = [models]
+    if not models:
+        raise ValueError("give at least one model to evaluate")
+    connect_ray()
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    dataset = load_dataset(data, split)
+    corpus = read_corpus(dataset).materialize()  # read once, embedded once per model
+    n_docs = check_corpus(corpus, dataset)
+    if concurrency is None:
+        resources = ray.cluster_resources()
+        concurrency = max(1, int(resources.get("GPU", 0))) if use_gpu else max(1, int(resources.get("CPU", 1)))
+    rows = []
+    for model in models:
+        spec = encoder_spec_for(model, **overrides)
+        metrics = evaluate_model(dataset, spec, ks, use_gpu=use_gpu, concurrency=concurrency,
+                                 ignore_identical_ids=ignore_identical_ids, corpus=corpus)
+        rows.append({"model": model, "data": dataset.name, "split": split, "pooling": spec.pooling,
+                     "corpus_size": n_docs, **metrics})
+    if output_dir:
+        write_results(rows, ks, output_dir)
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]], ks: tuple[int, ...] = DEFAULT_KS, markdown: bool = False) -> str:
+    """The results as a table: one row per model; nDCG, Recall and MRR at each k, MAP and P at 10."""
+    cols = [f"{m}@{k}" for m in METRICS for k in ks]
+    cols = [c for c in cols if c.split("@")[0] in ("ndcg", "recall", "mrr") or int(c.split("@")[1]) == 10]
+    header = ["model", "queries", *cols]
+    body = [[str(r["model"]), str(r["num_queries"]), *(f"{r[c]:.4f}" for c in cols)] for r in rows]
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body])
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*header), *(fmt.format(*b) for b in body)])
+
+
+def write_results(rows: list[dict[str, Any]], ks: tuple[int, ...], output_dir: str) -> None:
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "results.json"), "w", encoding="utf-8") as f:
+        json.dump(rows, f, indent=2)
+    with open(os.path.join(output_dir, "results.md"), "w", encoding="utf-8") as f:
+        f.write(format_table(rows, ks, markdown=True) + "\n")
+
+
+def _shard(items: list, rank: int, world: int) -> tuple[list, int]:
+    """Rank's contiguous slice, padded (with its last item) so every rank runs the same batches."""
+    per = (len(items) + world - 1) // world
+    part = items[rank * per:(rank + 1) * per]
+    real = len(part)
+    return part + [items[-1]] * (per - real), real
+
+
+def _embed_shared(model: Any, tokenizer: Any, texts: list[str], max_len: int, batch_size: int,
+                  device: torch.device) -> np.ndarray:
+    """Every rank embeds an equal share of ``texts``; all ranks get all embeddings, in order."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    part, real = _shard(texts, rank, world)
+    emb = encode_texts(model, tokenizer, part, max_len, batch_size, device)[:real]
+    if world == 1:
+        return emb
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, emb)
+    return np.concatenate([g for g in gathered if len(g)], axis=0)
+
+
+@torch.inference_mode()
+def validate(model: Any, tokenizer: Any, vset: ValidationSet, spec: EncoderSpec, device: torch.device,
+             ks: tuple[int, ...] = DEFAULT_KS) -> dict[str, float]:
+    """Retrieval metrics of the model being trained. Every worker embeds an equal share (ZeRO-3
+    needs all workers in every forward); rank 0 searches and scores; all workers get the metrics."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    was_training = model.training
+    model.eval()
+    qids = list(vset.dataset.eval_queries)
+    queries = spec.text.format([vset.dataset.queries[q] for q in qids], "query")
+    docs = spec.text.format(vset.doc_texts, "passage")
+    q_emb = _embed_shared(model, tokenizer, queries, spec.text.query_max_len, spec.batch_size, device)
+    d_emb = _embed_shared(model, tokenizer, docs, spec.text.passage_max_len, spec.batch_size, device)
+    if was_training:
+        model.train()
+    metrics: list[Any] = [None]
+    if rank == 0:
+        top = TopK(torch.from_numpy(q_emb), k=max(ks))
+        top.add(torch.from_numpy(d_emb), vset.doc_ids)
+        metrics[0] = evaluate_run(vset.dataset.qrels, top.run(qids), ks)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(metrics, src=0)
+    return metrics[0]

@@ -1,0 +1,1 @@
+"""Hyperparameter sweeps on Ray Tune: the search space, the run, the report."""

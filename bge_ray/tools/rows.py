@@ -1,0 +1,113 @@
+"""What ``bge-ray mine`` and ``bge-ray score`` run with: the encoder a job asks for, reading validated
+rows, writing JSONL shards from Ray Data workers, sizing the encoder actor pool, the report."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+import ray.data
+from ray.data._internal.savemode import SaveMode
+from ray.data.datasource.file_datasink import BlockBasedFileDatasink
+
+from bge_ray.cluster import log
+from bge_ray.data.pipeline import drop_bad, scan_triplets, triplet_source
+from bge_ray.data.triplets import RowRules
+from bge_ray.retrieval.encode import EncoderSpec, encoder_spec_for
+from bge_ray.storage import filesystem
+from bge_ray.tools.config import RowJobConfig
+
+
+def encoder_spec(cfg: RowJobConfig, model: str, batch_size: int, passage_instruction: str | None = None) -> EncoderSpec:
+    """How ``model`` embeds for a mine / score job: its own settings, with the job's overrides."""
+    return encoder_spec_for(
+        model, pooling=cfg.pooling_method, normalize=cfg.normalize_embeddings,
+        query_instruction=cfg.query_instruction_for_retrieval,
+        query_instruction_format=cfg.query_instruction_format_for_retrieval,
+        passage_instruction=passage_instruction, query_max_len=cfg.embedder_query_max_length,
+        passage_max_len=cfg.embedder_passage_max_length, batch_size=batch_size,
+        trust_remote_code=cfg.trust_remote_code)
+
+
+class JsonlShardSink(BlockBasedFileDatasink):
+    """Writes rows as JSON Lines shards (one per write task) and counts what it wrote.
+
+    Keeps ``columns`` (None values left out); rows with fewer than ``want_negatives`` negatives
+    are counted and a few of their sources kept for the report.
+    """
+
+    def __init__(self, path: str, columns: list[str], want_negatives: int = 0, overwrite: bool = False) -> None:
+        super().__init__(path, file_format="jsonl", mode=SaveMode.OVERWRITE if overwrite else SaveMode.APPEND)
+        self.columns, self.want_negatives = columns, want_negatives
+        self.stats: dict[str, Any] = {}
+
+    def write_block_to_file(self, block: Any, file: Any) -> None:
+        lines = []
+        for row in block.to_arrow().to_pylist():
+            obj = {k: row[k] for k in self.columns if row.get(k) is not None}
+            lines.append(json.dumps(obj, ensure_ascii=False))
+        file.write(("\n".join(lines) + "\n").encode("utf-8"))
+
+    def write(self, blocks: Any, ctx: Any) -> dict[str, Any]:
+        blocks = list(blocks)
+        stats: dict[str, Any] = {"rows": 0, "short": 0, "short_examples": [], "removed_positives": 0}
+        for block in blocks:
+            table = block if isinstance(block, pa.Table) else pa.Table.from_pandas(block)
+            stats["rows"] += table.num_rows
+            if "removed_positives" in table.column_names:
+                stats["removed_positives"] += int(pc.sum(table.column("removed_positives")).as_py() or 0)
+            if self.want_negatives and "neg" in table.column_names:
+                for src, neg in zip(table.column("source").to_pylist(), table.column("neg").to_pylist(), strict=True):
+                    if len(neg) < self.want_negatives:
+                        stats["short"] += 1
+                        if len(stats["short_examples"]) < 5:
+                            stats["short_examples"].append(f"{src}: {len(neg)} of {self.want_negatives}")
+        super().write(blocks, ctx)
+        return stats
+
+    def on_write_complete(self, write_result: Any) -> None:
+        super().on_write_complete(write_result)
+        total: dict[str, Any] = {"rows": 0, "short": 0, "short_examples": [], "removed_positives": 0}
+        for part in write_result.write_returns:
+            if not part:
+                continue
+            for key in ("rows", "short", "removed_positives"):
+                total[key] += part[key]
+            total["short_examples"].extend(part["short_examples"])
+        total["short_examples"] = sorted(total["short_examples"])[:5]
+        self.stats = total
+
+
+def read_rows(paths: list[str], skip_bad_rows: bool) -> tuple[Any, Any]:
+    """Validated triplet rows (``neg`` may be empty) and the scan summary; bad rows fail unless skipped."""
+    source = triplet_source(paths, RowRules(train_group_size=1, knowledge_distillation=False))
+    summary = scan_triplets(source, skip_bad_rows)
+    ds = ray.data.read_datasource(source)
+    return ds.map_batches(drop_bad, batch_format="pyarrow") if summary.num_bad else ds, summary
+
+
+def actor_count(requested: int | None, use_gpu: bool, streaming: bool = True) -> int:
+    """Encoder actors for one stage. A ``streaming`` stage also runs read and write tasks, so on CPU
+    one CPU stays free for them (actors holding every CPU stall the pipeline)."""
+    res = ray.cluster_resources()
+    if use_gpu:
+        return requested or max(1, int(res.get("GPU", 0)))
+    cpus = int(res.get("CPU", 1))
+    room = max(1, cpus - 1) if streaming else max(1, cpus)
+    if requested and requested > room:
+        log(f"concurrency {requested} leaves no CPU for this stage's read/write tasks on a {cpus}-CPU cluster; "
+             f"using {room}")
+    return min(requested, room) if requested else room
+
+
+def write_report(output_dir: str, lines: list[str]) -> None:
+    """``report.txt`` in the output folder, and the same lines on the console."""
+    fs, root = filesystem(output_dir)
+    fs.create_dir(root, recursive=True)
+    with fs.open_output_stream(f"{root}/report.txt") as f:
+        f.write(("\n".join(lines) + "\n").encode("utf-8"))
+    for line in lines:
+        log(line)

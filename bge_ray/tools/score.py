@@ -1,0 +1,140 @@
+"""``bge-ray score``: teacher scores for every positive and negative of every triplet row, on Ray Data.
+
+The teacher is a cross-encoder (``AutoModelForSequenceClassification`` with one logit) or a
+bi-encoder (the embedding similarity divided by ``teacher_temperature``), batched on Ray Data
+actors; the output is ready for ``knowledge_distillation: true``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+import ray.data
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from bge_ray.cluster import connect_ray, log
+from bge_ray.config.parse import resolve_config
+from bge_ray.data.text import apply_instruction
+from bge_ray.errors import ConfigError
+from bge_ray.model.tokenizer import load_tokenizer
+from bge_ray.retrieval.encode import TextEncoder
+from bge_ray.tools.config import ScoreConfig
+from bge_ray.tools.rows import JsonlShardSink, actor_count, encoder_spec, read_rows, write_report
+
+
+@dataclass
+class ScoreResult:
+    output_dir: str
+    num_rows: int
+    num_bad_rows: int
+    teacher: str
+    wall_s: float
+    config: ScoreConfig
+
+
+class Scorer:
+    """A Ray Data actor: one teacher, scores every (query, passage) pair of a batch of rows."""
+
+    def __init__(self, cfg: ScoreConfig) -> None:
+        self.cfg = cfg
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if cfg.reranker_name_or_path:
+            self.tokenizer = load_tokenizer(cfg.reranker_name_or_path, None, cfg.trust_remote_code)
+            dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                cfg.reranker_name_or_path, trust_remote_code=cfg.trust_remote_code, dtype=dtype, use_safetensors=None)
+            if self.model.config.num_labels != 1:
+                raise ConfigError(f"reranker {cfg.reranker_name_or_path} has {self.model.config.num_labels} labels; "
+                                  "a cross-encoder teacher needs one relevance logit")
+            self.model.to(self.device).eval()
+            self.encoder = None
+        else:
+            spec = encoder_spec(cfg, cfg.embedder_name_or_path, cfg.batch_size)
+            self.encoder = TextEncoder(spec, "query")
+
+    def _rerank(self, queries: list[str], passages: list[str]) -> np.ndarray:
+        q_inst, p_inst = self.cfg.query_instruction_for_rerank, self.cfg.passage_instruction_for_rerank
+        pairs = [(apply_instruction(q, q_inst), apply_instruction(p, p_inst)) for q, p in zip(queries, passages, strict=True)]
+        order = np.argsort([-(len(q) + len(p)) for q, p in pairs], kind="stable")
+        out = np.zeros(len(pairs), dtype=np.float64)
+        bs = self.cfg.batch_size
+        with torch.inference_mode():
+            for s in range(0, len(order), bs):
+                idx = order[s:s + bs]
+                enc = self.tokenizer([pairs[i][0] for i in idx], [pairs[i][1] for i in idx], padding=True,
+                                     truncation=True, max_length=self.cfg.reranker_max_length, return_tensors="pt")
+                logits = self.model(**{k: v.to(self.device) for k, v in enc.items()}).logits
+                out[idx] = logits[:, 0].float().cpu().numpy()
+        return out
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        queries, passages, owners = [], [], []
+        for i, r in enumerate(rows):
+            for p in r["pos"] + r["neg"]:
+                queries.append(r["query"])
+                passages.append(p)
+                owners.append(i)
+        if self.encoder is None:
+            scores = self._rerank(queries, passages)
+        else:
+            q_emb = self.encoder.embed([r["query"] for r in rows], "query", [r.get("prompt") for r in rows])
+            p_emb = self.encoder.embed(passages, "passage")
+            sims = np.einsum("ij,ij->i", q_emb[owners], p_emb).astype(np.float64)
+            scores = sims / self.cfg.teacher_temperature
+        pos_scores, neg_scores, at = [], [], 0
+        for r in rows:
+            n_pos, n_neg = len(r["pos"]), len(r["neg"])
+            pos_scores.append(scores[at:at + n_pos].tolist())
+            neg_scores.append(scores[at + n_pos:at + n_pos + n_neg].tolist())
+            at += n_pos + n_neg
+        return pa.table({
+            "query": [r["query"] for r in rows], "pos": [r["pos"] for r in rows],
+            "neg": pa.array([r["neg"] for r in rows], type=pa.list_(pa.string())),
+            "pos_scores": pa.array(pos_scores, type=pa.list_(pa.float64())),
+            "neg_scores": pa.array(neg_scores, type=pa.list_(pa.float64())),
+            "prompt": [r.get("prompt") for r in rows], "source": [r["source"] for r in rows],
+        })
+
+
+def score(config: ScoreConfig | dict[str, Any] | str | None = None, **kwargs: Any) -> ScoreResult:
+    """Add ``pos_scores`` / ``neg_scores`` from a teacher to triplet rows; write JSONL shards to ``output_dir``.
+
+    Args:
+        config: a :class:`ScoreConfig`, a dict of its fields or a YAML path; or pass the fields as
+            keyword arguments. Validated before Ray starts.
+
+    Returns:
+        A :class:`ScoreResult` (rows written, bad rows skipped, the teacher, wall time).
+
+    Raises:
+        ConfigError: a bad config (no teacher or two, a non-empty ``output_dir``...).
+        DataValidationError: a bad input row (file and line named).
+    """
+    cfg: ScoreConfig = resolve_config(config if config is not None else kwargs, ScoreConfig)
+    t0 = time.time()
+    connect_ray(cfg.ray_address)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    rows, summary = read_rows(cfg.input_file, cfg.skip_bad_rows)
+    concurrency = actor_count(cfg.concurrency, cfg.use_gpu)
+    kind = "cross-encoder" if cfg.reranker_name_or_path else "bi-encoder"
+    log(f"score: {summary.describe()}; teacher {cfg.teacher} ({kind}) on {concurrency} actor(s)")
+    scored = rows.map_batches(Scorer, fn_constructor_kwargs={"cfg": cfg}, batch_format="pyarrow",
+                              batch_size=max(16, cfg.batch_size // 4), compute=ray.data.ActorPoolStrategy(size=concurrency),
+                              num_gpus=1 if cfg.use_gpu else 0, num_cpus=None if cfg.use_gpu else 1)
+    sink = JsonlShardSink(cfg.output_dir, ["query", "pos", "neg", "pos_scores", "neg_scores", "prompt"],
+                          overwrite=cfg.overwrite)
+    scored.write_datasink(sink)
+    wall = time.time() - t0
+    lines = [f"bge-ray score: {sink.stats['rows']} rows scored by {cfg.teacher} ({kind}) in {wall:.1f}s"]
+    if summary.num_bad:
+        lines.append(f"bad input rows skipped: {summary.num_bad}; first: " + "; ".join(summary.first_errors))
+    write_report(cfg.output_dir, lines)
+    return ScoreResult(output_dir=cfg.output_dir, num_rows=sink.stats["rows"], num_bad_rows=summary.num_bad,
+                       teacher=cfg.teacher, wall_s=wall, config=cfg)

@@ -1,0 +1,202 @@
+"""``finetune(config) -> FinetuneResult``: a fine-tune launched from the driver. The CLI, ``jobs/``
+and sweeps call this.
+
+    validate the config and the validation set (before Ray starts)
+      -> connect to Ray -> scan the training data (Ray Data) -> plan the steps
+      -> TorchTrainer(train_loop) on num_workers workers, each a DeepSpeed engine (recipe.py)
+      -> the best (or last) checkpoint's exported model -> output_dir
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow.fs as pafs
+import ray
+from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+from ray.util.queue import Queue
+
+from bge_ray.cluster import connect_for, log
+from bge_ray.config.deepspeed import build_deepspeed_config
+from bge_ray.config.finetune import FinetuneConfig
+from bge_ray.config.parse import resolve_config
+from bge_ray.data.pipeline import EpochState, build_train_dataset
+from bge_ray.retrieval.datasets import load_validation_set
+from bge_ray.storage import filesystem, publish_model, storage_root
+from bge_ray.train.checkpointing import STATE_FILE, list_checkpoints, read_json
+from bge_ray.train.plan import TrainPlan
+from bge_ray.train.progress import DriverFeed, QueueReader, RunLog
+from bge_ray.train.recipe import MODEL_SUBDIR, train_loop
+
+# side actors take no CPU and stay outside any enclosing placement group (a Tune trial's)
+SIDE_ACTOR = {"num_cpus": 0, "scheduling_strategy": "DEFAULT"}
+
+
+@dataclass
+class FinetuneResult:
+    """What a fine-tune produced."""
+
+    model_dir: str                      # the exported model (output_dir, or in the checkpoint with publish=False)
+    metrics: dict[str, Any]             # the final report's metrics, best_* from the best validation, timings
+    checkpoint: Any                     # the final ray.train.Checkpoint
+    num_rows: int                       # usable training rows
+    num_bad_rows: int                   # rows skipped (skip_bad_rows)
+    config: FinetuneConfig              # the validated config the run used
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)   # every log record
+    evals: list[dict[str, Any]] = dataclasses.field(default_factory=list)     # every validation
+
+
+def default_run_name(cfg: FinetuneConfig) -> str:
+    return cfg.run_name or f"bge-ray-{os.path.basename(os.path.abspath(cfg.output_dir))}"
+
+
+def latest_state(storage: str, run_name: str) -> dict[str, Any] | None:
+    """The trainer state of the newest checkpoint of an earlier run with this name: None when there is
+    no such run, ``{}`` when it has no checkpoint yet."""
+    fs, root = filesystem(storage)
+    run_dir = f"{root.rstrip('/')}/{run_name}"
+    if fs.get_file_info(run_dir).type != pafs.FileType.Directory:
+        return None
+    ckpts = list_checkpoints(fs, run_dir)
+    if not ckpts:
+        return {}
+    state, why = read_json(fs, f"{ckpts[-1]}/{STATE_FILE}")
+    if why and why != "is missing":
+        raise ValueError(f"{ckpts[-1]}/{STATE_FILE} {why}")
+    return state or {}
+
+
+def resolve_run_name(cfg: FinetuneConfig, storage: str) -> tuple[str, int | None]:
+    """The run's name and, when it continues an unfinished run (``resume: auto``), the step it resumes
+    from; a finished run, or ``resume: never``, gets a fresh name (the old one plus a timestamp)."""
+    run_name = default_run_name(cfg)
+    state = latest_state(storage, run_name)
+    if state is None:
+        return run_name, None
+    fresh = f"{run_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if cfg.resume == "never":
+        log(f"resume: never; {storage}/{run_name} exists, starting a new run {fresh}")
+        return fresh, None
+    if state.get("final"):
+        log(f"the run {storage}/{run_name} already finished (step {state['global_step']}); starting a new run {fresh}")
+        return fresh, None
+    step = state.get("global_step", 0)
+    log(f"resuming the unfinished run {storage}/{run_name} from step {step} (resume: never starts over)")
+    return run_name, step
+
+
+def best_checkpoint(result: Result, cfg: FinetuneConfig) -> tuple[Any, dict[str, Any]]:
+    """The checkpoint whose model is exported and the metrics it adds: the best validation's
+    (``final_model: best`` with ``eval_data``; Ray Train ranks checkpoints by it), else the last."""
+    metrics = dict(result.metrics or {})
+    if not cfg.eval_data or cfg.final_model != "best":
+        return result.checkpoint, metrics
+    key = f"eval_{cfg.metric_for_best_model}"
+    try:
+        best = result.get_best_checkpoint(metric=key, mode="max")
+    except RuntimeError:  # no checkpoint carries the metric
+        best = None
+    if best is None:
+        return result.checkpoint, metrics
+    scored = dict((c.path, m) for c, m in (result.best_checkpoints or []))[best.path]
+    metrics.update({f"best_{k}": v for k, v in scored.items() if k.startswith("eval_")})
+    metrics["best_step"] = scored["step"]
+    log(f"best checkpoint by {cfg.metric_for_best_model}: step {scored['step']} ({scored[key]:.4f})")
+    return best, metrics
+
+
+def _trainer(cfg: FinetuneConfig, loop_config: dict[str, Any], dataset: Any, storage: str, run_name: str,
+             callbacks: list[Any]) -> TorchTrainer:
+    return TorchTrainer(
+        train_loop_per_worker=train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker=cfg.worker_resources),
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=run_name, storage_path=storage,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.save_total_limit,
+                checkpoint_score_attribute=f"eval_{cfg.metric_for_best_model}" if cfg.eval_data else None,
+                checkpoint_score_order="max"),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            callbacks=callbacks),
+        datasets={"train": dataset})
+
+
+def finetune(config: FinetuneConfig | dict[str, Any] | str, callbacks: list[Any] | None = None,
+             publish: bool = True) -> FinetuneResult:
+    """Fine-tune an embedder on a Ray cluster and write the model to ``output_dir``.
+
+    Args:
+        config: a :class:`FinetuneConfig`, a dict of its fields, or a YAML path. Validated (once)
+            before Ray starts.
+        callbacks: more Ray Train ``UserCallback`` objects; each sees every report (a sweep passes
+            one that forwards to Tune).
+        publish: copy the exported model to ``output_dir``; with False it stays in the run's
+            checkpoint (``model_dir`` points there).
+
+    Returns:
+        A :class:`FinetuneResult`: the model's directory, the final metrics, the history of log
+        records and validations, the checkpoint.
+
+    Raises:
+        ConfigError: a bad config, too little data for one step, or a local Ray too small to run it.
+        DataValidationError: a bad training row or evaluation set (file and line named).
+        CheckpointError: an unfinished run to resume has no intact checkpoint.
+    """
+    cfg = resolve_config(config)
+    launch = time.time()
+    vset = load_validation_set(cfg.eval_data, cfg.eval_split) if cfg.eval_data else None  # fails before Ray starts
+    if vset is not None:
+        log(f"validation: {len(vset.dataset.eval_queries)} queries, {len(vset.doc_ids)} documents from "
+            f"{cfg.eval_data}; best model by {cfg.metric_for_best_model}")
+    connect_for(cfg.num_workers, cfg.worker_resources, cfg.ray_address)
+    epoch_state = ray.remote(EpochState).options(**SIDE_ACTOR).remote()
+    dataset, summary = build_train_dataset(cfg, epoch_state)
+    log(f"training data: {summary.describe()}")
+    plan = TrainPlan.make(cfg, summary.num_rows)
+    ds_config = build_deepspeed_config(cfg, cfg.num_workers, plan.total_steps, plan.warmup_steps)
+    log(f"plan: {plan.total_steps} optimizer steps ({plan.steps_per_epoch}/epoch, {plan.num_epochs} epoch(s)) on "
+        f"{cfg.num_workers} worker(s) x batch {cfg.per_device_train_batch_size} x group {cfg.train_group_size}, "
+        f"ZeRO-{ds_config['zero_optimization'].get('stage', 0)}{', bf16' if cfg.bf16 else ', fp16' if cfg.fp16 else ''}")
+    storage = storage_root(cfg.storage_path)
+    run_name, resumed_at = resolve_run_name(cfg, storage)
+    queue = Queue(maxsize=10_000, actor_options=SIDE_ACTOR)
+    run_log = RunLog(launch, f"{storage.rstrip('/')}/{run_name}", resumed_at)
+    loop_config = {"cfg": cfg.to_dict(), "plan": dataclasses.asdict(plan), "ds_config": ds_config,
+                   "epoch_state": epoch_state, "vset": ray.put(vset) if vset is not None else None}
+    trainer = _trainer(cfg, loop_config, dataset, storage, run_name, [DriverFeed(queue), *(callbacks or [])])
+    reader = QueueReader(queue, run_log)
+    reader.start()
+    try:
+        result = trainer.fit()
+    finally:
+        reader.finish()
+        ray.kill(queue.actor)
+        ray.kill(epoch_state)
+    if result.checkpoint is None:
+        raise RuntimeError(f"training finished without a checkpoint; see the run in {storage}/{run_name}")
+    chosen, metrics = best_checkpoint(result, cfg)
+    model_dir = _model_dir(chosen, cfg.output_dir, publish)
+    metrics.update(run_log.first_step, wall_s=time.time() - launch)
+    log(f"model written to {model_dir}")
+    return FinetuneResult(model_dir=model_dir, metrics=metrics, checkpoint=result.checkpoint,
+                          num_rows=summary.num_rows, num_bad_rows=summary.num_bad, config=cfg,
+                          history=run_log.history, evals=run_log.evals)
+
+
+def _model_dir(checkpoint: Any, output_dir: str, publish: bool) -> str:
+    """The exported model: copied to ``output_dir`` (``publish``), or where it lies in the checkpoint."""
+    if not publish:
+        return f"{checkpoint.path.rstrip('/')}/{MODEL_SUBDIR}"
+    with checkpoint.as_directory() as ckpt_dir:
+        src = os.path.join(ckpt_dir, MODEL_SUBDIR)
+        if not os.path.isdir(src):
+            raise RuntimeError(f"the checkpoint {checkpoint.path} holds no exported model")
+        return publish_model(src, output_dir)

@@ -1,0 +1,493 @@
+"""The per-worker recipe of a fine-tune: what every Ray Train worker runs.
+
+``TorchTrainer(train_loop_per_worker=train_loop)``; :class:`EmbedderRecipe` reads top to bottom:
+
+    setup()            resume point (before the model, so the data pipeline starts while it loads),
+                       tokenizer + model + DeepSpeed engine, the checkpoint's state, the validation set
+    train()            the zero-shot validation, then for each epoch's batches:
+                         train_step()      forward, loss, backward and optimizer step (GradCache or not)
+                         after_step()      log record, validation + checkpoint, or checkpoint
+    save_checkpoint()  DeepSpeed shards, trained rows, manifest and (when asked) the exported model,
+                       reported to Ray Train with their metrics
+
+Everything a worker measures leaves through ``ray.train.report`` (see :mod:`bge_ray.train.progress`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import deepspeed
+import numpy as np
+import pyarrow.fs as pafs
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from ray.train import Checkpoint
+from ray.train.v2._internal.execution import context as ray_train_context
+from ray.train.v2._internal.execution import storage as ray_train_storage
+
+from bge_ray.config.deepspeed import engine_config
+from bge_ray.config.finetune import FinetuneConfig
+from bge_ray.data.collate import GroupCollator, length_grouped
+from bge_ray.data.text import TextSpec
+from bge_ray.errors import CheckpointError
+from bge_ray.model.embedder import Embedder
+from bge_ray.model.grad_cache import micro_steps, train_micro_batch
+from bge_ray.model.loss import contrastive_loss
+from bge_ray.model.optim import build_optimizer, build_scheduler
+from bge_ray.model.tokenizer import load_tokenizer
+from bge_ray.retrieval.encode import EncoderSpec
+from bge_ray.retrieval.evaluate import validate as retrieval_metrics
+from bge_ray.seeds import batch_order_seed, init_seed
+from bge_ray.train.checkpointing import (
+    STATE_FILE,
+    checkpoint_name,
+    load_trained_rows,
+    pick_resume_checkpoint,
+    staging_dir,
+    trained_rows_name,
+    write_manifest,
+)
+from bge_ray.train.export import consolidated_state_dict, export_model
+from bge_ray.train.plan import TrainPlan
+from bge_ray.train.progress import ReportBuffer
+
+DS_TAG = "deepspeed"
+MODEL_SUBDIR = "model"
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of this worker; (0, 1) outside a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce(values: list[float], op: Any = None) -> list[float]:
+    """Element-wise sum (or ``op``) of ``values`` over all workers."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t.cpu().tolist()
+
+
+def all_gather(obj: Any) -> list[Any]:
+    """Every worker's ``obj``, in rank order."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def batches_in_lockstep(it: Iterator[dict], limit: int, device: torch.device) -> Iterator[tuple[dict, float]]:
+    """Up to ``limit`` batches and the seconds spent waiting for each, stopping on every worker as
+    soon as any worker runs dry (a collective with a missing participant hangs forever)."""
+    for _ in range(limit):
+        t0 = time.perf_counter()
+        batch = next(it, None)
+        waited = time.perf_counter() - t0
+        have = torch.tensor([1 if batch is not None else 0], dtype=torch.int64, device=device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(have, op=dist.ReduceOp.MIN)
+        if int(have.item()) == 0:
+            return
+        yield batch, waited
+
+
+class FirstBatchEarly:
+    """An iterator whose first item is already being fetched, on a thread, from the moment it is made:
+    the data pipeline starts up while the caller builds the model. Errors surface on the first ``next``."""
+
+    _END = object()
+
+    def __init__(self, it: Iterator[Any]) -> None:
+        self._it = it
+        self._first: list[Any] = []
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = threading.Thread(target=self._fetch, name="first-batch", daemon=True)
+        self._thread.start()
+
+    def _fetch(self) -> None:
+        try:
+            self._first.append(next(self._it, self._END))
+        except BaseException as e:  # re-raised by __next__ in the training thread
+            self._error = e
+
+    def __iter__(self) -> FirstBatchEarly:
+        return self
+
+    def __next__(self) -> Any:
+        if self._thread is None:
+            return next(self._it)
+        self._thread.join()
+        self._thread = None
+        if self._error is not None:
+            raise self._error
+        item = self._first.pop()
+        if item is self._END:
+            raise StopIteration
+        return item
+
+
+@dataclass
+class StepWindow:
+    """What the micro-batches since the last log record did."""
+
+    loss: float = 0.0
+    micro: int = 0
+    groups: int = 0
+    tokens: int = 0
+    wait: float = 0.0
+    t0: float = field(default_factory=time.perf_counter)
+
+    def add(self, loss: float, groups: int, tokens: int, wait: float) -> None:
+        self.loss += loss
+        self.micro += 1
+        self.groups += groups
+        self.tokens += tokens
+        self.wait += wait
+
+
+@dataclass
+class ResumePoint:
+    """Where a resumed run continues: the checkpoint's local files, step and the rows its epoch trained."""
+
+    path: str
+    local_dir: str
+    global_step: int
+    tag: str | None
+    leave_out: np.ndarray  # rank 0: every rank's rows trained in the resumed epoch
+
+
+def _peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 ** 2)
+
+
+def _quiet_ray_train_reports() -> None:
+    """Ray Train logs every report's whole metrics dict on every worker; bge-ray reports every few
+    seconds, and prints what matters on the driver."""
+    logging.getLogger(ray_train_context.__file__).setLevel(logging.WARNING)  # Ray names this logger by its file
+    logging.getLogger(ray_train_storage.__name__).setLevel(logging.WARNING)
+
+
+class EmbedderRecipe:
+    """One worker's fine-tune of an embedder (see the module docstring for the order of things)."""
+
+    def __init__(self, loop_config: dict[str, Any]) -> None:
+        self.cfg = FinetuneConfig(**loop_config["cfg"])
+        self.plan = TrainPlan(**loop_config["plan"])
+        self.ds_config = loop_config["ds_config"]
+        self.epoch_state = loop_config.get("epoch_state")  # EpochState actor: seeds shuffle and groups, rows left out
+        self.vset = ray.get(loop_config["vset"]) if loop_config.get("vset") is not None else None
+        self.rank, self.world = world()
+        self.t_start = time.time()
+        self.global_step = 0
+        self.resume: ResumePoint | None = None
+        self.epoch_rows: list[np.ndarray] = []  # row keys this worker trained in the current epoch
+        self.reports = ReportBuffer()
+        self.window = StepWindow()
+        self.totals = StepWindow()
+        self.first_batch_s: float | None = None
+        self.zero_shot: dict[str, float] = {}
+        self.last_record: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        torch.set_num_threads(max(1, int(cfg.worker_resources.get("CPU", 1))))
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        torch.manual_seed(init_seed(cfg.seed, self.rank))
+        _quiet_ray_train_reports()
+        self.device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
+        if cfg.use_gpu and cfg.bf16 and not torch.cuda.is_bf16_supported():
+            raise RuntimeError(f"bf16 is on but {torch.cuda.get_device_name(self.device)} has no bf16: use fp16 instead")
+        self.shard = ray.train.get_dataset_shard("train")
+        self.resume = self._find_resume_point()
+        start_epoch, _ = self.plan.position(self.global_step, cfg.gradient_accumulation_steps)
+        # the first epoch's pipeline starts now and runs while the tokenizer, model and engine load
+        self.first_batches = (FirstBatchEarly(self._open_epoch(start_epoch))
+                              if self.global_step < self.plan.total_steps else None)
+        try:
+            self._setup_model()
+            self._load_resume_state()
+        finally:
+            self._release_resume_copy()
+        self.eval_spec = EncoderSpec(text=TextSpec.from_config(cfg), pooling=cfg.sentence_pooling_method,
+                                     normalize=cfg.normalize_embeddings, batch_size=cfg.eval_batch_size)
+
+    def _find_resume_point(self) -> ResumePoint | None:
+        """The newest intact checkpoint of this run (after a worker-group restart or a rerun), or None.
+
+        Every rank checks the candidates' manifests (metadata only), then reads and hashes only the
+        files it loads; if any rank finds damage, all fall back to the next older checkpoint. After
+        falling back, new checkpoints get a tag, so they never land in the damaged one's directory."""
+        latest = ray.train.get_checkpoint()
+        if latest is None:
+            return None
+        fs = latest.filesystem
+        local_root = None if isinstance(fs, pafs.LocalFileSystem) else tempfile.mkdtemp(prefix="bge_ray_resume_")
+        try:
+            path, local_dir, skipped = pick_resume_checkpoint(fs, latest.path, self.rank,
+                                                              lambda _, why: all_gather(why), local_root)
+        except CheckpointError:
+            if local_root:
+                shutil.rmtree(local_root, ignore_errors=True)
+            raise
+        if self.rank == 0:
+            for reason in skipped:
+                print(f"[bge-ray] checkpoint {reason}: passed over", flush=True)
+        return self._resume_point(path, local_dir, skipped)
+
+    def _resume_point(self, path: str, local_dir: str, skipped: list[str]) -> ResumePoint:
+        with open(os.path.join(local_dir, STATE_FILE), encoding="utf-8") as f:
+            state = json.load(f)
+        if state["world_size"] != self.world:
+            raise CheckpointError(
+                f"{path} was written by {state['world_size']} workers; this run has {self.world}. "
+                f"Resume with num_workers: {state['world_size']}, or start over with resume: never")
+        self.global_step = int(state["global_step"])
+        _, skip_micro = self.plan.position(self.global_step, self.cfg.gradient_accumulation_steps)
+        self.epoch_rows = [load_trained_rows(local_dir, self.rank)] if skip_micro else []
+        leave_out = np.empty(0, dtype=np.int64)
+        if skip_micro and self.rank == 0:
+            leave_out = np.concatenate([load_trained_rows(local_dir, r) for r in range(self.world)])
+        tag = all_gather(time.strftime("r%Y%m%d%H%M%S") if skipped else None)[0]  # rank 0's clock names it
+        return ResumePoint(path, local_dir, self.global_step, tag, leave_out)
+
+    def _setup_model(self) -> None:
+        """Tokenizer, collator, embedder and DeepSpeed engine (optimizer and schedule inside)."""
+        cfg = self.cfg
+        self.tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.cache_dir, cfg.trust_remote_code)
+        self.collate = GroupCollator(group_size=cfg.train_group_size, pad_token_id=self.tokenizer.pad_token_id,
+                                     padding_side=self.tokenizer.padding_side, pad_to_multiple_of=cfg.pad_to_multiple_of,
+                                     knowledge_distillation=cfg.knowledge_distillation)
+        model = Embedder.from_pretrained(cfg.model_name_or_path, pooling=cfg.sentence_pooling_method,
+                                         normalize=cfg.normalize_embeddings, cache_dir=cfg.cache_dir,
+                                         trust_remote_code=cfg.trust_remote_code, attention_dropout=cfg.attention_dropout)
+        if cfg.gradient_checkpointing:
+            model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.model.config.use_cache = False
+        if cfg.fix_position_embedding:
+            model.freeze_position_embeddings()
+        hidden = getattr(model.model.config, "hidden_size", None)
+        ds_config = engine_config(self.ds_config, int(hidden) if hidden else None,
+                                  sum(p.numel() for p in model.parameters()),
+                                  micro_steps(cfg.per_device_train_batch_size, cfg.train_group_size, cfg.sub_batch_size))
+        self.zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+        optimizer = scheduler = None
+        if "optimizer" not in ds_config:
+            optimizer = build_optimizer(model, cfg, cfg.use_gpu)
+            if "scheduler" not in ds_config:
+                scheduler = build_scheduler(optimizer, self.plan.warmup_steps, self.plan.total_steps)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
+            model_parameters=[p for p in model.parameters() if p.requires_grad] if optimizer is None else None,
+            dist_init_required=False)
+        self.engine.train()
+        self.engine_ready_s = time.time() - self.t_start
+
+    def _load_resume_state(self) -> None:
+        if self.resume is None:
+            return
+        _, client = self.engine.load_checkpoint(self.resume.local_dir, tag=DS_TAG)
+        saved_step = int(client["bge_ray"]["global_step"])
+        if saved_step != self.global_step:
+            raise CheckpointError(f"{self.resume.path}: its DeepSpeed state is at step {saved_step}, "
+                                  f"its {STATE_FILE} at step {self.global_step}")
+        epoch, skip_micro = self.plan.position(self.global_step, self.cfg.gradient_accumulation_steps)
+        if self.rank == 0:
+            print(f"[bge-ray] resumed from {self.resume.path} at step {self.global_step}"
+                  + (f" ({skip_micro} micro-batches into epoch {epoch})" if skip_micro else ""), flush=True)
+
+    def _release_resume_copy(self) -> None:
+        """Remove the local copy of a remote checkpoint once the engine has loaded it (or failed to)."""
+        if self.resume is not None and self.resume.local_dir != self.resume.path:
+            shutil.rmtree(os.path.dirname(self.resume.local_dir), ignore_errors=True)
+
+    # ------------------------------------------------------------------ data
+    def _resume_epoch(self) -> tuple[int, int]:
+        """(epoch, micro-batches into it) this launch started at: (0, 0) for a fresh run."""
+        return self.plan.position(self.resume.global_step if self.resume else 0, self.cfg.gradient_accumulation_steps)
+
+    def _open_epoch(self, epoch: int) -> Iterator[dict]:
+        """This worker's batches of ``epoch``; a resumed epoch leaves out the rows trained before."""
+        if self.epoch_state is not None:
+            if self.rank == 0:
+                leave_out = np.empty(0, dtype=np.int64)
+                if self.resume is not None and epoch == self._resume_epoch()[0]:
+                    leave_out = self.resume.leave_out
+                ray.get(self.epoch_state.begin.remote(epoch, leave_out))
+            if dist.is_available() and dist.is_initialized():
+                dist.barrier()
+        # rows arrive shuffled (the read's shuffle buffer, reseeded by the epoch): no local buffer here
+        batches = iter(self.shard.iter_batches(batch_size=self.cfg.per_device_train_batch_size, batch_format="numpy",
+                                               drop_last=True, prefetch_batches=2))
+        if self.cfg.group_by_length:
+            return length_grouped(batches, self.cfg.per_device_train_batch_size,
+                                  batch_order_seed(self.cfg.seed, epoch, self.rank))
+        return batches
+
+    def _epoch_batches(self, epoch: int) -> Iterator[tuple[int, dict, float]]:
+        """(micro-batch index in the epoch, raw batch, seconds waited) for the rest of ``epoch``."""
+        start_epoch, skip_micro = self._resume_epoch()
+        first_micro = skip_micro if epoch == start_epoch else 0
+        if first_micro == 0:
+            self.epoch_rows = []
+        batches = self.first_batches if epoch == start_epoch and self.first_batches is not None else self._open_epoch(epoch)
+        lockstep = batches_in_lockstep(batches, self.plan.micro_batches_per_epoch - first_micro, self.device)
+        for micro, (raw, waited) in enumerate(lockstep, start=first_micro):
+            yield micro, raw, waited
+
+    # ------------------------------------------------------------------ train
+    def train(self) -> None:
+        """Validate the zero-shot model, train the planned steps, save the final checkpoint."""
+        if self.vset is not None and self.global_step == 0:
+            self.zero_shot = self.validate()
+        start_epoch, _ = self.plan.position(self.global_step, self.cfg.gradient_accumulation_steps)
+        for epoch in range(start_epoch, self.plan.num_epochs):
+            if self.global_step >= self.plan.total_steps:
+                break
+            for micro, raw, waited in self._epoch_batches(epoch):
+                self.train_step(raw, waited)
+                if (micro + 1) % self.cfg.gradient_accumulation_steps:
+                    continue
+                self.global_step += 1
+                self.after_step(epoch, micro)
+                if self.global_step >= self.plan.total_steps:
+                    break
+        self.save_final()
+
+    def train_step(self, raw: dict[str, Any], waited: float) -> None:
+        """One micro-batch: collate, forward, contrastive loss, backward, DeepSpeed step."""
+        if self.first_batch_s is None:
+            self.first_batch_s = time.time() - self.t_start
+        self.epoch_rows.append(np.asarray(raw["row_key"], dtype=np.int64))
+        batch = self.collate(raw)
+        inputs = {k: torch.as_tensor(v, device=self.device) for k, v in batch.items()}
+        teacher, cfg = inputs.get("teacher_scores"), self.cfg
+        loss = train_micro_batch(self.engine, inputs, lambda q, p: contrastive_loss(
+            q, p, cfg.temperature, teacher_scores=teacher, kd_loss_type=cfg.kd_loss_type,
+            cross_device=cfg.negatives_cross_device), cfg.sub_batch_size)
+        tokens = int(batch["q_attention_mask"].sum() + batch["p_attention_mask"].sum())
+        for window in (self.window, self.totals):
+            window.add(float(loss), int(inputs["q_input_ids"].shape[0]), tokens, waited)
+
+    def after_step(self, epoch: int, micro: int) -> None:
+        """After optimizer step ``global_step``: log, validate and checkpoint when they are due."""
+        step, cfg = self.global_step, self.cfg
+        if step == 1:
+            self.reports.add({"kind": "first_step", "step": 1, "time": time.time(), "worker_start": self.t_start,
+                              "engine_ready_s": self.engine_ready_s, "first_batch_s": self.first_batch_s})
+        report_now = step == 1
+        if step % cfg.logging_steps == 0 or step == self.plan.total_steps:
+            report_now |= self._log_step(epoch, micro)
+        if step >= self.plan.total_steps:
+            return  # the final checkpoint follows
+        if self.vset is not None and step % (cfg.eval_steps or cfg.save_steps) == 0:
+            self.save_checkpoint(epoch, self.validate(), export=True)
+        elif self.vset is None and step % cfg.save_steps == 0:
+            self.save_checkpoint(epoch, {"kind": "checkpoint"})
+        elif report_now:
+            ray.train.report({"kind": "log", **self.reports.take()})
+
+    def _log_step(self, epoch: int, micro: int) -> bool:
+        """A log record of the window (averaged over it and the workers); whether rank 0 says a report is due."""
+        w = self.window
+        elapsed = time.perf_counter() - w.t0
+        due = 1.0 if self.rank == 0 and self.reports.due() else 0.0
+        loss_sum, micro_n, groups, tokens, wait, due = all_reduce([w.loss, w.micro, w.groups, w.tokens, w.wait, due])
+        grad_norm = self.engine.get_global_grad_norm()
+        self.last_record = {
+            "kind": "train", "step": self.global_step, "total_steps": self.plan.total_steps, "time": time.time(),
+            "epoch": round(epoch + (micro + 1) / self.plan.micro_batches_per_epoch, 4),
+            "loss": loss_sum / max(1, micro_n), "learning_rate": float(self.engine.get_lr()[0]),
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "groups_per_s": groups / elapsed, "tokens_per_s": tokens / elapsed,
+            "data_wait_frac": wait / self.world / elapsed, "window_s": elapsed, "window_groups": groups,
+            "window_tokens": tokens, "time_to_engine_s": self.engine_ready_s,
+            "time_to_first_batch_s": self.first_batch_s}
+        self.reports.add(self.last_record)
+        self.window = StepWindow()
+        return due > 0
+
+    # ------------------------------------------------------------------ validate
+    def validate(self) -> dict[str, Any]:
+        """Retrieval metrics of the model now (all workers embed, rank 0 searches)."""
+        t0 = time.time()
+        metrics = retrieval_metrics(self.engine.module, self.tokenizer, self.vset, self.eval_spec, self.device)
+        out: dict[str, Any] = {"kind": "eval", "step": self.global_step, "metric": self.cfg.metric_for_best_model,
+                               **{f"eval_{k}": v for k, v in metrics.items()}, "eval_s": time.time() - t0,
+                               **{f"zero_shot_{k}": v for k, v in self.zero_shot.items()}}
+        if self.global_step == 0:
+            ray.train.report({**self.reports.take(), **out})  # the zero-shot baseline: no checkpoint to rank
+            return dict(metrics)
+        return out
+
+    # ------------------------------------------------------------------ checkpoint
+    def save_checkpoint(self, epoch: int, metrics: dict[str, Any], export: bool = False, final: bool = False) -> None:
+        """Every worker writes its DeepSpeed shards, the rows it trained this epoch and, last, a manifest
+        of its files into a local dir; Ray uploads each worker's dir into one checkpoint in storage and
+        registers it only once all have arrived."""
+        state = {"global_step": self.global_step, "epoch": epoch, "world_size": self.world, **({"final": True} if final else {})}
+        ckpt_dir = staging_dir()
+        try:
+            self.engine.save_checkpoint(ckpt_dir, tag=DS_TAG, client_state={"bge_ray": state})
+            if export:
+                self._export(os.path.join(ckpt_dir, MODEL_SUBDIR))
+            keys = np.concatenate(self.epoch_rows) if self.epoch_rows else np.empty(0, dtype=np.int64)
+            np.save(os.path.join(ckpt_dir, trained_rows_name(self.rank)), keys.astype(np.int64))
+            if self.rank == 0:
+                with open(os.path.join(ckpt_dir, STATE_FILE), "w", encoding="utf-8") as f:
+                    json.dump(state, f)
+            write_manifest(ckpt_dir, self.rank)
+            tag = self.resume.tag if self.resume else None
+            ray.train.report({**self.reports.take(), **metrics, "step": self.global_step},
+                             checkpoint=Checkpoint.from_directory(ckpt_dir),
+                             checkpoint_dir_name=checkpoint_name(self.global_step, tag))
+        finally:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+    def _export(self, out_dir: str) -> None:
+        """The model as transformers / sentence-transformers / FlagEmbedding load it (a collective)."""
+        sd = consolidated_state_dict(self.engine, self.zero_stage, self.cfg.bf16 or self.cfg.fp16)
+        if self.rank == 0:
+            export_model(self.engine.module.model, self.tokenizer, sd, out_dir, self.cfg.to_dict())
+
+    def save_final(self) -> None:
+        """The last checkpoint, with the exported model and the run's summary."""
+        loss_sum, micro_n = all_reduce([self.totals.loss, self.totals.micro])
+        (peak,) = all_reduce([_peak_rss_gib()], op=dist.ReduceOp.MAX if dist.is_initialized() else None)
+        summary = {k: v for k, v in self.last_record.items() if k not in ("kind", "time")}
+        summary.update(kind="final", train_loss=loss_sum / max(1, micro_n), peak_rss_gib_per_worker=peak,
+                       train_runtime_s=time.time() - self.t_start, world_size=self.world,
+                       resumed_at_step=self.resume.global_step if self.resume else 0,
+                       worker_rank=ray.train.get_context().get_world_rank())
+        if self.vset is not None:
+            summary.update({k: v for k, v in self.validate().items() if k not in ("kind", "step")})
+        self.save_checkpoint(self.plan.num_epochs, summary, export=True, final=True)
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """Ray Train's worker entry point: ``loop_config`` holds ``cfg`` (a dict), ``plan`` (a dict),
+    ``ds_config``, ``epoch_state`` (an actor) and ``vset`` (an object ref, or None)."""
+    recipe = EmbedderRecipe(loop_config)
+    recipe.setup()
+    recipe.train()
+
+

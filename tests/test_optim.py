@@ -1,0 +1,41 @@
+"""bge_ray/model/optim.py: HF Trainer's AdamW parameter groups and its linear schedule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bge_ray.config import FinetuneConfig
+from bge_ray.model.embedder import Embedder
+from bge_ray.model.optim import build_optimizer, build_scheduler
+
+
+def test_no_weight_decay_on_biases_and_norms(tiny_model):
+    cfg = FinetuneConfig(model_name_or_path=tiny_model, train_data=["x"], output_dir="o", weight_decay=0.1,
+                         learning_rate=3e-4, adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-7)
+    model = Embedder.from_pretrained(tiny_model)
+    model.freeze_position_embeddings()
+    opt = build_optimizer(model, cfg, use_gpu=False)
+    decay, no_decay = opt.param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(names[id(p)].endswith("weight") and "LayerNorm" not in names[id(p)] for p in decay["params"])
+    assert all(names[id(p)].endswith("bias") or "LayerNorm" in names[id(p)] for p in no_decay["params"])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(decay["params"]) + len(no_decay["params"]) == len(trainable) < len(list(model.parameters()))
+    assert opt.defaults["lr"] == 3e-4 and opt.defaults["betas"] == (0.8, 0.95) and opt.defaults["eps"] == 1e-7
+
+
+@pytest.mark.parametrize("warmup, total", [(0, 10), (3, 10), (10, 10)])
+def test_linear_schedule_warms_up_then_decays_to_zero(warmup, total):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    sched = build_scheduler(opt, warmup, total)
+    lrs = []
+    for _ in range(total + 1):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    for step, lr in enumerate(lrs):  # HF's "linear": step/warmup, then (total-step)/(total-warmup)
+        want = step / warmup if step < warmup else max(0.0, (total - step) / max(1, total - warmup))
+        assert lr == pytest.approx(2.0 * want)
+    assert lrs[-1] == 0.0
