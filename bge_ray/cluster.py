@@ -1,21 +1,15 @@
-"""Where bge-ray runs: joining or starting Ray, checking the cluster can hold a job, and the
-``[bge-ray]`` log line."""
+"""Where bge-ray runs: joining or starting Ray, and checking the cluster can hold a job."""
 
 from __future__ import annotations
 
 import math
 import os
-import sys
 
 import ray
 from ray._private.services import canonicalize_bootstrap_address
 
+from bge_ray.console import log
 from bge_ray.errors import ConfigError
-
-
-def log(msg: str) -> None:
-    """One line of bge-ray's own progress, on stderr."""
-    print(f"[bge-ray] {msg}", file=sys.stderr, flush=True)
 
 
 def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -23,30 +17,42 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None
 
     In order: the Ray this process already initialised; ``address``; ``RAY_ADDRESS``; the cluster
     ``ray start`` recorded on this machine (a head node); else a local Ray with ``num_cpus`` logical
-    CPUs. Inside a ``ray job submit`` driver the job's own runtime environment applies.
+    CPUs. Inside a ``ray job submit`` driver the job's own runtime environment applies. The
+    workers' own output (Ray, DeepSpeed, transformers) goes to Ray's log files, not this console,
+    unless ``BGE_RAY_WORKER_LOGS=console``: bge-ray's own lines reach the console through its reports.
     """
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    to_console = os.environ.get("BGE_RAY_WORKER_LOGS", "").lower() == "console"
     env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
     if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
         # a `ray job submit` driver: the job's runtime env (working_dir, env_vars) already applies to
         # every worker, and Ray refuses a second one that touches the same fields
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        ray.init(address=address or "auto", log_to_driver=True)
-        return
-    if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
-        return
-    if canonicalize_bootstrap_address(None) is not None:
+        ray.init(address=address or "auto", log_to_driver=to_console)
+    elif address:
+        ray.init(address=address, runtime_env=env, log_to_driver=to_console)
+    elif canonicalize_bootstrap_address(None) is not None:
         # `ray start` recorded a cluster on this machine: with no address Ray joins it, and refuses a
         # CPU count for a cluster it joins. A stale record fails in ray.init with Ray's own advice.
-        ray.init(runtime_env=env, log_to_driver=True)
-        return
-    # Ray runs workers at nice 15 by default, below the cluster's own services, which then take CPU
-    # from the training workers (benchmarks/README.md, first section)
-    os.environ.setdefault("RAY_worker_niceness", "0")
-    ray.init(num_cpus=num_cpus, runtime_env=env, log_to_driver=True)
+        ray.init(runtime_env=env, log_to_driver=to_console)
+    else:
+        # Ray runs workers at nice 15 by default, below the cluster's own services, which then take
+        # CPU from the training workers (benchmarks/README.md, first section)
+        os.environ.setdefault("RAY_worker_niceness", "0")
+        ray.init(num_cpus=num_cpus, runtime_env=env, log_to_driver=to_console)
+    if not to_console:
+        log(f"the workers' own output (Ray, DeepSpeed, transformers) is in Ray's logs: {_logs_dir()} on each node "
+            "(BGE_RAY_WORKER_LOGS=console shows it here)")
+
+
+def _logs_dir() -> str:
+    node = getattr(ray._private.worker, "_global_node", None)
+    try:
+        return node.get_logs_dir_path() if node is not None else "/tmp/ray/session_latest/logs"
+    except AttributeError:
+        return "/tmp/ray/session_latest/logs"
 
 
 def started_here() -> bool:

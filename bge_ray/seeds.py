@@ -19,6 +19,16 @@ def file_shuffle_rng(seed: int, epoch: int, path: str) -> random.Random:
     return random.Random(f"{seed}:{epoch}:{path}")
 
 
+def plan_rng(seed: int, epoch: int) -> random.Random:
+    """An epoch's plan: the order of the data's chunks (and, with same_dataset_within_batch, of the batches)."""
+    return random.Random(f"plan:{seed}:{epoch}")
+
+
+def window_rng(seed: int, epoch: int, window: int) -> random.Random:
+    """The order of the rows of one window of an epoch's stream."""
+    return random.Random(f"window:{seed}:{epoch}:{window}")
+
+
 def file_sample_rng(seed: int, path: str) -> random.Random:
     """The rows kept from a file capped by ``max_example_num_per_dataset`` (the same every epoch)."""
     return random.Random(f"{seed}:{path}")

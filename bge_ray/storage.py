@@ -4,9 +4,14 @@ published model."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
+
+_SECRET_PARAM = re.compile(r"(key|secret|token|password|passwd|signature|sig|credential|x-amz-)", re.I)
 
 
 def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
@@ -38,3 +43,21 @@ def publish_model(src: str, output_dir: str) -> str:
     else:
         os.replace(staging, output_dir)
     return output_dir
+
+
+def strip_credentials(value: Any) -> Any:
+    """``value`` with credentials taken out of every URI in it (user:password@, secret query
+    parameters); dicts and lists are walked."""
+    if isinstance(value, dict):
+        return {k: strip_credentials(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [strip_credentials(v) for v in value]
+    if not isinstance(value, str) or "://" not in value:
+        return value
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        return value
+    netloc = parts.netloc.rpartition("@")[2]
+    query = "&".join(p for p in parts.query.split("&") if p and not _SECRET_PARAM.search(p.partition("=")[0]))
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))

@@ -21,6 +21,9 @@ def import_flag_model():
         placeholder.__doc__ = "placeholder registered by tests/flagembedding_compat.py"
 
         def __getattr__(name):  # names are only imported, never called, by the code we use
+            if name.startswith("__"):  # a module's own attributes (__file__...): the placeholder has none
+                raise AttributeError(name)
+
             def unavailable(*args, **kwargs):
                 raise NotImplementedError(f"{_MISSING}.{name} does not exist in this transformers")
 

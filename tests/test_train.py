@@ -81,8 +81,22 @@ def test_every_measurement_reaches_the_console_history_metrics_file_and_callback
     with open(os.path.join(os.path.dirname(cfg["output_dir"]), "reports.jsonl"), encoding="utf-8") as f:
         seen = [json.loads(line) for line in f]
     # the user's callback saw the loss, not only checkpoints: every report carries the latest log record
-    assert [r["kind"] for r in seen][0] == "eval" and seen[-1]["kind"] == "final"
+    assert [r["step"] for r in seen if r["kind"] == "eval"] == [0, 6] and seen[-1]["kind"] == "final"
     assert {r["step"] for r in seen if "loss" in r} >= {6, 12}
+    # TensorBoard (report_to's default), read with TensorBoard's own reader
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(os.path.join(run_dir, "tensorboard")).Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6, 8, 10, 12]
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([m["loss"] for m in result.history])
+    assert len(events.Scalars("train/learning_rate")) == 6
+    assert [e.step for e in events.Scalars("eval/ndcg_at_10")] == [0, 6, 12]
+    with open(os.path.join(run_dir, "curves.png"), "rb") as f:
+        assert f.read(4) == b"\x89PNG"
+    # the published model's card shows what the run measured
+    card = open(os.path.join(result.model_dir, "README.md"), encoding="utf-8").read()
+    zero, best = result.metrics["zero_shot_ndcg@10"], result.metrics["best_eval_ndcg@10"]
+    assert f"| ndcg@10 | {zero:.4f} | {best:.4f} |" in card and f"`{cfg['train_data'][0]}` | 50 |" in card
     assert all("loss" in r for r in seen if r.get("step", 0) >= 2)  # once step 2 logged a loss, every report has one
 
 

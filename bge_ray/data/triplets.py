@@ -181,9 +181,15 @@ class DataSummary:
     num_rows: int = 0
     num_bad: int = 0
     first_errors: list[str] = field(default_factory=list)
+    rows_per_file: dict[str, int] = field(default_factory=dict)  # usable rows of each file read
+    empty_files: list[str] = field(default_factory=list)  # files with no usable row
 
     def describe(self) -> str:
         text = f"{self.num_rows} usable rows"
+        if len(self.rows_per_file) > 1:
+            text += f" in {len(self.rows_per_file)} files"
         if self.num_bad:
             text += f", {self.num_bad} bad rows skipped; first: " + "; ".join(self.first_errors)
+        if self.empty_files:
+            text += f"; no usable row in {', '.join(self.empty_files)}"
         return text

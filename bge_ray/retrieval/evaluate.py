@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from bge_ray.cluster import connect_ray
+from bge_ray.console import ProgressLine, log
 from bge_ray.retrieval.datasets import RetrievalDataset, ValidationSet, check_corpus, load_dataset, read_corpus
 from bge_ray.retrieval.encode import EncoderSpec, encode_dataset, encode_texts, encoder_spec_for
 from bge_ray.retrieval.metrics import DEFAULT_KS, METRICS, evaluate_run
@@ -24,24 +25,30 @@ from bge_ray.retrieval.search import TopK
 
 def evaluate_model(dataset: RetrievalDataset, spec: EncoderSpec, ks: tuple[int, ...] = DEFAULT_KS,
                    use_gpu: bool = False, concurrency: int = 1, ignore_identical_ids: bool = False,
-                   corpus: Any = None) -> dict[str, Any]:
-    """Embed, search and score one model on one data set. Returns metrics plus timings."""
+                   corpus: Any = None, corpus_size: int | None = None) -> dict[str, Any]:
+    """Embed, search and score one model on one data set. Returns metrics plus timings; prints
+    progress (done / total, rate, ETA) while it embeds."""
     t0 = time.time()
     corpus = corpus if corpus is not None else read_corpus(dataset)
     queries = dataset.eval_queries
     qids = list(queries)
+    name = os.path.basename(os.path.normpath(spec.model))
     q_ds = ray.data.from_items([{"_id": q, "text": queries[q]} for q in qids])
-    q_emb = {row_id: emb for batch in encode_dataset(q_ds, spec, "query", use_gpu, concurrency).iter_batches(
-        batch_size=1024, batch_format="numpy") for row_id, emb in zip(batch["_id"], batch["emb"], strict=True)}
+    q_emb: dict[str, np.ndarray] = {}
+    with ProgressLine(f"eval {name}: queries", len(qids), "queries") as progress:
+        for batch in encode_dataset(q_ds, spec, "query", use_gpu, concurrency).iter_batches(batch_size=None,
+                                                                                           batch_format="numpy"):
+            q_emb.update(zip(batch["_id"], batch["emb"], strict=True))
+            progress.add(len(batch["_id"]))
     topk = TopK(torch.from_numpy(np.stack([q_emb[q] for q in qids])), k=max(ks) + (1 if ignore_identical_ids else 0))
-    n_docs = 0
     p_ds = encode_dataset(corpus.select_columns(["_id", "text"]), spec, "passage", use_gpu, concurrency)
-    for batch in p_ds.iter_batches(batch_size=4096, batch_format="numpy"):
-        topk.add(torch.tensor(np.asarray(batch["emb"], dtype=np.float32)), [str(x) for x in batch["_id"]])
-        n_docs += len(batch["_id"])
+    with ProgressLine(f"eval {name}: passages embedded and searched", corpus_size, "passages") as progress:
+        for batch in p_ds.iter_batches(batch_size=None, batch_format="numpy"):
+            topk.add(torch.tensor(np.asarray(batch["emb"], dtype=np.float32)), [str(x) for x in batch["_id"]])
+            progress.add(len(batch["_id"]))
     elapsed = time.time() - t0
     metrics = evaluate_run(dataset.qrels, topk.run(qids), ks, ignore_identical_ids=ignore_identical_ids)
-    metrics.update({"num_docs": n_docs, "eval_s": elapsed, "passages_per_s": n_docs / elapsed})
+    metrics.update({"num_docs": progress.count, "eval_s": elapsed, "passages_per_s": progress.count / elapsed})
     return metrics
 
 
@@ -81,6 +88,7 @@ def evaluate(models: list[str] | str, data: str, split: str = "test", ks: tuple[
     dataset = load_dataset(data, split)
     corpus = read_corpus(dataset).materialize()  # read once, embedded once per model
     n_docs = check_corpus(corpus, dataset)
+    log(f"eval: {len(dataset.eval_queries):,} queries, {n_docs:,} documents in {data} ({split})")
     if concurrency is None:
         resources = ray.cluster_resources()
         concurrency = max(1, int(resources.get("GPU", 0))) if use_gpu else max(1, int(resources.get("CPU", 1)))
@@ -88,7 +96,7 @@ def evaluate(models: list[str] | str, data: str, split: str = "test", ks: tuple[
     for model in models:
         spec = encoder_spec_for(model, **overrides)
         metrics = evaluate_model(dataset, spec, ks, use_gpu=use_gpu, concurrency=concurrency,
-                                 ignore_identical_ids=ignore_identical_ids, corpus=corpus)
+                                 ignore_identical_ids=ignore_identical_ids, corpus=corpus, corpus_size=n_docs)
         rows.append({"model": model, "data": dataset.name, "split": split, "pooling": spec.pooling,
                      "corpus_size": n_docs, **metrics})
     if output_dir:

@@ -19,9 +19,10 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 
-from bge_ray.cluster import connect_ray, log
+from bge_ray.cluster import connect_ray
 from bge_ray.config.finetune import FinetuneConfig
 from bge_ray.config.parse import build_config
+from bge_ray.console import log
 from bge_ray.errors import ConfigError
 from bge_ray.storage import storage_root
 from bge_ray.sweep.report import (

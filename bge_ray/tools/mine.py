@@ -28,8 +28,9 @@ import ray
 import ray.data
 import torch
 
-from bge_ray.cluster import connect_ray, log
+from bge_ray.cluster import connect_ray
 from bge_ray.config.parse import resolve_config
+from bge_ray.console import ProgressCounter, ProgressLine, counter_progress, log
 from bge_ray.data.jsonl import JsonLinesDatasource, decode_json_line, expand_paths
 from bge_ray.errors import DataValidationError
 from bge_ray.retrieval.encode import EncoderSpec, TextEncoder, encode_dataset
@@ -88,7 +89,7 @@ class Miner:
     """A Ray Data actor: embeds a batch of queries, searches the pool, samples negatives per row."""
 
     def __init__(self, spec: Any, pool_ref: Any, texts_ref: Any, start: int, end: int, number: int, seed: int,
-                 ratio: float | None, cap: float | None) -> None:
+                 ratio: float | None, cap: float | None, counter: Any = None) -> None:
         self.encoder = TextEncoder(spec, "query")
         pool = ray.get(pool_ref) if isinstance(pool_ref, ray.ObjectRef) else pool_ref
         self.texts = ray.get(texts_ref) if isinstance(texts_ref, ray.ObjectRef) else texts_ref
@@ -96,7 +97,7 @@ class Miner:
             warnings.simplefilter("ignore", UserWarning)
             self.pool = torch.as_tensor(pool).to(self.encoder.device)
         self.start, self.end, self.number, self.seed = start, end, number, seed
-        self.ratio, self.cap = ratio, cap
+        self.ratio, self.cap, self.counter = ratio, cap, counter
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -135,6 +136,8 @@ class Miner:
                 candidates = [candidates[c] for c in chosen]
             out_neg.append([self.texts[j] for j in candidates])
             removed.append(n_removed)
+        if self.counter is not None:
+            self.counter.add.remote(len(rows))
         return pa.table({
             "query": [r["query"] for r in rows], "pos": [r["pos"] for r in rows],
             "neg": pa.array(out_neg, type=pa.list_(pa.string())), "prompt": [r.get("prompt") for r in rows],
@@ -167,12 +170,14 @@ def _embed_pool(texts: list[str], spec: EncoderSpec, use_gpu: bool, concurrency:
     tables = [pa.table({"_id": np.arange(s, min(s + per_block, len(texts))), "text": texts[s:s + per_block]})
               for s in range(0, len(texts), per_block)]
     emb: np.ndarray | None = None
-    for batch in encode_dataset(ray.data.from_arrow(tables), spec, "passage", use_gpu, concurrency).iter_batches(
-            batch_size=4096, batch_format="numpy"):
-        vectors = np.asarray(batch["emb"], dtype=np.float32)
-        if emb is None:
-            emb = np.zeros((len(texts), vectors.shape[1]), dtype=np.float32)
-        emb[np.asarray(batch["_id"], dtype=np.int64)] = vectors
+    with ProgressLine("mine: candidate pool embedded", len(texts), "passages") as progress:
+        for batch in encode_dataset(ray.data.from_arrow(tables), spec, "passage", use_gpu, concurrency).iter_batches(
+                batch_size=None, batch_format="numpy"):
+            vectors = np.asarray(batch["emb"], dtype=np.float32)
+            if emb is None:
+                emb = np.zeros((len(texts), vectors.shape[1]), dtype=np.float32)
+            emb[np.asarray(batch["_id"], dtype=np.int64)] = vectors
+            progress.add(len(vectors))
     assert emb is not None
     return emb
 
@@ -215,7 +220,7 @@ def mine(config: MineConfig | dict[str, Any] | str | None = None, **kwargs: Any)
     pool_embed_s = time.time() - t_pool
     log(f"mine: pool embedded in {pool_embed_s:.1f}s ({len(texts) / pool_embed_s:.1f} passages/s); searching and sampling")
     t_search = time.time()
-    stats = _mine_rows(cfg, rows, spec, pool_ref, ray.put(texts), start, end)
+    stats = _mine_rows(cfg, rows, spec, pool_ref, ray.put(texts), start, end, summary.num_rows)
     search_s = time.time() - t_search
     result = MineResult(output_dir=cfg.output_dir, num_rows=stats["rows"], num_bad_rows=summary.num_bad,
                         pool_size=len(texts), short_rows=stats["short"], short_examples=stats["short_examples"],
@@ -226,18 +231,21 @@ def mine(config: MineConfig | dict[str, Any] | str | None = None, **kwargs: Any)
 
 
 def _mine_rows(cfg: MineConfig, rows: Any, spec: EncoderSpec, pool_ref: Any, texts_ref: Any, start: int,
-               end: int) -> dict[str, Any]:
+               end: int, total: int) -> dict[str, Any]:
     """Every row through the Miner actors into the output shards; the sink's counts."""
     concurrency = actor_count(cfg.concurrency, cfg.use_gpu)
+    counter = ray.remote(ProgressCounter).options(num_cpus=0).remote()
     mined = rows.map_batches(
         Miner, fn_constructor_kwargs=dict(spec=spec, pool_ref=pool_ref, texts_ref=texts_ref, start=start, end=end,
                                           number=cfg.negative_number, seed=cfg.seed, ratio=cfg.positive_score_ratio,
-                                          cap=cfg.max_negative_score),
+                                          cap=cfg.max_negative_score, counter=counter),
         batch_format="pyarrow", batch_size=max(64, spec.batch_size), compute=ray.data.ActorPoolStrategy(size=concurrency),
         num_gpus=1 if cfg.use_gpu else 0, num_cpus=None if cfg.use_gpu else 1)
     sink = JsonlShardSink(cfg.output_dir, ["query", "pos", "neg", "prompt"], want_negatives=cfg.negative_number,
                           overwrite=cfg.overwrite)
-    mined.write_datasink(sink)
+    with counter_progress("mine: queries searched and sampled", total, "rows", counter):
+        mined.write_datasink(sink)
+    ray.kill(counter)
     return sink.stats
 
 

@@ -18,8 +18,9 @@ import ray.data
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from bge_ray.cluster import connect_ray, log
+from bge_ray.cluster import connect_ray
 from bge_ray.config.parse import resolve_config
+from bge_ray.console import ProgressCounter, counter_progress, log
 from bge_ray.data.text import apply_instruction
 from bge_ray.errors import ConfigError
 from bge_ray.model.tokenizer import load_tokenizer
@@ -41,8 +42,8 @@ class ScoreResult:
 class Scorer:
     """A Ray Data actor: one teacher, scores every (query, passage) pair of a batch of rows."""
 
-    def __init__(self, cfg: ScoreConfig) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: ScoreConfig, counter: Any = None) -> None:
+        self.cfg, self.counter = cfg, counter
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if cfg.reranker_name_or_path:
             self.tokenizer = load_tokenizer(cfg.reranker_name_or_path, None, cfg.trust_remote_code)
@@ -88,6 +89,8 @@ class Scorer:
             p_emb = self.encoder.embed(passages, "passage")
             sims = np.einsum("ij,ij->i", q_emb[owners], p_emb).astype(np.float64)
             scores = sims / self.cfg.teacher_temperature
+        if self.counter is not None:
+            self.counter.add.remote(len(rows))
         pos_scores, neg_scores, at = [], [], 0
         for r in rows:
             n_pos, n_neg = len(r["pos"]), len(r["neg"])
@@ -125,12 +128,15 @@ def score(config: ScoreConfig | dict[str, Any] | str | None = None, **kwargs: An
     concurrency = actor_count(cfg.concurrency, cfg.use_gpu)
     kind = "cross-encoder" if cfg.reranker_name_or_path else "bi-encoder"
     log(f"score: {summary.describe()}; teacher {cfg.teacher} ({kind}) on {concurrency} actor(s)")
-    scored = rows.map_batches(Scorer, fn_constructor_kwargs={"cfg": cfg}, batch_format="pyarrow",
+    counter = ray.remote(ProgressCounter).options(num_cpus=0).remote()
+    scored = rows.map_batches(Scorer, fn_constructor_kwargs={"cfg": cfg, "counter": counter}, batch_format="pyarrow",
                               batch_size=max(16, cfg.batch_size // 4), compute=ray.data.ActorPoolStrategy(size=concurrency),
                               num_gpus=1 if cfg.use_gpu else 0, num_cpus=None if cfg.use_gpu else 1)
     sink = JsonlShardSink(cfg.output_dir, ["query", "pos", "neg", "pos_scores", "neg_scores", "prompt"],
                           overwrite=cfg.overwrite)
-    scored.write_datasink(sink)
+    with counter_progress("score: rows scored", summary.num_rows, "rows", counter):
+        scored.write_datasink(sink)
+    ray.kill(counter)
     wall = time.time() - t0
     lines = [f"bge-ray score: {sink.stats['rows']} rows scored by {cfg.teacher} ({kind}) in {wall:.1f}s"]
     if summary.num_bad:

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.utils import safe_get_full_fp32_param
 
+from bge_ray.storage import strip_credentials
 from bge_ray.version import __version__
 
 METADATA_FILE = "bge_ray.json"
@@ -110,7 +111,7 @@ def export_model(hf_model: Any, tokenizer: Any, state_dict: dict, out_dir: str, 
         "passage_instruction_format": cfg_dict["passage_instruction_format"],
         "query_max_len": cfg_dict["query_max_len"],
         "passage_max_len": cfg_dict["passage_max_len"],
-        "training_config": cfg_dict,
+        "training_config": strip_credentials(cfg_dict),
     })
     return out_dir
 

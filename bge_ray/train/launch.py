@@ -21,17 +21,20 @@ from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, Scalin
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.util.queue import Queue
 
-from bge_ray.cluster import connect_for, log
+from bge_ray.cluster import connect_for
 from bge_ray.config.deepspeed import build_deepspeed_config
 from bge_ray.config.finetune import FinetuneConfig
 from bge_ray.config.parse import resolve_config
+from bge_ray.console import log
 from bge_ray.data.pipeline import EpochState, build_train_dataset
 from bge_ray.retrieval.datasets import load_validation_set
 from bge_ray.storage import filesystem, publish_model, storage_root
+from bge_ray.train.card import write_model_card
 from bge_ray.train.checkpointing import STATE_FILE, list_checkpoints, read_json
 from bge_ray.train.plan import TrainPlan
 from bge_ray.train.progress import DriverFeed, QueueReader, RunLog
 from bge_ray.train.recipe import MODEL_SUBDIR, train_loop
+from bge_ray.train.trackers import open_trackers
 
 # side actors take no CPU and stay outside any enclosing placement group (a Tune trial's)
 SIDE_ACTOR = {"num_cpus": 0, "scheduling_strategy": "DEFAULT"}
@@ -167,28 +170,49 @@ def finetune(config: FinetuneConfig | dict[str, Any] | str, callbacks: list[Any]
         f"ZeRO-{ds_config['zero_optimization'].get('stage', 0)}{', bf16' if cfg.bf16 else ', fp16' if cfg.fp16 else ''}")
     storage = storage_root(cfg.storage_path)
     run_name, resumed_at = resolve_run_name(cfg, storage)
+    run_dir = f"{storage.rstrip('/')}/{run_name}"
     queue = Queue(maxsize=10_000, actor_options=SIDE_ACTOR)
-    run_log = RunLog(launch, f"{storage.rstrip('/')}/{run_name}", resumed_at)
+    run_log = RunLog(launch, run_dir, resumed_at, open_trackers(cfg.report_to, run_dir, run_name, cfg.to_dict()))
     loop_config = {"cfg": cfg.to_dict(), "plan": dataclasses.asdict(plan), "ds_config": ds_config,
-                   "epoch_state": epoch_state, "vset": ray.put(vset) if vset is not None else None}
+                   "epoch_state": epoch_state, "vset": ray.put(vset) if vset is not None else None,
+                   "data_rows": summary.rows_per_file}
     trainer = _trainer(cfg, loop_config, dataset, storage, run_name, [DriverFeed(queue), *(callbacks or [])])
     reader = QueueReader(queue, run_log)
     reader.start()
+    log(f"starting {cfg.num_workers} training worker(s) in {run_dir}")
     try:
         result = trainer.fit()
     finally:
         reader.finish()
         ray.kill(queue.actor)
         ray.kill(epoch_state)
+        curves = run_log.finish()
     if result.checkpoint is None:
-        raise RuntimeError(f"training finished without a checkpoint; see the run in {storage}/{run_name}")
+        raise RuntimeError(f"training finished without a checkpoint; see the run in {run_dir}")
     chosen, metrics = best_checkpoint(result, cfg)
     model_dir = _model_dir(chosen, cfg.output_dir, publish)
+    if publish:
+        write_model_card(model_dir, cfg.to_dict(), summary.rows_per_file, card_evals(run_log.evals, metrics, cfg))
     metrics.update(run_log.first_step, wall_s=time.time() - launch)
-    log(f"model written to {model_dir}")
+    log(f"model written to {model_dir}" + (f"; curves {curves}; metrics {run_log.path}" if curves else ""))
     return FinetuneResult(model_dir=model_dir, metrics=metrics, checkpoint=result.checkpoint,
                           num_rows=summary.num_rows, num_bad_rows=summary.num_bad, config=cfg,
                           history=run_log.history, evals=run_log.evals)
+
+
+def card_evals(evals: list[dict[str, Any]], metrics: dict[str, Any], cfg: FinetuneConfig) -> dict[str, dict]:
+    """The model card's evaluation columns: zero-shot, the exported (best) checkpoint's, the final one's."""
+    def strip(e: dict[str, Any]) -> dict[str, Any]:
+        return {"step": e["step"], **{k[len("eval_"):]: v for k, v in e.items() if k.startswith("eval_")}}
+
+    out: dict[str, dict | None] = {}
+    if evals and evals[0]["step"] == 0:
+        out["zero-shot"] = strip(evals[0])
+    if "best_step" in metrics:
+        out["best"] = next((strip(e) for e in evals if e["step"] == metrics["best_step"]), None)
+    if evals and evals[-1]["step"] > 0:
+        out["final"] = strip(evals[-1])
+    return {k: v for k, v in out.items() if v}
 
 
 def _model_dir(checkpoint: Any, output_dir: str, publish: bool) -> str:

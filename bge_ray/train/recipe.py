@@ -52,6 +52,7 @@ from bge_ray.model.tokenizer import load_tokenizer
 from bge_ray.retrieval.encode import EncoderSpec
 from bge_ray.retrieval.evaluate import validate as retrieval_metrics
 from bge_ray.seeds import batch_order_seed, init_seed
+from bge_ray.train.card import write_model_card
 from bge_ray.train.checkpointing import (
     STATE_FILE,
     checkpoint_name,
@@ -95,19 +96,23 @@ def all_gather(obj: Any) -> list[Any]:
     return out
 
 
-def batches_in_lockstep(it: Iterator[dict], limit: int, device: torch.device) -> Iterator[tuple[dict, float]]:
-    """Up to ``limit`` batches and the seconds spent waiting for each, stopping on every worker as
-    soon as any worker runs dry (a collective with a missing participant hangs forever)."""
+def batches_in_lockstep(it: Iterator[dict], limit: int, device: torch.device,
+                        flag: Any = lambda: False) -> Iterator[tuple[dict, float, bool]]:
+    """Up to ``limit`` batches, the seconds spent waiting for each and rank 0's ``flag()``, stopping on
+    every worker as soon as any worker runs dry (a collective with a missing participant hangs
+    forever). One all-reduce a batch carries both answers."""
+    rank, size = world()
     for _ in range(limit):
         t0 = time.perf_counter()
         batch = next(it, None)
         waited = time.perf_counter() - t0
-        have = torch.tensor([1 if batch is not None else 0], dtype=torch.int64, device=device)
+        votes = torch.tensor([1 if batch is not None else 0, 1 if rank == 0 and flag() else 0], dtype=torch.int64,
+                             device=device)
         if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(have, op=dist.ReduceOp.MIN)
-        if int(have.item()) == 0:
+            dist.all_reduce(votes)
+        if int(votes[0].item()) < size:
             return
-        yield batch, waited
+        yield batch, waited, bool(votes[1].item())
 
 
 class FirstBatchEarly:
@@ -154,7 +159,11 @@ class StepWindow:
     groups: int = 0
     tokens: int = 0
     wait: float = 0.0
+    paused: float = 0.0  # seconds spent validating and checkpointing: not training time
     t0: float = field(default_factory=time.perf_counter)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0 - self.paused
 
     def add(self, loss: float, groups: int, tokens: int, wait: float) -> None:
         self.loss += loss
@@ -195,6 +204,7 @@ class EmbedderRecipe:
         self.ds_config = loop_config["ds_config"]
         self.epoch_state = loop_config.get("epoch_state")  # EpochState actor: seeds shuffle and groups, rows left out
         self.vset = ray.get(loop_config["vset"]) if loop_config.get("vset") is not None else None
+        self.data_rows = loop_config.get("data_rows")
         self.rank, self.world = world()
         self.t_start = time.time()
         self.global_step = 0
@@ -204,6 +214,7 @@ class EmbedderRecipe:
         self.window = StepWindow()
         self.totals = StepWindow()
         self.first_batch_s: float | None = None
+        self.first_step_s: float | None = None
         self.zero_shot: dict[str, float] = {}
         self.last_record: dict[str, Any] = {}
 
@@ -249,9 +260,8 @@ class EmbedderRecipe:
             if local_root:
                 shutil.rmtree(local_root, ignore_errors=True)
             raise
-        if self.rank == 0:
-            for reason in skipped:
-                print(f"[bge-ray] checkpoint {reason}: passed over", flush=True)
+        for reason in skipped:
+            self.reports.add({"kind": "message", "text": f"checkpoint {reason}: passed over"})
         return self._resume_point(path, local_dir, skipped)
 
     def _resume_point(self, path: str, local_dir: str, skipped: list[str]) -> ResumePoint:
@@ -311,9 +321,8 @@ class EmbedderRecipe:
             raise CheckpointError(f"{self.resume.path}: its DeepSpeed state is at step {saved_step}, "
                                   f"its {STATE_FILE} at step {self.global_step}")
         epoch, skip_micro = self.plan.position(self.global_step, self.cfg.gradient_accumulation_steps)
-        if self.rank == 0:
-            print(f"[bge-ray] resumed from {self.resume.path} at step {self.global_step}"
-                  + (f" ({skip_micro} micro-batches into epoch {epoch})" if skip_micro else ""), flush=True)
+        self.reports.add({"kind": "message", "text": f"resumed from {self.resume.path} at step {self.global_step}"
+                          + (f" ({skip_micro} micro-batches into epoch {epoch})" if skip_micro else "")})
 
     def _release_resume_copy(self) -> None:
         """Remove the local copy of a remote checkpoint once the engine has loaded it (or failed to)."""
@@ -343,32 +352,35 @@ class EmbedderRecipe:
                                   batch_order_seed(self.cfg.seed, epoch, self.rank))
         return batches
 
-    def _epoch_batches(self, epoch: int) -> Iterator[tuple[int, dict, float]]:
-        """(micro-batch index in the epoch, raw batch, seconds waited) for the rest of ``epoch``."""
+    def _epoch_batches(self, epoch: int) -> Iterator[tuple[int, dict, float, bool]]:
+        """(micro-batch index in the epoch, raw batch, seconds waited, whether rank 0 wants a progress
+        line) for the rest of ``epoch``."""
         start_epoch, skip_micro = self._resume_epoch()
         first_micro = skip_micro if epoch == start_epoch else 0
         if first_micro == 0:
             self.epoch_rows = []
         batches = self.first_batches if epoch == start_epoch and self.first_batches is not None else self._open_epoch(epoch)
-        lockstep = batches_in_lockstep(batches, self.plan.micro_batches_per_epoch - first_micro, self.device)
-        for micro, (raw, waited) in enumerate(lockstep, start=first_micro):
-            yield micro, raw, waited
+        lockstep = batches_in_lockstep(batches, self.plan.micro_batches_per_epoch - first_micro, self.device,
+                                       self.reports.progress_due)
+        for micro, (raw, waited, progress) in enumerate(lockstep, start=first_micro):
+            yield micro, raw, waited, progress
 
     # ------------------------------------------------------------------ train
     def train(self) -> None:
         """Validate the zero-shot model, train the planned steps, save the final checkpoint."""
         if self.vset is not None and self.global_step == 0:
             self.zero_shot = self.validate()
+        self.window = StepWindow()  # throughput counts training from here
         start_epoch, _ = self.plan.position(self.global_step, self.cfg.gradient_accumulation_steps)
         for epoch in range(start_epoch, self.plan.num_epochs):
             if self.global_step >= self.plan.total_steps:
                 break
-            for micro, raw, waited in self._epoch_batches(epoch):
+            for micro, raw, waited, progress in self._epoch_batches(epoch):
                 self.train_step(raw, waited)
                 if (micro + 1) % self.cfg.gradient_accumulation_steps:
                     continue
                 self.global_step += 1
-                self.after_step(epoch, micro)
+                self.after_step(epoch, micro, progress)
                 if self.global_step >= self.plan.total_steps:
                     break
         self.save_final()
@@ -388,40 +400,52 @@ class EmbedderRecipe:
         for window in (self.window, self.totals):
             window.add(float(loss), int(inputs["q_input_ids"].shape[0]), tokens, waited)
 
-    def after_step(self, epoch: int, micro: int) -> None:
+    def after_step(self, epoch: int, micro: int, progress: bool = False) -> None:
         """After optimizer step ``global_step``: log, validate and checkpoint when they are due."""
         step, cfg = self.global_step, self.cfg
-        if step == 1:
-            self.reports.add({"kind": "first_step", "step": 1, "time": time.time(), "worker_start": self.t_start,
+        first = self.first_step_s is None  # the first step of this launch (a resumed run's too)
+        if first:
+            self.first_step_s = time.time() - self.t_start
+            self.reports.add({"kind": "first_step", "step": step, "time": time.time(), "worker_start": self.t_start,
                               "engine_ready_s": self.engine_ready_s, "first_batch_s": self.first_batch_s})
-        report_now = step == 1
+        report_now = first
         if step % cfg.logging_steps == 0 or step == self.plan.total_steps:
             report_now |= self._log_step(epoch, micro)
+        elif progress:
+            self.reports.add({"kind": "progress", "step": step, "total_steps": self.plan.total_steps,
+                              "time": time.time(), "epoch": self._epoch_progress(epoch, micro)})
+            report_now = True
         if step >= self.plan.total_steps:
             return  # the final checkpoint follows
+        paused = time.perf_counter()
         if self.vset is not None and step % (cfg.eval_steps or cfg.save_steps) == 0:
             self.save_checkpoint(epoch, self.validate(), export=True)
+            self.window.paused += time.perf_counter() - paused
         elif self.vset is None and step % cfg.save_steps == 0:
             self.save_checkpoint(epoch, {"kind": "checkpoint"})
+            self.window.paused += time.perf_counter() - paused
         elif report_now:
             ray.train.report({"kind": "log", **self.reports.take()})
+
+    def _epoch_progress(self, epoch: int, micro: int) -> float:
+        return round(epoch + (micro + 1) / self.plan.micro_batches_per_epoch, 4)
 
     def _log_step(self, epoch: int, micro: int) -> bool:
         """A log record of the window (averaged over it and the workers); whether rank 0 says a report is due."""
         w = self.window
-        elapsed = time.perf_counter() - w.t0
+        elapsed = w.elapsed()
         due = 1.0 if self.rank == 0 and self.reports.due() else 0.0
         loss_sum, micro_n, groups, tokens, wait, due = all_reduce([w.loss, w.micro, w.groups, w.tokens, w.wait, due])
         grad_norm = self.engine.get_global_grad_norm()
         self.last_record = {
             "kind": "train", "step": self.global_step, "total_steps": self.plan.total_steps, "time": time.time(),
-            "epoch": round(epoch + (micro + 1) / self.plan.micro_batches_per_epoch, 4),
+            "epoch": self._epoch_progress(epoch, micro),
             "loss": loss_sum / max(1, micro_n), "learning_rate": float(self.engine.get_lr()[0]),
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "groups_per_s": groups / elapsed, "tokens_per_s": tokens / elapsed,
             "data_wait_frac": wait / self.world / elapsed, "window_s": elapsed, "window_groups": groups,
             "window_tokens": tokens, "time_to_engine_s": self.engine_ready_s,
-            "time_to_first_batch_s": self.first_batch_s}
+            "time_to_first_batch_s": self.first_batch_s, "time_to_first_step_s": self.first_step_s}
         self.reports.add(self.last_record)
         self.window = StepWindow()
         return due > 0
@@ -429,6 +453,10 @@ class EmbedderRecipe:
     # ------------------------------------------------------------------ validate
     def validate(self) -> dict[str, Any]:
         """Retrieval metrics of the model now (all workers embed, rank 0 searches)."""
+        queries, docs = len(self.vset.dataset.eval_queries), len(self.vset.doc_ids)
+        self.reports.add({"kind": "message", "text": f"validating at step {self.global_step}: {queries:,} queries, "
+                                                     f"{docs:,} passages on {self.world} worker(s)"})
+        ray.train.report({"kind": "log", **self.reports.take()})
         t0 = time.time()
         metrics = retrieval_metrics(self.engine.module, self.tokenizer, self.vset, self.eval_spec, self.device)
         out: dict[str, Any] = {"kind": "eval", "step": self.global_step, "metric": self.cfg.metric_for_best_model,
@@ -446,28 +474,36 @@ class EmbedderRecipe:
         registers it only once all have arrived."""
         state = {"global_step": self.global_step, "epoch": epoch, "world_size": self.world, **({"final": True} if final else {})}
         ckpt_dir = staging_dir()
+        tag = self.resume.tag if self.resume else None
         try:
             self.engine.save_checkpoint(ckpt_dir, tag=DS_TAG, client_state={"bge_ray": state})
             if export:
-                self._export(os.path.join(ckpt_dir, MODEL_SUBDIR))
+                self._export(os.path.join(ckpt_dir, MODEL_SUBDIR), metrics, checkpoint_name(self.global_step, tag))
             keys = np.concatenate(self.epoch_rows) if self.epoch_rows else np.empty(0, dtype=np.int64)
             np.save(os.path.join(ckpt_dir, trained_rows_name(self.rank)), keys.astype(np.int64))
             if self.rank == 0:
                 with open(os.path.join(ckpt_dir, STATE_FILE), "w", encoding="utf-8") as f:
                     json.dump(state, f)
             write_manifest(ckpt_dir, self.rank)
-            tag = self.resume.tag if self.resume else None
             ray.train.report({**self.reports.take(), **metrics, "step": self.global_step},
                              checkpoint=Checkpoint.from_directory(ckpt_dir),
                              checkpoint_dir_name=checkpoint_name(self.global_step, tag))
         finally:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
 
-    def _export(self, out_dir: str) -> None:
-        """The model as transformers / sentence-transformers / FlagEmbedding load it (a collective)."""
+    def _export(self, out_dir: str, metrics: dict[str, Any], name: str) -> None:
+        """The model as transformers / sentence-transformers / FlagEmbedding load it (a collective), with
+        its card: where it will lie in storage, the zero-shot and this checkpoint's validation."""
         sd = consolidated_state_dict(self.engine, self.zero_stage, self.cfg.bf16 or self.cfg.fp16)
-        if self.rank == 0:
-            export_model(self.engine.module.model, self.tokenizer, sd, out_dir, self.cfg.to_dict())
+        if self.rank != 0:
+            return
+        export_model(self.engine.module.model, self.tokenizer, sd, out_dir, self.cfg.to_dict())
+        evals = {"zero-shot": {"step": 0, **self.zero_shot} if self.zero_shot else None}
+        if "eval_s" in metrics:
+            evals["this checkpoint"] = {"step": self.global_step,
+                                        **{k[len("eval_"):]: v for k, v in metrics.items() if k.startswith("eval_")}}
+        stored = f"{ray.train.get_context().get_storage().experiment_fs_path.rstrip('/')}/{name}/{MODEL_SUBDIR}"
+        write_model_card(out_dir, self.cfg.to_dict(), self.data_rows, evals, model_dir=stored)
 
     def save_final(self) -> None:
         """The last checkpoint, with the exported model and the run's summary."""

@@ -1,0 +1,126 @@
+"""The model card: ``README.md`` in every exported model directory, in the sentence-transformers /
+Hugging Face style: base model, training data, the hyperparameters that matter, the evaluation
+(zero-shot, best, final), how to load it in sentence-transformers, FlagEmbedding and transformers,
+and the library versions. Credentials never reach it."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+from typing import Any
+
+from bge_ray.data.text import apply_instruction
+from bge_ray.storage import strip_credentials
+from bge_ray.train.export import prompt_prefix
+from bge_ray.version import __version__
+
+CARD_FILE = "README.md"
+HYPERPARAMETERS = ("learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "num_workers",
+                   "gradient_accumulation_steps", "train_group_size", "temperature", "sentence_pooling_method",
+                   "normalize_embeddings", "query_max_len", "passage_max_len", "query_instruction_for_retrieval",
+                   "passage_instruction_for_retrieval", "negatives_cross_device", "knowledge_distillation",
+                   "kd_loss_type", "warmup_ratio", "warmup_steps", "weight_decay", "deepspeed", "bf16", "fp16",
+                   "sub_batch_size", "attention_dropout", "seed")
+LIBRARIES = ("torch", "transformers", "ray", "deepspeed", "sentence-transformers", "FlagEmbedding")
+
+
+def _versions() -> list[str]:
+    out = [f"bge-ray {__version__}"]
+    for name in LIBRARIES:
+        try:
+            out.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def _eval_table(evals: dict[str, dict[str, Any]], metric: str) -> list[str]:
+    """One row per metric, one column per measurement (``zero-shot``, ``best``, ``final``...)."""
+    columns = [(name, e) for name, e in evals.items() if e]
+    if not columns:
+        return ["No evaluation set was given (`eval_data`), so none was measured."]
+    header = "| metric | " + " | ".join(f"{name}{'' if e.get('step') is None else ' (step ' + str(e['step']) + ')'}"
+                                          for name, e in columns) + " |"
+    lines = [header, "|---" * (len(columns) + 1) + "|"]
+    keys = [metric] + [k for k in ("ndcg@10", "recall@100", "mrr@10", "map@10") if k != metric]
+    for key in keys:
+        values = [e.get(key) for _, e in columns]
+        if any(v is not None for v in values):
+            lines.append(f"| {key} | " + " | ".join("" if v is None else f"{v:.4f}" for v in values) + " |")
+    return lines
+
+
+def _usage(model_dir: str, cfg: dict[str, Any]) -> list[str]:
+    pooling, normalize = cfg["sentence_pooling_method"], bool(cfg["normalize_embeddings"])
+    instruction, fmt = cfg.get("query_instruction_for_retrieval"), cfg.get("query_instruction_format", "{}{}")
+    query = "what causes tides"
+    as_prompt = prompt_prefix(fmt, instruction) is not None  # the export names it as the "query" prompt
+    st_query = f'["{query}"], prompt_name="query"' if as_prompt else repr([apply_instruction(query, instruction, fmt)])
+    fe_inst = f", query_instruction_for_retrieval={instruction!r}, query_instruction_format={fmt!r}" if instruction else ""
+    return [
+        "```python",
+        f'model_dir = "{model_dir}"',
+        "",
+        "from sentence_transformers import SentenceTransformer",
+        "model = SentenceTransformer(model_dir)",
+        f"queries = model.encode({st_query})",
+        'passages = model.encode(["Tides are caused by the moon\'s gravity."])',
+        "print(model.similarity(queries, passages))",
+        "```",
+        "",
+        "FlagEmbedding:",
+        "",
+        "```python",
+        "from FlagEmbedding import FlagModel",
+        f"model = FlagModel(model_dir, pooling_method={pooling!r}, normalize_embeddings={normalize}{fe_inst})",
+        "```",
+        "",
+        "transformers (queries with their instruction, pooling as trained):",
+        "",
+        "```python",
+        "import torch",
+        "from transformers import AutoModel, AutoTokenizer",
+        "from bge_ray.model.embedder import pool",
+        "tokenizer, model = AutoTokenizer.from_pretrained(model_dir), AutoModel.from_pretrained(model_dir)",
+        f"batch = tokenizer({[apply_instruction(query, instruction, fmt)]!r}, padding=True, return_tensors=\"pt\")",
+        f"embedding = pool(model(**batch).last_hidden_state, batch[\"attention_mask\"], {pooling!r})",
+        *(["embedding = torch.nn.functional.normalize(embedding, dim=-1)"] if normalize else []),
+        "```",
+    ]
+
+
+def model_card(model_dir: str, cfg: dict[str, Any], data: dict[str, int] | None = None,
+               evals: dict[str, dict[str, Any]] | None = None) -> str:
+    """The card's text. ``data``: training file -> usable rows; ``evals``: column name (``zero-shot``,
+    ``best``, ``final``...) -> that measurement's ``step`` and metrics (``ndcg@10``...)."""
+    cfg = strip_credentials(cfg)
+    base = cfg["model_name_or_path"]
+    lines = ["---", "library_name: sentence-transformers", "pipeline_tag: sentence-similarity",
+             "tags: [sentence-transformers, feature-extraction, sentence-similarity, bge-ray]", f"base_model: {base}",
+             "---", "", f"# {os.path.basename(os.path.normpath(model_dir))}", "",
+             f"A text embedding model fine-tuned from `{base}` with bge-ray {__version__}: contrastive learning"
+             " (InfoNCE) on query / positive / negative groups, on Ray Train with DeepSpeed.", "",
+             "## Training data", ""]
+    if data:
+        lines += ["| file | rows |", "|---|---|", *(f"| `{strip_credentials(f)}` | {n:,} |" for f, n in sorted(data.items()))]
+    else:
+        lines += [", ".join(f"`{p}`" for p in cfg.get("train_data") or [])]
+    lines += ["", "## Hyperparameters", "", "| key | value |", "|---|---|"]
+    lines += [f"| `{k}` | {cfg[k]!r} |" for k in HYPERPARAMETERS if k in cfg and cfg[k] is not None]
+    lines += ["", "## Evaluation", ""]
+    if cfg.get("eval_data"):
+        lines += [f"On `{cfg['eval_data']}` ({cfg.get('eval_split', 'test')} split):", ""]
+    lines += _eval_table(evals or {}, cfg.get("metric_for_best_model", "ndcg@10"))
+    lines += ["", "## Usage", "", *_usage(model_dir, cfg), "", "## Framework versions", "",
+              *(f"- {v}" for v in _versions()), ""]
+    return "\n".join(lines)
+
+
+def write_model_card(out_dir: str, cfg: dict[str, Any], data: dict[str, int] | None = None,
+                     evals: dict[str, dict[str, Any] | None] | None = None, model_dir: str | None = None) -> str:
+    """``README.md`` in ``out_dir``; its loading snippets name ``model_dir`` (default: ``out_dir``, where
+    the model lies; a checkpoint's export gives where it will lie in storage)."""
+    path = os.path.join(out_dir, CARD_FILE)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(model_card(model_dir or out_dir, cfg, data, {k: v for k, v in (evals or {}).items() if v}))
+    return path
