@@ -40,6 +40,7 @@ commands:
   mine    hard negatives             bge-ray mine --input_file DATA --output_dir DIR --embedder_name_or_path MODEL
   score   teacher scores             bge-ray score --input_file DATA --output_dir DIR --reranker_name_or_path MODEL
   tune    hyperparameter sweep       bge-ray tune --config sweep.yaml [--num_samples 8 --key value ...]
+  preview the batches, not trained  bge-ray preview [train options] [--steps 8] [--epoch 0] [--preview_file F]
 
 run `bge-ray <command> --help` for every option of a command.
 """
@@ -229,6 +230,52 @@ tune settings:
 """
 
 
+PREVIEW_HELP = """usage: bge-ray preview [--config FILE.yaml] [train options] [--steps 8] [--epoch 0] [--preview_file F]
+
+Writes, without training, the exact rows every worker would train in the first --steps optimizer steps
+of --epoch: one JSON line per worker per micro-batch (step, batch, worker, data set, and each row's
+path:line, query, positive and negatives as drawn for that epoch), through the same scan, plan and
+Ray Data pipeline as `bge-ray train` with the same options. Then prints how the batches mix the files
+beside random permutations of the same rows.
+
+  --steps N            optimizer steps to write (default 8)
+  --epoch E            the epoch (default 0)
+  --preview_file F     where to write (default batch_preview.jsonl; never overwritten)
+"""
+
+
+def cmd_preview(argv: list[str]) -> int:
+    if "-h" in argv or "--help" in argv:
+        print(PREVIEW_HELP)
+        return 0
+    path, rest = split_config_arg(argv)
+    options = {"--steps": 8, "--epoch": 0, "--preview_file": "batch_preview.jsonl"}
+    overrides, i = [], 0
+    while i < len(rest):
+        key, _, value = rest[i].partition("=")
+        if key in options:
+            if not value:
+                if i + 1 >= len(rest):
+                    raise ConfigError(f"{key} needs a value")
+                value, i = rest[i + 1], i + 1
+            options[key] = value
+        else:
+            overrides.append(rest[i])
+        i += 1
+    try:
+        steps, epoch = int(options["--steps"]), int(options["--epoch"])
+    except ValueError:
+        raise ConfigError("--steps and --epoch take whole numbers") from None
+    if steps < 1 or epoch < 0:
+        raise ConfigError("--steps must be >= 1 and --epoch >= 0")
+    out = str(options["--preview_file"])
+    if os.path.exists(out):
+        raise ConfigError(f"{out} exists: bge-ray preview does not overwrite it; pass another --preview_file")
+    values = read_config(path, overrides)
+    command_module("bge_ray.tools.preview").run_preview(values, steps, epoch, out)
+    return 0
+
+
 def cmd_tune(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
         print(TUNE_HELP.rstrip("\n") + "\n" + config_help(TuneSettings).split("\n\n", 2)[2])
@@ -245,7 +292,8 @@ def cmd_tune(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "mine": cmd_mine, "score": cmd_score, "tune": cmd_tune}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "mine": cmd_mine, "score": cmd_score, "tune": cmd_tune,
+            "preview": cmd_preview}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,25 +8,27 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
+
 
 def row_group_rng(seed: int, epoch: int, row_key: int) -> random.Random:
     """The draw of a row's positive and negatives in an epoch."""
     return random.Random((seed * 1_000_003 + epoch) * 4_294_967_296 + row_key)
 
 
-def file_shuffle_rng(seed: int, epoch: int, path: str) -> random.Random:
-    """The order a file's rows leave its shuffle buffer in an epoch."""
-    return random.Random(f"{seed}:{epoch}:{path}")
-
-
-def plan_rng(seed: int, epoch: int) -> random.Random:
+def plan_generator(seed: int, epoch: int) -> np.random.Generator:
     """An epoch's plan: the order of the data's chunks (and, with same_dataset_within_batch, of the batches)."""
-    return random.Random(f"plan:{seed}:{epoch}")
+    return np.random.default_rng([seed, epoch, 0x706C616E])
 
 
-def window_rng(seed: int, epoch: int, window: int) -> random.Random:
-    """The order of the rows of one window of an epoch's stream."""
-    return random.Random(f"window:{seed}:{epoch}:{window}")
+def window_rng(seed: int, epoch: int, dataset: int, window: int) -> random.Random:
+    """The order of the rows of one window of a data set's stream in an epoch."""
+    return random.Random(f"window:{seed}:{epoch}:{dataset}:{window}")
+
+
+def text_shuffle_rng(seed: int, epoch: int, row_key: int) -> random.Random:
+    """``shuffle_ratio``: whether, and how, a row's positive is cut and reordered in an epoch."""
+    return random.Random(f"text:{seed}:{epoch}:{row_key}")
 
 
 def file_sample_rng(seed: int, path: str) -> random.Random:
@@ -34,9 +36,9 @@ def file_sample_rng(seed: int, path: str) -> random.Random:
     return random.Random(f"{seed}:{path}")
 
 
-def batch_order_seed(seed: int, epoch: int, rank: int) -> int:
-    """A worker's order of length-grouped batches in an epoch."""
-    return seed * 7919 + epoch * 104729 + rank
+def length_pool_rng(seed: int, epoch: int, rank: int, pool: int) -> random.Random:
+    """``group_by_length``: the order of the regrouped batches of one pool of a worker's epoch."""
+    return random.Random(f"length:{seed}:{epoch}:{rank}:{pool}")
 
 
 def negatives_rng(seed: int, row_key: int) -> random.Random:

@@ -61,3 +61,29 @@ def make_beir_subset(dst, n_queries=12, n_extra_docs=60, seed=0):
         f.write("query-id\tcorpus-id\tscore\n")
         f.writelines(f"{q}\t{d}\t{s}\n" for q in keep_q for d, s in qrels[q].items())
     return str(dst)
+
+FE_EXAMPLE_DATA = os.path.join(TEST_DATA, "flagembedding_examples", "example_data")
+FE_DS_STAGE0 = os.path.join(TEST_DATA, "flagembedding_examples", "ds_stage0.json")
+
+
+def fe_same_dataset_args(model: str, output_dir: str, cache_path: str) -> list[str]:
+    """FlagEmbedding's examples/finetune/embedder/encoder_only/base_same_dataset.sh argument set, as its
+    torchrun line passes it, with its paths pointed at the vendored copies and a model built here
+    (--fp16 dropped: no fp16 on CPU; --cache_dir: nothing is downloaded)."""
+    import shlex
+
+    d = FE_EXAMPLE_DATA
+    return shlex.split(f"""
+    --model_name_or_path {model}
+    --train_data {d}/retrieval {d}/sts/sts.jsonl {d}/classification-no_in_batch_neg {d}/clustering-no_in_batch_neg
+    --cache_path {cache_path}
+    --train_group_size 8 --query_max_len 512 --passage_max_len 512 --pad_to_multiple_of 8
+    --query_instruction_for_retrieval 'Represent this sentence for searching relevant passages: '
+    --query_instruction_format '{{}}{{}}'
+    --knowledge_distillation True --same_dataset_within_batch True --small_threshold 0 --drop_threshold 0
+    --output_dir {output_dir} --overwrite_output_dir --learning_rate 1e-5
+    --num_train_epochs 4 --per_device_train_batch_size 2 --dataloader_drop_last True --warmup_ratio 0.1
+    --gradient_checkpointing --deepspeed {FE_DS_STAGE0} --logging_steps 1 --save_steps 1000
+    --negatives_cross_device --temperature 0.02 --sentence_pooling_method cls --normalize_embeddings True
+    --kd_loss_type kl_div
+    """)

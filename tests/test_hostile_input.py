@@ -17,7 +17,7 @@ import torch
 
 from bge_ray.config import FinetuneConfig, resolve_config
 from bge_ray.data.jsonl import LineTooLong, iter_lines
-from bge_ray.data.pipeline import read_triplets, scan_triplets
+from bge_ray.data.read import read_triplets, scan_triplets
 from bge_ray.data.triplets import RowRules
 from bge_ray.errors import ConfigError, DataValidationError
 from tests.helpers import FE_EXAMPLES, minilm_path

@@ -3,6 +3,7 @@ run a rerun continues, which checkpoint's model is exported. No cluster: real ch
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -11,7 +12,13 @@ from ray.train import Checkpoint, Result
 
 from bge_ray.config import FinetuneConfig
 from bge_ray.errors import ConfigError
-from bge_ray.train.launch import best_checkpoint, latest_state, resolve_run_name
+from bge_ray.train.launch import (
+    best_checkpoint,
+    default_run_name,
+    latest_state,
+    resolve_run_name,
+    save_run_config,
+)
 from bge_ray.train.plan import TrainPlan
 
 
@@ -54,24 +61,50 @@ def _checkpoint(run_dir, step, **state):
 def test_which_run_a_rerun_continues(tmp_path):
     cfg = _cfg(tmp_path)
     storage = str(tmp_path / "runs")
-    assert resolve_run_name(cfg, storage) == ("bge-ray-out", None)  # nothing there: a new run
-    (tmp_path / "runs" / "bge-ray-out").mkdir(parents=True)
-    assert latest_state(storage, "bge-ray-out") == {}
-    assert resolve_run_name(cfg, storage) == ("bge-ray-out", 0)  # started, no checkpoint yet: continue
-    _checkpoint(tmp_path / "runs" / "bge-ray-out", 10)
-    _checkpoint(tmp_path / "runs" / "bge-ray-out", 20)
-    assert resolve_run_name(cfg, storage) == ("bge-ray-out", 20)  # the newest checkpoint
+    run = default_run_name(cfg)
+    runs = tmp_path / "runs" / run
+    assert run.startswith("bge-ray-out-")
+    assert resolve_run_name(cfg, storage) == (run, None)  # nothing there: a new run
+    runs.mkdir(parents=True)
+    assert latest_state(storage, run) == {}
+    assert resolve_run_name(cfg, storage) == (run, 0)  # started, no checkpoint yet: continue
+    _checkpoint(runs, 10)
+    _checkpoint(runs, 20)
+    assert resolve_run_name(cfg, storage) == (run, 20)  # the newest checkpoint
     never = _cfg(tmp_path, resume="never")
     name, resumed = resolve_run_name(never, storage)
-    assert name.startswith("bge-ray-out-") and resumed is None
-    _checkpoint(tmp_path / "runs" / "bge-ray-out", 30, final=True)
+    assert name.startswith(run + "-") and resumed is None
+    _checkpoint(runs, 30, final=True)
     name, resumed = resolve_run_name(cfg, storage)  # finished: never touched again
-    assert name.startswith("bge-ray-out-") and resumed is None
+    assert name.startswith(run + "-") and resumed is None
     assert resolve_run_name(_cfg(tmp_path, run_name="mine"), storage) == ("mine", None)
-    (tmp_path / "runs" / "bge-ray-out" / "checkpoint_step_00000040").mkdir()
-    (tmp_path / "runs" / "bge-ray-out" / "checkpoint_step_00000040" / "trainer_state.json").write_text("{oops")
+    (runs / "checkpoint_step_00000040").mkdir()
+    (runs / "checkpoint_step_00000040" / "trainer_state.json").write_text("{oops")
     with pytest.raises(ValueError, match="trainer_state.json is unreadable"):
         resolve_run_name(cfg, storage)
+
+
+def test_two_projects_out_folders_are_two_runs(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    one = dataclasses.replace(_cfg(tmp_path), output_dir=str(tmp_path / "a" / "out"))
+    two = dataclasses.replace(_cfg(tmp_path), output_dir=str(tmp_path / "b" / "out"))
+    assert default_run_name(one) != default_run_name(two)
+    assert default_run_name(one).startswith("bge-ray-out-") and default_run_name(one) == default_run_name(one)
+
+
+def test_an_unfinished_run_is_not_resumed_with_another_config(tmp_path):
+    storage = str(tmp_path / "runs")
+    cfg = _cfg(tmp_path)
+    save_run_config(cfg, storage, default_run_name(cfg))
+    _checkpoint(tmp_path / "runs" / default_run_name(cfg), 10)
+    changed = dataclasses.replace(cfg, temperature=0.05, learning_rate=1e-4)
+    with pytest.raises(ConfigError, match=r"another config \(learning_rate: .*; temperature: 0.02 then, 0.05 now\)"):
+        resolve_run_name(changed, storage)
+    # where and how it runs may change; what it trains may not
+    assert resolve_run_name(dataclasses.replace(cfg, logging_steps=7, max_failures=3), storage)[1] == 10
+    fresh, resumed = resolve_run_name(dataclasses.replace(changed, resume="never"), storage)
+    assert fresh != default_run_name(cfg) and resumed is None
 
 
 def _result(tmp_path, scores):

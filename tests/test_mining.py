@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from bge_ray.data.pipeline import read_triplets, scan_triplets
+from bge_ray.data.read import read_triplets, scan_triplets
 from bge_ray.data.triplets import RowRules
 from bge_ray.errors import ConfigError, DataValidationError
 from bge_ray.model.embedder import Embedder

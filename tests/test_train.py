@@ -11,6 +11,7 @@ import torch
 from ray.train import UserCallback
 
 import bge_ray
+from bge_ray.config import FinetuneConfig
 from bge_ray.data.collate import GroupCollator
 from bge_ray.data.pipeline import tokenize_rows
 from bge_ray.data.text import TextSpec
@@ -18,7 +19,8 @@ from bge_ray.data.triplets import ROW_SCHEMA, RowRules, parse_line, sample_row
 from bge_ray.model.embedder import Embedder
 from bge_ray.model.loss import contrastive_loss
 from bge_ray.model.tokenizer import load_tokenizer
-from tests.helpers import FE_EXAMPLES, make_beir_subset
+from bge_ray.train.launch import default_run_name
+from tests.helpers import FE_EXAMPLES, fe_same_dataset_args, make_beir_subset
 
 TEXTS = ["What is the capital of France?", "Paris is the capital and largest city of France.",
          "a much longer passage about contrastive learning of text embeddings for dense retrieval"]
@@ -70,7 +72,7 @@ class ReportRecorder(UserCallback):
 
 def test_every_measurement_reaches_the_console_history_metrics_file_and_callbacks(zero2_run, capfd):
     cfg, result = zero2_run
-    run_dir = os.path.join(cfg["storage_path"], "bge-ray-model")
+    run_dir = os.path.join(cfg["storage_path"], default_run_name(FinetuneConfig(**cfg)))
     with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
         lines = [json.loads(line) for line in f]
     logged = [r for r in lines if r["kind"] == "train"]
@@ -205,21 +207,38 @@ def test_zero3_cross_device_distillation_cls_checkpointing(ray_cluster, tiny_mod
 
 def test_rerun_of_a_finished_run_starts_fresh_and_unfinished_one_resumes(zero2_run, tmp_path):
     from bge_ray.config import resolve_config
+    from bge_ray.errors import ConfigError
     from bge_ray.train.launch import resolve_run_name
 
     cfg, result = zero2_run
+    with pytest.raises(ConfigError, match="already holds a model: set overwrite_output_dir"):
+        bge_ray.finetune(cfg)  # FlagEmbedding's rule: the model the run wrote is not replaced unasked
     config = resolve_config(cfg)
-    storage = cfg["storage_path"]
+    storage, run = cfg["storage_path"], default_run_name(config)
     # the real finished run: a rerun of the same command trains again under a new name
     fresh, resumed_at = resolve_run_name(config, storage)
-    assert fresh.startswith("bge-ray-model-") and fresh != "bge-ray-model" and resumed_at is None
+    assert fresh.startswith(run + "-") and resumed_at is None
     # an unfinished run (newest checkpoint not final) is continued under its own name
-    unfinished = tmp_path / "bge-ray-model" / "checkpoint_step_00000006"
+    unfinished = tmp_path / run / "checkpoint_step_00000006"
     unfinished.mkdir(parents=True)
     (unfinished / "trainer_state.json").write_text(json.dumps({"global_step": 6, "epoch": 0}))
-    assert resolve_run_name(config, str(tmp_path)) == ("bge-ray-model", 6)
+    assert resolve_run_name(config, str(tmp_path)) == (run, 6)
     config.resume = "never"
-    assert resolve_run_name(config, str(tmp_path))[0] != "bge-ray-model"
+    assert resolve_run_name(config, str(tmp_path))[0] != run
+
+
+def test_a_rerun_trains_the_same_batches_to_the_same_losses(zero2_run, tmp_path):
+    """The same seed, config and worker count: the same batches in the same order whatever Ray's task
+    scheduling, so the same loss at every step."""
+    cfg, first = zero2_run
+    again = bge_ray.finetune(dict(cfg, output_dir=str(tmp_path / "again"), storage_path=str(tmp_path / "runs"),
+                                  eval_data=None))
+
+    def losses(result):
+        return [(r["step"], r["loss"]) for r in result.history if r.get("kind") == "train"]
+
+    assert len(losses(first)) == 6
+    assert losses(again) == pytest.approx(losses(first), rel=1e-6)
 
 
 @pytest.mark.skipif(not __import__("bge_ray.config.finetune", fromlist=["x"]).cpu_supports_bf16(),
@@ -272,3 +291,21 @@ def test_first_batch_early_fetches_ahead_keeps_order_and_raises_in_the_caller():
     it = FirstBatchEarly(broken())
     with pytest.raises(ValueError, match="bad shard"):
         next(it)
+
+
+def test_flagembedding_base_same_dataset_arguments_train_unchanged(ray_cluster, tiny_model, tmp_path, capfd):
+    """FlagEmbedding's multi-task example (retrieval files with teacher scores, sts, classification and
+    clustering without, no_in_batch_neg folders, FlagEmbedding's own ds_stage0.json) on 2 workers."""
+    from bge_ray.cli import main
+
+    args = fe_same_dataset_args(tiny_model, str(tmp_path / "out"), str(tmp_path / "cache"))
+    args += ["--num_workers", "2", "--storage_path", str(tmp_path / "runs"), "--num_train_epochs", "1"]
+    assert main(["train", *args]) == 0
+    err = capfd.readouterr().err
+    assert "8 data sets, every batch from one of them" in err
+    assert "plan: 31 optimizer steps (31/epoch" in err
+    with open(os.path.join(tmp_path / "out", "config.json")) as f:
+        assert json.load(f)["model_type"] == "bert"
+    with open(os.path.join(tmp_path / "runs", os.listdir(tmp_path / "runs")[0], "metrics.jsonl")) as f:
+        losses = [r["loss"] for r in map(json.loads, f) if r.get("kind") == "train"]
+    assert len(losses) == 31 and all(np.isfinite(losses))

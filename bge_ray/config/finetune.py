@@ -34,15 +34,10 @@ OTHER_TRACKERS = ("azure_ml", "clearml", "codecarbon", "comet_ml", "dagshub", "d
 # Flags that FlagEmbedding / HF TrainingArguments commands commonly carry and that have no
 # meaning here; accepted so that a working torchrun command moves over unchanged.
 COMPAT_IGNORED = {
-    "overwrite_output_dir": "bge-ray never writes over a finished model: output_dir is replaced atomically",
     "dataloader_drop_last": "bge-ray always drops the last incomplete batch so every worker runs the same steps",
-    "cache_path": "Ray Data streams the data; there is no tokenized cache on disk",
     "use_cpu": "set use_gpu instead",
     "ddp_backend": "Ray Train picks gloo on CPU and nccl on GPU",
     "ddp_find_unused_parameters": "DeepSpeed handles unused parameters",
-    "same_dataset_within_batch": "batches mix rows from all files",
-    "small_threshold": "only used with same_dataset_within_batch",
-    "drop_threshold": "only used with same_dataset_within_batch",
     "local_rank": "set by Ray Train",
 }
 
@@ -83,8 +78,21 @@ class FinetuneConfig:
     max_example_num_per_dataset: int = knob(DEFAULT_MAX_EXAMPLES, "at most this many rows per file (a seeded uniform "
                                             "sample of the file)")
     skip_bad_rows: bool = knob(False, "skip and count bad rows instead of stopping at the first one")
-    shuffle_buffer_size: int = knob(1000, "rows of each file shuffled together as Ray Data reads it, reseeded "
-                                    "every epoch (0: file order)")
+    shuffle_buffer_size: int = knob(1000, "rows shuffled together after the epoch's random order of small chunks "
+                                    "of all files (a global permutation's mixing; larger: more memory per read "
+                                    "task); 0: the files' order, unshuffled")
+    same_dataset_within_batch: bool = knob(False, "every batch from one file (FlagEmbedding's multi-task sampler): "
+                                           "per-file batch_size / type / train_group_size from its rows, no "
+                                           "in-batch negatives for files named *no_in_batch_neg")
+    small_threshold: int = knob(0, "same_dataset_within_batch: files of a train_data folder with fewer rows are "
+                                "merged into one data set")
+    drop_threshold: int = knob(0, "same_dataset_within_batch: a folder's merged small files are left out when "
+                               "they hold fewer rows")
+    shuffle_ratio: float = knob(0.0, "share of positives cut in three pieces and put back in a random order "
+                                "(FlagEmbedding's passage shuffling; texts of 100 characters or fewer are kept)")
+    cache_path: str | None = knob(None, "where compressed training files' plain copies are kept (chunks are read "
+                                  "from the middle of a file); a folder or cloud URI every node reaches",
+                                  shown="<storage_path>/bge-ray-cache")
     group_by_length: bool = knob(False, "batch rows of similar length (sorted within pools of 16 batches of "
                                  "the shuffled stream): less padding, in-batch negatives of similar length")
 
@@ -132,8 +140,9 @@ class FinetuneConfig:
     save_steps: int = knob(500, "checkpoint every N optimizer steps")
     save_total_limit: int | None = knob(None, "checkpoints to keep (the best by metric_for_best_model with "
                                         "eval_data, else the newest; unset: all)")
-    output_dir: str | None = knob(None, "where the fine-tuned model is written (replaced only once the new one is "
-                                  "complete)", shown="required")
+    output_dir: str | None = knob(None, "where the fine-tuned model is written (a local folder)", shown="required")
+    overwrite_output_dir: bool = knob(False, "replace a model already in output_dir (else the run is refused "
+                                      "before it starts)")
 
     # --- validation during training ---
     eval_data: str | None = knob(None, "evaluation folder (BEIR or FlagEmbedding layout) measured at step 0, "
@@ -155,11 +164,12 @@ class FinetuneConfig:
         shown='{"CPU": 1} (+ "GPU": 1 with use_gpu)')
     storage_path: str | None = knob(None, "where Ray Train keeps checkpoints: a local folder or a cloud URI every "
                                     "node reaches", shown="~/ray_results")
-    run_name: str | None = knob(None, "the run's folder under storage_path", shown="bge-ray-<output_dir name>")
+    run_name: str | None = knob(None, "the run's folder under storage_path",
+                                shown="bge-ray-<output_dir name>-<hash of its absolute path>")
     max_failures: int = knob(0, "worker-group restarts Ray Train may make, each from the last checkpoint "
                              "(-1: unlimited)")
-    resume: str = knob("auto", "auto: continue an unfinished run with the same run_name and storage_path; "
-                       "never: always start a new run")
+    resume: str = knob("auto", "auto: continue an unfinished run with the same run_name and storage_path (refused "
+                       "when its config differs); never: always start a new run")
     ray_address: str | None = knob(None, "cluster to join; else RAY_ADDRESS; else the cluster `ray start` made "
                                    "on this machine; else a local Ray", shown="local")
 
@@ -234,6 +244,19 @@ def check_local_inputs(paths: list[str], name: str) -> None:
             raise ConfigError(f"{name}: no file or directory matches {path!r}")
 
 
+def check_output_dir(cfg: FinetuneConfig) -> None:
+    """FlagEmbedding's rule, checked when a run starts (before Ray): a non-empty ``output_dir`` is not
+    replaced unless ``overwrite_output_dir`` is set.
+
+    Raises:
+        ConfigError: ``output_dir`` holds something and ``overwrite_output_dir`` is off.
+    """
+    path = cfg.output_dir
+    if path and not cfg.overwrite_output_dir and os.path.isdir(path) and os.listdir(path):
+        raise ConfigError(f"output_dir {path} already holds a model: set overwrite_output_dir: true to replace it, "
+                          "or choose another output_dir")
+
+
 def _at_least(cfg: FinetuneConfig, names: tuple[str, ...], low: int) -> None:
     for name in names:
         if getattr(cfg, name) < low:
@@ -261,6 +284,15 @@ def _check_model_and_data(cfg: FinetuneConfig) -> None:
     _at_least(cfg, ("max_example_num_per_dataset",), 1)
     if cfg.shuffle_buffer_size < 0:
         raise ConfigError(f"shuffle_buffer_size must be >= 0 (0 = no shuffle), got {cfg.shuffle_buffer_size}")
+    _at_least(cfg, ("small_threshold", "drop_threshold"), 0)
+    if not 0 <= cfg.shuffle_ratio <= 1:
+        raise ConfigError(f"shuffle_ratio must be in [0, 1], got {cfg.shuffle_ratio}")
+    if cfg.same_dataset_within_batch and cfg.group_by_length:
+        raise ConfigError("group_by_length regroups rows across batches, which same_dataset_within_batch keeps "
+                          "apart: turn one of them off")
+    if cfg.output_dir and "://" in cfg.output_dir:
+        raise ConfigError(f"output_dir must be a local folder, got {cfg.output_dir!r}: the model is written on the "
+                          "driver; for a cloud copy, keep checkpoints there with storage_path (each holds the model)")
 
 
 def _check_training(cfg: FinetuneConfig) -> None:

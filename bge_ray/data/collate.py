@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import itertools
 import math
-import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from bge_ray.seeds import length_pool_rng
 
 
 def pad_ids(seqs: list[list[int]], pad_id: int, side: str = "right", multiple_of: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -37,19 +38,20 @@ def row_length(pos_ids: Any, neg_ids: Any) -> int:
     return max((len(t) for texts in (pos_ids, neg_ids) if texts is not None for t in texts), default=0)
 
 
-def length_grouped(batches: Iterator[dict[str, Any]], batch_size: int, seed: int,
-                   pool: int = LENGTH_POOL_BATCHES) -> Iterator[dict[str, Any]]:
+def length_grouped(batches: Iterator[dict[str, Any]], batch_size: int, seed: int, epoch: int, rank: int,
+                   first_pool: int = 0, pool: int = LENGTH_POOL_BATCHES) -> Iterator[dict[str, Any]]:
     """``group_by_length``: regroup the rows of every ``pool`` consecutive batches so that each batch
-    holds rows of similar length (padding less), then yield those batches in a seeded random order.
+    holds rows of similar length (padding less), then yield those batches in a random order seeded by
+    the pool (``first_pool`` is the number of the first pool ``batches`` starts: a resumed epoch).
 
     The rows still arrive shuffled (the pool is ``pool`` x ``batch_size`` rows of the shuffled stream),
     so a batch's in-batch negatives are random rows of similar length. The same rows are trained, in
     the same number of batches: only which rows share a batch changes."""
-    rng = random.Random(seed)
-    while True:
+    for number in itertools.count(first_pool):
         taken = list(itertools.islice(batches, pool))
         if not taken:
             return
+        rng = length_pool_rng(seed, epoch, rank, number)
         merged = {k: np.concatenate([b[k] for b in taken]) for k in taken[0]}
         lengths = [row_length(p, n) for p, n in zip(merged["pos_ids"], merged["neg_ids"], strict=True)]
         order = np.argsort(np.asarray(lengths), kind="stable")
@@ -62,9 +64,10 @@ def length_grouped(batches: Iterator[dict[str, Any]], batch_size: int, seed: int
 @dataclass
 class GroupCollator:
     """Turns a batch of sampled, tokenized rows (1 positive + ``group_size-1`` negatives each, see
-    :func:`sample_row`) into padded model inputs: the queries, then each row's group, positive first."""
+    :func:`sample_row`) into padded model inputs: the queries, then each row's group, positive first.
+    ``group_size`` None: the batch's own (its rows all hold as many negatives)."""
 
-    group_size: int
+    group_size: int | None
     pad_token_id: int
     padding_side: str = "right"
     pad_to_multiple_of: int | None = None
@@ -72,11 +75,12 @@ class GroupCollator:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         queries, passages, teacher = [], [], []
+        group_size = self.group_size or 1 + len(batch["neg_ids"][0])
         for i in range(len(batch["row_key"])):
             pos, neg = batch["pos_ids"][i], batch["neg_ids"][i]
-            if len(pos) != 1 or len(neg) != self.group_size - 1:
+            if len(pos) != 1 or len(neg) != group_size - 1:
                 raise ValueError(f"row {int(batch['row_key'][i])} holds {len(pos)} positive(s) and {len(neg)} "
-                                 f"negative(s), not a sampled group of {self.group_size} (see sample_row)")
+                                 f"negative(s), not a sampled group of {group_size} (see sample_row)")
             queries.append(list(batch["q_ids"][i]))
             passages.append(list(pos[0]))
             passages.extend(list(t) for t in neg)

@@ -37,9 +37,17 @@ def iter_lines(f: Any, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[i
     A line longer than ``max_line_bytes`` is never held whole: it is yielded as :class:`LineTooLong`
     (its size) so the caller can report it, and reading goes on at the next line.
     """
+    for line_no, _, raw in iter_lines_at(f, max_line_bytes):
+        yield line_no, raw
+
+
+def iter_lines_at(f: Any, max_line_bytes: int = MAX_LINE_BYTES, first_line: int = 1,
+                  start: int = 0) -> Iterator[tuple[int, int, bytes | LineTooLong]]:
+    """:func:`iter_lines` with each line's byte offset in the stream, for a stream that starts at
+    line ``first_line``, byte ``start`` of its file (after a seek)."""
     parts: list[bytes] = []  # the current line so far (dropped once it is too long)
     size = 0
-    line_no = 0
+    line_no, offset, line_start = first_line - 1, start, start
 
     def finish() -> bytes | LineTooLong | None:
         if size > max_line_bytes:
@@ -54,21 +62,23 @@ def iter_lines(f: Any, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[i
         pieces = chunk.split(b"\n")
         for i, piece in enumerate(pieces):
             size += len(piece)
+            offset += len(piece)
             if size <= max_line_bytes:
                 parts.append(piece)
             else:
                 parts = []
             if i == len(pieces) - 1:
                 break  # the line goes on in the next chunk
+            offset += 1  # the newline
             line_no += 1
             line = finish()
             if line is not None:
-                yield line_no, line
-            parts, size = [], 0
+                yield line_no, line_start, line
+            parts, size, line_start = [], 0, offset
     if size:
         line = finish()
         if line is not None:
-            yield line_no + 1, line
+            yield line_no + 1, line_start, line
 
 
 def decode_json_line(raw: bytes | LineTooLong, where: str) -> tuple[Any, str | None]:

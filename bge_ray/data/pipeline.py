@@ -1,302 +1,349 @@
-"""Training data on Ray Data: read triplet JSONL shards, validate, shuffle, sample groups, tokenize.
+"""An epoch's training data on Ray Data, in the plan's order (see :mod:`bge_ray.data.plan`).
 
-Flow (one way, streaming):
+    plan (windows, global batches: arithmetic on the scan's index, in the object store)
+      -> WindowDatasource: read tasks of one or a few windows each: a window's chunks read by byte
+         range, every row validated again, the rows shuffled (seeded by seed, epoch and the window),
+         rows trained before a resume left out, each row cut to its group for the epoch (1 positive +
+         group_size-1 negatives, seeded by seed, epoch and the row's file:line)
+      -> map_batches(tokenize_rows), 64 rows a task: instructions applied, the drawn texts tokenized
+      -> BatchRouter (a Ray actor): reads the stream in order (Ray Data keeps it), cuts it into the
+         plan's global batches and hands slice r of each to worker r.
 
-    TripletDatasource (one read task per file, line by line, every row validated)
-      -> training pass (``training_pass``): each file's rows through a shuffle buffer, then each row
-         cut to its group for the epoch: 1 positive + train_group_size-1 negatives (seeded by seed,
-         epoch and the row's file:line, so the draw does not depend on which worker reads the row);
-         the epoch comes from the EpochState actor, so every epoch reshuffles and redraws
-      -> drop rows marked bad (only with ``skip_bad_rows``; otherwise the scan has already failed)
-         and rows a resumed epoch already trained
-      -> map_batches(tokenize_rows), 64 rows a task: instructions applied, the sampled texts tokenized
-      -> each Ray Train worker: get_dataset_shard("train").iter_batches(...), then data/collate.py.
+Every worker gets the same batches in the same order on every run of the same config: the order
+is the plan's, not the order in which Ray happens to finish tasks.
 """
 
 from __future__ import annotations
 
-import copy
-import random
-from collections.abc import Iterable, Iterator
+import collections
+import functools
+import io
+import math
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import ray
 import ray.data
-from ray.data.datasource.file_based_datasource import FileBasedDatasource
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
 
-from bge_ray.config.finetune import DEFAULT_MAX_EXAMPLES, FinetuneConfig
-from bge_ray.console import ProgressLine
-from bge_ray.data.jsonl import JSONL_EXTENSIONS, expand_paths, iter_lines
+from bge_ray.data.jsonl import iter_lines_at
+from bge_ray.data.plan import DataSet, EpochPlan, FileIndex, Segment, plan_epoch
 from bge_ray.data.text import TextSpec
-from bge_ray.data.triplets import MAX_ERRORS_KEPT, ROW_SCHEMA, DataSummary, RowRules, parse_line, sample_row
+from bge_ray.data.triplets import ROW_SCHEMA, RowRules, parse_line, sample_row
 from bge_ray.errors import DataValidationError
 from bge_ray.model.tokenizer import load_tokenizer
-from bge_ray.seeds import file_sample_rng, file_shuffle_rng
+from bge_ray.seeds import text_shuffle_rng, window_rng
+from bge_ray.storage import filesystem
 
-_ROWS_PER_BLOCK = 512
-TOKENIZE_BATCH_ROWS = 64  # rows per tokenize task: first batches leave after a few such tasks, not a whole file
-IN_PROCESS_SCAN_BYTES = 256 << 20  # training data up to this size is validated on the driver, not by Ray tasks
-
-
-class TripletDatasource(FileBasedDatasource):
-    """Reads triplet JSONL files (plain or gzip) from local paths or any pyarrow filesystem URI.
-
-    Every non-blank line becomes a row; a bad row keeps its ``error`` (``path:line: why``) so the
-    pipeline can count or skip it instead of dying deep inside a Ray task.
-    """
-
-    _FILE_EXTENSIONS = JSONL_EXTENSIONS
-
-    def __init__(self, paths: list[str] | str, rules: RowRules, max_examples: int = DEFAULT_MAX_EXAMPLES,
-                 seed: int = 42, **kwargs: Any) -> None:
-        super().__init__(paths, file_extensions=JSONL_EXTENSIONS, **kwargs)
-        self._rules = rules
-        self._max_examples = max_examples
-        self._seed = seed
-        self._training = False
-        self._shuffle_window = 0
-        self._epoch_state: Any = None
-
-    def files(self) -> list[str]:
-        """Every data file this datasource reads (directories and globs resolved)."""
-        return list(self._paths())
-
-    def training_pass(self, shuffle_window: int, epoch_state: Any = None) -> TripletDatasource:
-        """This datasource as an epoch's training pass: each file's rows go through a shuffle buffer
-        of ``shuffle_window`` rows (0: file order), and each good row keeps only its sampled group
-        (:func:`sample_row`). Both are seeded by the epoch an :class:`EpochState` actor holds (0
-        without one), so every epoch reshuffles and draws new negatives."""
-        source = copy.copy(self)
-        source._training, source._shuffle_window, source._epoch_state = True, shuffle_window, epoch_state
-        return source
-
-    def _read_stream(self, f: Any, path: str) -> Iterator[pa.Table]:
-        rows = self._file_rows(f, path)
-        if self._training:
-            epoch = 0
-            if self._epoch_state is not None:
-                epoch = int(ray.get(self._epoch_state.epoch.remote()))
-            if self._shuffle_window > 0:
-                rows = window_shuffle(rows, self._shuffle_window, file_shuffle_rng(self._seed, epoch, path))
-            group, seed = self._rules.train_group_size, self._seed
-            rows = (sample_row(r, group, seed, epoch) if r["error"] is None else r for r in rows)
-        block: list[dict] = []
-        for row in rows:
-            block.append(row)
-            if len(block) >= _ROWS_PER_BLOCK:
-                yield pa.Table.from_pylist(block, schema=ROW_SCHEMA)
-                block = []
-        if block:
-            yield pa.Table.from_pylist(block, schema=ROW_SCHEMA)
-
-    def _file_rows(self, f: Any, path: str) -> Iterator[dict]:
-        # With max_example_num_per_dataset below the row count, FlagEmbedding keeps a uniform
-        # random sample; here a seeded reservoir of that many rows (held by this read task).
-        capped = self._max_examples < DEFAULT_MAX_EXAMPLES
-        rng = file_sample_rng(self._seed, path)
-        reservoir: list[tuple[int, dict]] = []
-        n_good = 0
-        for line_no, raw in iter_lines(f):
-            row = parse_line(raw, path, line_no, self._rules)
-            if line_no == 1 and isinstance(raw, bytes) and raw.lstrip().startswith(b"["):
-                row["error"] = f"{path}:1: the file is a JSON array; bge-ray reads JSON Lines (one object per line)"
-                yield row
-                return
-            if capped and row["error"] is None:
-                n_good += 1
-                if len(reservoir) < self._max_examples:
-                    reservoir.append((line_no, row))
-                else:
-                    j = rng.randrange(n_good)
-                    if j < self._max_examples:
-                        reservoir[j] = (line_no, row)
-                continue
-            yield row
-        yield from (r for _, r in sorted(reservoir, key=lambda t: t[0]))
+TOKENIZE_BATCH_ROWS = 64  # rows per tokenize task: the first batches leave after a few such tasks
+PREFETCH_BATCHES = 4  # global batches the router holds ready ahead of the workers
+MAX_READ_TASKS = 20_000  # more windows than this: several windows a read task
+READ_THREADS = 8  # chunks of one window fetched at once (remote storage: latency, not bandwidth)
+STREAM_SCHEMA = (ROW_SCHEMA.append(pa.field("dataset", pa.int32())).append(pa.field("symmetric", pa.bool_()))
+                 .append(pa.field("num_neg", pa.int64())))
 
 
-def window_shuffle(rows: Iterable[dict], window: int, rng: random.Random) -> Iterator[dict]:
-    """Rows in a random order through a buffer of ``window`` rows: once it is full, each new row
-    takes the place of a random one, which goes out. A row leaves at most ``window`` places before
-    the place it came in, and any number after. Holds ``window`` rows, never the stream."""
-    buffer: list[dict] = []
-    for row in rows:
-        if len(buffer) < window:
-            buffer.append(row)
-            continue
-        j = rng.randrange(window)
-        yield buffer[j]
-        buffer[j] = row
-    rng.shuffle(buffer)
-    yield from buffer
+@dataclass(frozen=True)
+class StreamSettings:
+    """How an epoch's rows are drawn: the run's seed, whether rows are shuffled (False: the files'
+    order) and FlagEmbedding's ``shuffle_ratio`` (positives cut in three and reordered)."""
+
+    seed: int
+    shuffle: bool = True
+    shuffle_ratio: float = 0.0
 
 
-def triplet_source(paths: list[str], rules: RowRules, max_examples: int = DEFAULT_MAX_EXAMPLES,
-                   seed: int = 42) -> TripletDatasource:
-    """The datasource of the triplet files (lists directories and URIs; needs Ray up)."""
-    return TripletDatasource(expand_paths(paths), rules, max_examples=max_examples, seed=seed)
+@dataclass(frozen=True, eq=False)
+class EpochReads:
+    """Everything a read task needs, put in the object store once per epoch."""
+
+    files: list[FileIndex]
+    datasets: list[DataSet]
+    plan: EpochPlan
+    rules: RowRules
+    settings: StreamSettings
 
 
-def read_triplets(paths: list[str], rules: RowRules, max_examples: int = DEFAULT_MAX_EXAMPLES,
-                  seed: int = 42) -> ray.data.Dataset:
-    """A Ray Dataset of validated triplet rows (bad rows carry their ``error``)."""
-    return ray.data.read_datasource(triplet_source(paths, rules, max_examples=max_examples, seed=seed))
+def _read_bytes(fs: pafs.FileSystem, path: str, start: int, end: int | None) -> bytes:
+    """Bytes ``start`` .. ``end`` of a plain file (to its end for None)."""
+    with fs.open_input_file(path) as f:
+        f.seek(start)
+        return f.read() if end is None else f.read(end - start)
 
 
-def _summarize_block(batch: pa.Table) -> pa.Table:
-    errors = batch.column("error").to_pylist()
-    bad = [e for e in errors if e is not None]
-    per_file: dict[str, int] = {}
-    for source, error in zip(batch.column("source").to_pylist(), errors, strict=True):
-        per_file[source.rpartition(":")[0]] = per_file.get(source.rpartition(":")[0], 0) + (error is None)
-    return pa.table({"good": [len(errors) - len(bad)], "bad": [len(bad)], "errors": [bad[:MAX_ERRORS_KEPT]],
-                     "files": [list(per_file)], "file_rows": [list(per_file.values())]})
+def _segment_rows(reads: EpochReads, seg: Segment) -> list[dict]:
+    """The kept rows ``seg`` names, read by byte range and validated again."""
+    f = reads.files[seg.file]
+    start = int(f.chunk_offsets[seg.chunk])
+    end = int(f.chunk_offsets[seg.chunk + 1]) if seg.chunk + 1 < len(f.chunk_offsets) else None
+    fs, inner = filesystem(f.read_path)
+    try:
+        data = _read_bytes(fs, inner, start, end)
+    except OSError as e:
+        raise DataValidationError(f"{f.path}: cannot be read at byte {start}: {e}") from None
+    keep = f.kept_in_chunk(seg.chunk)
+    keep_set = None if keep is None else set(keep.tolist())
+    rows, ordinal = [], seg.chunk * f.chunk_rows
+    for line_no, _, raw in iter_lines_at(io.BytesIO(data), first_line=int(f.chunk_lines[seg.chunk]), start=start):
+        row = parse_line(raw, f.path, line_no, reads.rules)
+        if row["error"] is not None:
+            continue  # counted by the scan (skip_bad_rows); not a usable row
+        if keep_set is None or ordinal in keep_set:
+            rows.append(row)
+        ordinal += 1
+        if ordinal >= (seg.chunk + 1) * f.chunk_rows:
+            break
+    got = rows[seg.skip:seg.skip + seg.take]
+    if len(got) != seg.take:
+        raise DataValidationError(f"{f.path} changed since it was scanned: from line {int(f.chunk_lines[seg.chunk])} "
+                                  f"on it holds {len(rows)} usable rows where {seg.skip + seg.take} were found")
+    return got
 
 
-def _block_summaries(data: ray.data.Dataset | TripletDatasource) -> Iterator[dict[str, Any]]:
-    """One summary per block. A datasource small enough is read right here, by its own read tasks
-    (the same code Ray Data runs): on small data the pass then costs what parsing costs, not the
-    seconds Ray Data needs to start its task workers. Larger data is scanned by Ray Data tasks."""
-    if isinstance(data, TripletDatasource):
-        size = data.estimate_inmemory_data_size()
-        if size is not None and size <= IN_PROCESS_SCAN_BYTES:
-            for task in data.get_read_tasks(1):
-                for block in task():
-                    yield from _summarize_block(block).to_pylist()
-            return
-        data = ray.data.read_datasource(data)
-    parts = data.select_columns(["error", "source"]).map_batches(_summarize_block, batch_format="pyarrow",
-                                                                 batch_size=None)
-    yield from parts.iter_rows()
+def shuffle_text(text: str, ratio: float, rng: Any) -> str:
+    """FlagEmbedding's ``shuffle_ratio``: with probability ``ratio``, a text over 100 characters is cut
+    in three pieces that are put back in a random order, joined by spaces."""
+    if ratio <= 0 or len(text) <= 100 or rng.random() >= ratio:
+        return text
+    size = len(text) // 3 + 1
+    pieces = [text[i:i + size] for i in range(0, len(text), size)]
+    rng.shuffle(pieces)
+    return " ".join(pieces)
 
 
-def scan_triplets(data: ray.data.Dataset | TripletDatasource, skip_bad_rows: bool) -> DataSummary:
-    """Count usable rows, per file (of a dataset, or of a datasource: see :func:`_block_summaries`).
+def window_rows(reads: EpochReads, dataset: int, number: int, trained: int, pool: ThreadPoolExecutor | None) -> pa.Table:
+    """One window's rows: read, shuffled, the ``trained`` first ones dropped, each cut to its group."""
+    segments = reads.plan.segments(dataset, number)
+    parts = pool.map(functools.partial(_segment_rows, reads), segments) if pool else (
+        _segment_rows(reads, s) for s in segments)
+    rows = [row for part in parts for row in part]
+    s, ds, epoch = reads.settings, reads.datasets[dataset], reads.plan.epoch
+    if s.shuffle:
+        window_rng(s.seed, epoch, dataset, number).shuffle(rows)
+    out = []
+    for row in rows[trained:]:
+        row = dict(sample_row(row, ds.group_size, s.seed, epoch), dataset=dataset, symmetric=ds.symmetric,
+                   num_neg=len(row["neg"] or []))
+        if s.shuffle_ratio > 0:
+            rng = text_shuffle_rng(s.seed, epoch, row["row_key"])
+            row["pos"] = [shuffle_text(t, s.shuffle_ratio, rng) for t in row["pos"]]
+        out.append(row)
+    return pa.Table.from_pylist(out, schema=STREAM_SCHEMA)
 
-    Raises:
-        DataValidationError: without ``skip_bad_rows``, the first bad row (file and line); and when
-            no file holds a usable row (the empty ones named).
-    """
-    summary = DataSummary()
-    with ProgressLine("scanning the training data", None, "rows", quiet_below_s=15) as progress:
-        for part in _block_summaries(data):
-            summary.num_rows += int(part["good"])
-            summary.num_bad += int(part["bad"])
-            for path, rows in zip(part["files"], part["file_rows"], strict=True):
-                summary.rows_per_file[path] = summary.rows_per_file.get(path, 0) + int(rows)
-            for err in part["errors"]:
-                if len(summary.first_errors) < MAX_ERRORS_KEPT:
-                    summary.first_errors.append(err)
-            progress.add(int(part["good"]) + int(part["bad"]))
-    files = data.files() if isinstance(data, TripletDatasource) else list(summary.rows_per_file)
-    summary.empty_files = sorted(f for f in files if not summary.rows_per_file.get(f))
-    if summary.num_bad and not skip_bad_rows:
-        more = f" ({summary.num_bad - 1} more bad rows)" if summary.num_bad > 1 else ""
-        raise DataValidationError(
-            f"bad training row: {sorted(summary.first_errors)[0]}{more}. "
-            "Fix the data, or set skip_bad_rows: true to skip bad rows and count them")
-    if summary.num_rows == 0:
-        where = f": {', '.join(summary.empty_files)} hold none" if summary.empty_files else ""
-        raise DataValidationError(f"the training data holds no usable rows{where}")
-    return summary
+
+_READS_CACHE: dict[str, EpochReads] = {}  # per process: the epoch's plan, fetched once
+
+
+def read_windows(holder: list[Any], windows: list[tuple[int, int, int]]) -> Iterator[pa.Table]:
+    """A read task: each of ``windows`` (data set, number, rows trained before) as one block.
+    ``holder`` wraps the :class:`EpochReads` object ref (a bare ref would be resolved by Ray)."""
+    ref = holder[0]
+    reads = _READS_CACHE.get(ref.hex())
+    if reads is None:
+        _READS_CACHE.clear()
+        reads = _READS_CACHE[ref.hex()] = ray.get(ref)
+    remote = any("://" in f.read_path for f in reads.files)
+    with ThreadPoolExecutor(READ_THREADS) if remote else _no_pool() as pool:
+        for dataset, number, trained in windows:
+            yield window_rows(reads, dataset, number, trained, pool)
+
+
+class _no_pool:  # noqa: N801 - stands where a ThreadPoolExecutor would
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> bool:
+        return False
+
+
+class WindowDatasource(Datasource):
+    """The windows of an epoch's plan, in the plan's order."""
+
+    def __init__(self, reads_ref: Any, windows: list[tuple[int, int, int]], window_rows: int) -> None:
+        self.reads_ref, self.windows, self.window_rows = reads_ref, windows, window_rows
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                       data_context: Any = None) -> list[ReadTask]:
+        per_task = max(1, math.ceil(len(self.windows) / MAX_READ_TASKS))
+        tasks = []
+        for i in range(0, len(self.windows), per_task):
+            group = self.windows[i:i + per_task]
+            meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=None)
+            tasks.append(ReadTask(functools.partial(read_windows, [self.reads_ref], group), meta))
+        return tasks
 
 
 def tokenize_rows(batch: pa.Table, spec: TextSpec) -> pa.Table:
-    """Apply instructions and tokenize every text of every row (truncated, not padded)."""
+    """Apply instructions and tokenize every drawn text of every row (truncated, not padded). Passages
+    of symmetric task types (sts, clustering) are texts like the queries: they get the query's
+    instruction, as in FlagEmbedding."""
     tok = load_tokenizer(spec.tokenizer, spec.cache_dir, spec.trust_remote_code)
-    queries = spec.format(batch.column("query").to_pylist(), "query", batch.column("prompt").to_pylist())
-    pos = batch.column("pos").to_pylist()
-    neg = batch.column("neg").to_pylist()
-    flat = spec.format([t for texts in pos for t in texts] + [t for texts in neg for t in texts], "passage")
+    prompts = batch.column("prompt").to_pylist()
+    symmetric = batch.column("symmetric").to_pylist() if "symmetric" in batch.column_names else [False] * len(prompts)
+    queries = spec.format(batch.column("query").to_pylist(), "query", prompts)
+    texts = []
+    for column in ("pos", "neg"):
+        for texts_of_row, prompt, sym in zip(batch.column(column).to_pylist(), prompts, symmetric, strict=True):
+            texts.append([spec.query(t, prompt) if sym else spec.passage(t) for t in texts_of_row or []])
+    flat = [t for row in texts for t in row]
     q_ids = tok(queries, truncation=True, max_length=spec.query_max_len, add_special_tokens=True)["input_ids"]
     p_ids = tok(flat, truncation=True, max_length=spec.passage_max_len, add_special_tokens=True)["input_ids"] if flat else []
-    pos_ids, neg_ids, k = [], [], 0
-    for texts in pos:
-        pos_ids.append(p_ids[k:k + len(texts)])
-        k += len(texts)
-    for texts in neg:
-        neg_ids.append(p_ids[k:k + len(texts)])
-        k += len(texts)
+    nested, k = [], 0
+    for row in texts:
+        nested.append(p_ids[k:k + len(row)])
+        k += len(row)
+    n = batch.num_rows
     ids_type = pa.list_(pa.list_(pa.int32()))
-    return pa.table({
-        "q_ids": pa.array(q_ids, type=pa.list_(pa.int32())),
-        "pos_ids": pa.array(pos_ids, type=ids_type),
-        "neg_ids": pa.array(neg_ids, type=ids_type),
-        "pos_scores": batch.column("pos_scores"),
-        "neg_scores": batch.column("neg_scores"),
-        "row_key": batch.column("row_key"),
-    })
+    out = {"q_ids": pa.array(q_ids, type=pa.list_(pa.int32())), "pos_ids": pa.array(nested[:n], type=ids_type),
+           "neg_ids": pa.array(nested[n:], type=ids_type)}
+    for name in ("pos_scores", "neg_scores", "row_key", "source", "dataset", "num_neg"):
+        if name in batch.column_names:
+            out[name] = batch.column(name)
+    return pa.table(out)
 
 
-def drop_bad(batch: pa.Table) -> pa.Table:
-    """The rows without an ``error`` (bad rows are only still there with ``skip_bad_rows``)."""
-    return batch.filter(pc.is_null(batch.column("error")))
+def epoch_stream(reads_ref: Any, plan: EpochPlan, spec: TextSpec | None) -> ray.data.Dataset:
+    """The epoch's rows (those left after ``plan.done`` batches) in the plan's order, tokenized (raw,
+    for a preview, without ``spec``)."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # bge-ray prints its own progress
+    ctx.execution_options.preserve_order = True  # the plan's order, whatever finishes first
+    ds = ray.data.read_datasource(WindowDatasource(reads_ref, plan.windows(), plan.window_rows))
+    if spec is not None:
+        ds = ds.map_batches(tokenize_rows, fn_kwargs={"spec": spec}, batch_format="pyarrow",
+                            batch_size=TOKENIZE_BATCH_ROWS)
+    return ds
 
 
-class EpochState:
-    """A Ray actor: the epoch being trained, and the row keys it leaves out (the rows trained before
-    the checkpoint a run resumed from; empty otherwise). Rank 0 sets both at the start of each epoch;
-    the pipeline's read tasks reshuffle by the epoch, and drop the keys."""
+def numpy_batch(table: pa.Table) -> dict[str, Any]:
+    """A table as the workers take batches: a numpy array per column (arrays of lists for list columns)."""
+    out = {}
+    for name in table.column_names:
+        column = table.column(name)
+        if pa.types.is_list(column.type):
+            values = np.empty(table.num_rows, dtype=object)
+            values[:] = column.to_pylist()
+            out[name] = values
+        else:
+            out[name] = column.to_numpy(zero_copy_only=False)
+    return out
 
-    def __init__(self) -> None:
+
+class BatchRouter:
+    """A Ray actor that runs each epoch's pipeline and hands every worker its slice of each global
+    batch, in the plan's order: ``begin`` (from one worker), then ``next`` from each worker."""
+
+    def __init__(self, files: list[FileIndex], datasets: list[DataSet], rules: RowRules, spec: TextSpec | None,
+                 settings: StreamSettings, world: int, window_rows: int) -> None:
+        self.files, self.datasets, self.rules, self.spec = files, datasets, rules, spec
+        self.settings, self.world, self.window_rows = settings, world, window_rows
+        self.cond = threading.Condition()
+        self.queues: list[collections.deque] = []
         self.generation = 0
-        self.current_epoch = 0
-        self.keys = np.empty(0, dtype=np.int64)
+        self.error: BaseException | None = None
 
-    def begin(self, epoch: int, keys: np.ndarray) -> int:
-        self.generation += 1
-        self.current_epoch = int(epoch)
-        self.keys = np.unique(np.asarray(keys, dtype=np.int64))
-        return self.generation
+    def begin(self, epoch: int, done: int = 0) -> int:
+        """Start ``epoch`` with ``done`` of its global batches already trained; the batches left."""
+        s = self.settings
+        plan = plan_epoch(self.files, self.datasets, s.seed, epoch, self.world, self.window_rows, s.shuffle).after(done)
+        with self.cond:
+            self.generation += 1
+            self.queues = [collections.deque() for _ in range(self.world)]
+            self.error = None
+            self.cond.notify_all()
+        reads_ref = ray.put(EpochReads(self.files, self.datasets, plan, self.rules, s))
+        stream = epoch_stream(reads_ref, plan, self.spec)
+        threading.Thread(target=self._produce, args=(plan, stream, reads_ref, self.generation), daemon=True).start()
+        return plan.batches
 
-    def epoch(self) -> int:
-        return self.current_epoch
+    def _produce(self, plan: EpochPlan, stream: ray.data.Dataset, reads_ref: Any, generation: int) -> None:
+        """Cut the stream into the plan's global batches and queue each worker's slice."""
+        buffers: dict[int, list[pa.Table]] = collections.defaultdict(list)
+        held: dict[int, int] = collections.defaultdict(int)
+        blocks = iter(stream.iter_batches(batch_size=None, batch_format="pyarrow"))
+        try:
+            for d in plan.batch_dataset[plan.done:].tolist():
+                per_rank = int(plan.per_rank[d])
+                need = per_rank * self.world
+                while held[d] < need:
+                    _take_block(next(blocks), buffers, held)
+                rows = pa.concat_tables(buffers[d])
+                buffers[d], held[d] = [rows.slice(need)], held[d] - need
+                slices = [rows.slice(r * per_rank, per_rank) for r in range(self.world)]
+                if self.datasets[d].kind == "symmetric_class":
+                    slices = [class_group(part, self.datasets[d].group_size) for part in slices]
+                if not self._put([(d, part) for part in slices], generation):
+                    return
+            self._put([None] * self.world, generation)
+        except BaseException as e:  # handed to the workers: their next() raises it
+            with self.cond:
+                if generation == self.generation:
+                    self.error = e
+                    self.cond.notify_all()
+        finally:
+            close = getattr(blocks, "close", None)
+            if close is not None:
+                close()  # stops the stream's tasks when a new epoch (or a restart) takes over
+            del reads_ref
 
-    def get(self, known_generation: int) -> tuple[int, np.ndarray | None]:
-        """The keys, or None when the caller already holds this generation."""
-        return self.generation, (None if known_generation == self.generation else self.keys)
+    def _put(self, items: list[Any], generation: int) -> bool:
+        with self.cond:
+            # the workers run in lockstep: a full queue (a worker behind) holds the producer back
+            while generation == self.generation and max(len(q) for q in self.queues) >= PREFETCH_BATCHES:
+                self.cond.wait()
+            if generation != self.generation:
+                return False
+            for q, item in zip(self.queues, items, strict=True):
+                q.append(item)
+            self.cond.notify_all()
+            return True
+
+    def next(self, rank: int) -> tuple[int, pa.Table] | None:
+        """Worker ``rank``'s next (data set, rows) of the epoch, or None when the epoch is over."""
+        with self.cond:
+            while not self.queues[rank] and self.error is None:
+                self.cond.wait()
+            if self.error is not None and not self.queues[rank]:
+                raise self.error
+            item = self.queues[rank].popleft()
+            self.cond.notify_all()
+            return item
 
 
-_TRAINED_CACHE: dict[str, tuple[int, np.ndarray]] = {}  # per process: actor id -> (generation, keys)
+def class_group(part: pa.Table, cap: int) -> pa.Table:
+    """FlagEmbedding's ``symmetric_class`` group: as many passages as the first row of a worker's batch
+    has negatives + 1, at most ``cap`` (its other rows keep that many of their drawn negatives)."""
+    keep = min(int(part.column("num_neg")[0].as_py()) + 1, cap) - 1
+    out = part
+    for name in ("neg_ids", "neg", "neg_scores"):
+        if name in part.column_names:
+            column = part.column(name)
+            values = [v[:keep] if v is not None else v for v in column.to_pylist()]
+            out = out.set_column(out.column_names.index(name), name, pa.array(values, type=column.type))
+    return out
 
 
-def _usable_rows(batch: pa.Table, state: Any = None) -> pa.Table:
-    """Drop bad rows (only there with skip_bad_rows) and rows this epoch already trained."""
-    batch = drop_bad(batch)
-    if state is None or batch.num_rows == 0:
-        return batch
-    cache_key = state._actor_id.hex()
-    known, keys = _TRAINED_CACHE.get(cache_key, (-1, np.empty(0, dtype=np.int64)))
-    generation, fresh = ray.get(state.get.remote(known))
-    if fresh is not None:
-        _TRAINED_CACHE[cache_key] = (generation, fresh)
-        keys = fresh
-    if len(keys) == 0:
-        return batch
-    keep = ~np.isin(batch.column("row_key").to_numpy(), keys)
-    return batch.filter(pa.array(keep))
+def _take_block(block: pa.Table, buffers: dict[int, list[pa.Table]], held: dict[int, int]) -> None:
+    """File a block's rows under their data sets (a tokenized block may hold the ends of two windows)."""
+    sets = pc.unique(block.column("dataset")).to_pylist()
+    for d in sets:
+        part = block if len(sets) == 1 else block.filter(pc.equal(block.column("dataset"), d))
+        buffers[d].append(part)
+        held[d] += part.num_rows
 
 
-def build_train_dataset(cfg: FinetuneConfig, epoch_state: Any = None) -> tuple[ray.data.Dataset, DataSummary]:
-    """Validate the training data (one streaming pass) and return the tokenized dataset and its summary.
-
-    ``epoch_state``: an :class:`EpochState` actor; its epoch seeds each pass's shuffle and group
-    draw, and its keys are left out of the pass while set.
-    """
-    # The driver prints its own progress (loss, groups/s); Ray Data's bars would bury it.
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    rules = RowRules(train_group_size=cfg.train_group_size, knowledge_distillation=cfg.knowledge_distillation)
-    source = triplet_source(cfg.train_data, rules, max_examples=cfg.max_example_num_per_dataset, seed=cfg.seed)
-    summary = scan_triplets(source, skip_bad_rows=cfg.skip_bad_rows)
-    rows = ray.data.read_datasource(source.training_pass(cfg.shuffle_buffer_size, epoch_state))
-    spec = TextSpec.from_config(cfg)
-    # Small tokenize tasks, their output cut into small blocks: Train's equal split hands a block out
-    # only once every worker can get as many rows, so with a few large blocks the first batch
-    # waits for most of the epoch's tokenization.
-    ds = rows.map_batches(_usable_rows, fn_kwargs={"state": epoch_state}, batch_format="pyarrow").map_batches(
-        tokenize_rows, fn_kwargs={"spec": spec}, batch_format="pyarrow", batch_size=TOKENIZE_BATCH_ROWS
-    ).repartition(target_num_rows_per_block=TOKENIZE_BATCH_ROWS)  # fused into the task: its output leaves in small blocks
-    return ds, summary
+def router_batches(router: Any, rank: int) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Worker ``rank``'s (data set, batch) of the epoch the router began."""
+    while (item := ray.get(router.next.remote(rank))) is not None:
+        yield item[0], numpy_batch(item[1])

@@ -29,6 +29,9 @@ ROW_SCHEMA = pa.schema(
         ("pos_scores", pa.list_(pa.float64())),
         ("neg_scores", pa.list_(pa.float64())),
         ("prompt", pa.string()),
+        ("type", pa.string()),
+        ("batch_size", pa.int64()),
+        ("train_group_size", pa.int64()),
         ("source", pa.string()),
         ("row_key", pa.int64()),
         ("error", pa.string()),
@@ -108,9 +111,12 @@ def validate_row(obj: Any, rules: RowRules) -> str | None:
         err = _check_scores(obj, key, texts_key, rules.knowledge_distillation)
         if err:
             return err
-    prompt = obj.get("prompt")
-    if prompt is not None and not isinstance(prompt, str):
-        return f"'prompt' must be a string, got {type(prompt).__name__}"
+    for key, kind in (("prompt", str), ("type", str), ("batch_size", int), ("train_group_size", int)):
+        value = obj.get(key)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            return f"'{key}' must be {'a string' if kind is str else 'an integer'}, got {type(value).__name__}"
+        if kind is int and value is not None and value < 1:
+            return f"'{key}' must be >= 1, got {value}"
     return None
 
 
@@ -124,8 +130,9 @@ def row_key(path: str, line: int) -> int:
 def parse_line(raw: bytes | LineTooLong, path: str, line: int, rules: RowRules) -> dict:
     """Parse and validate one JSONL line into a row dict (``error`` set when the row is bad)."""
     source = f"{path}:{line}"
-    out = {"query": None, "pos": [], "neg": [], "pos_scores": [], "neg_scores": [], "prompt": None,
-           "source": source, "row_key": row_key(path, line), "error": None}
+    out = {"query": None, "pos": [], "neg": [], "pos_scores": [], "neg_scores": [], "prompt": None, "type": None,
+           "batch_size": None, "train_group_size": None, "source": source, "row_key": row_key(path, line),
+           "error": None}
     obj, err = decode_json_line(raw, source)
     if err:
         out["error"] = err
@@ -139,7 +146,8 @@ def parse_line(raw: bytes | LineTooLong, path: str, line: int, rules: RowRules) 
     out["neg"] = obj.get("neg") or []
     out["pos_scores"] = [float(s) for s in obj.get("pos_scores") or []]
     out["neg_scores"] = [float(s) for s in obj.get("neg_scores") or []]
-    out["prompt"] = obj.get("prompt")
+    for key in ("prompt", "type", "batch_size", "train_group_size"):
+        out[key] = obj.get(key)
     return out
 
 

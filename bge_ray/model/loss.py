@@ -76,8 +76,10 @@ def kl_div_loss(student_group_scores: torch.Tensor, teacher_targets: torch.Tenso
 
 
 def m3_kd_loss(scores: torch.Tensor, teacher_targets: torch.Tensor, group_size: int) -> torch.Tensor:
-    """BGE-M3's distillation loss over all (B, B*G) scores; see the module docstring."""
-    labels = torch.arange(scores.size(0), device=scores.device) * group_size
+    """BGE-M3's distillation loss over all (B, B*G) scores, or over each query's own group's (B, G)
+    scores when the batch has no in-batch negatives; see the module docstring."""
+    base = torch.arange(scores.size(0), device=scores.device)
+    labels = base * group_size if scores.size(1) != group_size else base * 0
     mask = torch.zeros_like(scores)
     loss = scores.new_zeros(())
     for j in range(group_size):
@@ -95,6 +97,7 @@ def contrastive_loss(
     teacher_scores: torch.Tensor | None = None,
     kd_loss_type: str = "kl_div",
     cross_device: bool = False,
+    in_batch_negatives: bool = True,
 ) -> torch.Tensor:
     """The training loss for one batch (the maths: the module docstring).
 
@@ -105,6 +108,8 @@ def contrastive_loss(
         teacher_scores: (B, G) teacher scores of each query's group (knowledge distillation), or None.
         kd_loss_type: ``kl_div`` (added to InfoNCE) or ``m3_kd_loss`` (replaces it).
         cross_device: all-gather queries and passages from every worker first (in a process group).
+        in_batch_negatives: False scores each query against its own group only (FlagEmbedding's
+            ``no_in_batch_neg`` data sets: no in-batch, no cross-device negatives).
 
     Returns:
         The scalar loss: the mean over the (global, with ``cross_device``) batch of queries.
@@ -121,6 +126,8 @@ def contrastive_loss(
         raise ValueError(f"passages ({p.size(0)}) must be a whole number of groups per query ({q.size(0)})")
     group_size = p.size(0) // q.size(0)
     local_b = q.size(0)
+    if not in_batch_negatives:
+        return _own_group_loss(q, p, temperature, teacher_scores, kd_loss_type)
     if cross_device:
         q, p = gather_with_grad(q), gather_with_grad(p)
     scores = q @ p.T / temperature
@@ -140,3 +147,17 @@ def contrastive_loss(
         student = student[rank * local_b:(rank + 1) * local_b]
     hard = F.cross_entropy(scores, targets)
     return kl_div_loss(student, teacher_targets) + (_global_grad(hard) if cross_device else hard)
+
+
+def _own_group_loss(q: torch.Tensor, p: torch.Tensor, temperature: float, teacher_scores: torch.Tensor | None,
+                    kd_loss_type: str) -> torch.Tensor:
+    """Each query against its own group only: (B, G) scores, the positive first."""
+    b, g = q.size(0), p.size(0) // q.size(0)
+    scores = torch.einsum("bd,bgd->bg", q, p.view(b, g, -1)) / temperature
+    targets = torch.zeros(b, dtype=torch.long, device=q.device)
+    if teacher_scores is None:
+        return F.cross_entropy(scores, targets)
+    teacher_targets = F.softmax(teacher_scores.detach().to(scores.dtype).view(b, g), dim=-1)
+    if kd_loss_type == "m3_kd_loss":
+        return m3_kd_loss(scores, teacher_targets, g)
+    return kl_div_loss(scores, teacher_targets) + F.cross_entropy(scores, targets)

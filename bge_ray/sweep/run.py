@@ -20,7 +20,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 
 from bge_ray.cluster import connect_ray
-from bge_ray.config.finetune import FinetuneConfig
+from bge_ray.config.finetune import FinetuneConfig, check_output_dir
 from bge_ray.config.parse import build_config
 from bge_ray.console import log
 from bge_ray.errors import ConfigError
@@ -211,6 +211,7 @@ def tune(config: SweepConfig | dict[str, Any] | str | None = None,
     sweep = _as_sweep(config, overrides)
     t0 = time.time()
     base_cfg = sweep.base_config()
+    check_output_dir(base_cfg)  # the best model goes there: not over one already there, unasked
     # a local cluster holds at least one trial: its workers, its data tasks, the trial function
     connect_ray(base_cfg.ray_address, max(os.cpu_count() or 1, math.ceil(trial_cpus(base_cfg))))
     tuner, _ = _tuner(sweep, base_cfg, storage_root(base_cfg.storage_path))

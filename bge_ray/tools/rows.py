@@ -14,7 +14,7 @@ from ray.data._internal.savemode import SaveMode
 from ray.data.datasource.file_datasink import BlockBasedFileDatasink
 
 from bge_ray.console import log
-from bge_ray.data.pipeline import drop_bad, scan_triplets, triplet_source
+from bge_ray.data.read import drop_bad, scan_triplets, triplet_source
 from bge_ray.data.triplets import RowRules
 from bge_ray.retrieval.encode import EncoderSpec, encoder_spec_for
 from bge_ray.storage import filesystem

@@ -2,7 +2,8 @@
 and sweeps call this.
 
     validate the config and the validation set (before Ray starts)
-      -> connect to Ray -> scan the training data (Ray Data) -> plan the steps
+      -> connect to Ray -> scan and index the training data (data/scan.py) -> plan the steps
+      -> a BatchRouter actor (data/pipeline.py) that streams each epoch's planned batches
       -> TorchTrainer(train_loop) on num_workers workers, each a DeepSpeed engine (recipe.py)
       -> the best (or last) checkpoint's exported model -> output_dir
 """
@@ -10,6 +11,8 @@ and sweeps call this.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -20,13 +23,17 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.util.queue import Queue
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from bge_ray.cluster import connect_for
 from bge_ray.config.deepspeed import build_deepspeed_config
-from bge_ray.config.finetune import FinetuneConfig
+from bge_ray.config.finetune import FinetuneConfig, check_output_dir
 from bge_ray.config.parse import resolve_config
 from bge_ray.console import log
-from bge_ray.data.pipeline import EpochState, build_train_dataset
+from bge_ray.data.pipeline import BatchRouter, StreamSettings
+from bge_ray.data.scan import TrainingData, load_training_data
+from bge_ray.data.text import TextSpec
+from bge_ray.errors import ConfigError
 from bge_ray.retrieval.datasets import load_validation_set
 from bge_ray.storage import filesystem, publish_model, storage_root
 from bge_ray.train.card import write_model_card
@@ -54,8 +61,48 @@ class FinetuneResult:
     evals: list[dict[str, Any]] = dataclasses.field(default_factory=list)     # every validation
 
 
+RUN_CONFIG_FILE = "bge_ray_config.json"  # the config a run started with, in its run folder
+# fields a resumed run may change: where and how it runs, not what it trains
+RESUMABLE_CHANGES = {"ray_address", "max_failures", "resume", "logging_steps", "report_to", "overwrite_output_dir",
+                     "cache_dir", "storage_path", "run_name"}
+
+
 def default_run_name(cfg: FinetuneConfig) -> str:
-    return cfg.run_name or f"bge-ray-{os.path.basename(os.path.abspath(cfg.output_dir))}"
+    """``run_name``, else ``bge-ray-<output_dir name>-<hash of its absolute path>``: two projects'
+    ``./out`` are two runs."""
+    if cfg.run_name:
+        return cfg.run_name
+    path = os.path.abspath(cfg.output_dir)
+    return f"bge-ray-{os.path.basename(path)}-{hashlib.sha1(path.encode()).hexdigest()[:8]}"
+
+
+def check_same_config(cfg: FinetuneConfig, storage: str, run_name: str) -> None:
+    """Refuse to resume a run whose saved config trains something else than ``cfg``.
+
+    Raises:
+        ConfigError: the fields that differ, named, with how to start a new run instead.
+    """
+    fs, root = filesystem(storage)
+    path = f"{root.rstrip('/')}/{run_name}/{RUN_CONFIG_FILE}"
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return
+    with fs.open_input_stream(path) as f:
+        saved = json.loads(f.read().decode("utf-8"))
+    now = json.loads(json.dumps(cfg.to_dict()))
+    differ = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
+    if differ:
+        shown = "; ".join(f"{k}: {saved.get(k)!r} then, {now.get(k)!r} now" for k in differ[:8])
+        raise ConfigError(f"the unfinished run {storage.rstrip('/')}/{run_name} was started with another config "
+                          f"({shown}{'; ...' if len(differ) > 8 else ''}); rerun with its config to resume it, or "
+                          "with resume: never (or another run_name) to start a new run")
+
+
+def save_run_config(cfg: FinetuneConfig, storage: str, run_name: str) -> None:
+    fs, root = filesystem(storage)
+    run_dir = f"{root.rstrip('/')}/{run_name}"
+    fs.create_dir(run_dir, recursive=True)
+    with fs.open_output_stream(f"{run_dir}/{RUN_CONFIG_FILE}") as f:
+        f.write(json.dumps(cfg.to_dict(), indent=1, sort_keys=True).encode("utf-8"))
 
 
 def latest_state(storage: str, run_name: str) -> dict[str, Any] | None:
@@ -88,6 +135,7 @@ def resolve_run_name(cfg: FinetuneConfig, storage: str) -> tuple[str, int | None
     if state.get("final"):
         log(f"the run {storage}/{run_name} already finished (step {state['global_step']}); starting a new run {fresh}")
         return fresh, None
+    check_same_config(cfg, storage, run_name)
     step = state.get("global_step", 0)
     log(f"resuming the unfinished run {storage}/{run_name} from step {step} (resume: never starts over)")
     return run_name, step
@@ -113,7 +161,7 @@ def best_checkpoint(result: Result, cfg: FinetuneConfig) -> tuple[Any, dict[str,
     return best, metrics
 
 
-def _trainer(cfg: FinetuneConfig, loop_config: dict[str, Any], dataset: Any, storage: str, run_name: str,
+def _trainer(cfg: FinetuneConfig, loop_config: dict[str, Any], storage: str, run_name: str,
              callbacks: list[Any]) -> TorchTrainer:
     return TorchTrainer(
         train_loop_per_worker=train_loop,
@@ -128,8 +176,24 @@ def _trainer(cfg: FinetuneConfig, loop_config: dict[str, Any], dataset: Any, sto
                 checkpoint_score_attribute=f"eval_{cfg.metric_for_best_model}" if cfg.eval_data else None,
                 checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
-            callbacks=callbacks),
-        datasets={"train": dataset})
+            callbacks=callbacks))
+
+
+def start_router(cfg: FinetuneConfig, data: TrainingData) -> Any:
+    """The actor that streams every epoch's batches to the workers. It runs on the driver's node (the
+    head, on a cluster: a lost worker node does not take it along) and is restarted if it dies."""
+    spec = TextSpec.from_config(cfg)
+    settings = StreamSettings(cfg.seed, data.shuffle, cfg.shuffle_ratio)
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
+    return ray.remote(BatchRouter).options(
+        num_cpus=0, max_concurrency=cfg.num_workers + 4, max_restarts=-1, max_task_retries=-1,
+        scheduling_strategy=here).remote(data.files, data.datasets, data.rules, spec, settings, cfg.num_workers,
+                                         data.window_rows)
+
+
+def cache_path(cfg: FinetuneConfig, storage: str) -> str:
+    """Where compressed training files' plain copies go."""
+    return cfg.cache_path or f"{storage.rstrip('/')}/bge-ray-cache"
 
 
 def finetune(config: FinetuneConfig | dict[str, Any] | str, callbacks: list[Any] | None = None,
@@ -154,29 +218,34 @@ def finetune(config: FinetuneConfig | dict[str, Any] | str, callbacks: list[Any]
         CheckpointError: an unfinished run to resume has no intact checkpoint.
     """
     cfg = resolve_config(config)
+    if publish:
+        check_output_dir(cfg)
     launch = time.time()
     vset = load_validation_set(cfg.eval_data, cfg.eval_split) if cfg.eval_data else None  # fails before Ray starts
     if vset is not None:
         log(f"validation: {len(vset.dataset.eval_queries)} queries, {len(vset.doc_ids)} documents from "
             f"{cfg.eval_data}; best model by {cfg.metric_for_best_model}")
+    storage = storage_root(cfg.storage_path)
+    run_name, resumed_at = resolve_run_name(cfg, storage)  # an unfinished run with another config: refused here
     connect_for(cfg.num_workers, cfg.worker_resources, cfg.ray_address)
-    epoch_state = ray.remote(EpochState).options(**SIDE_ACTOR).remote()
-    dataset, summary = build_train_dataset(cfg, epoch_state)
-    log(f"training data: {summary.describe()}")
-    plan = TrainPlan.make(cfg, summary.num_rows)
+    data = load_training_data(cfg, cache_path(cfg, storage))
+    summary = data.summary
+    log(f"training data: {data.describe()}")
+    plan = TrainPlan.make(cfg, summary.num_rows, data.batches_per_epoch(cfg.num_workers))
     ds_config = build_deepspeed_config(cfg, cfg.num_workers, plan.total_steps, plan.warmup_steps)
     log(f"plan: {plan.total_steps} optimizer steps ({plan.steps_per_epoch}/epoch, {plan.num_epochs} epoch(s)) on "
         f"{cfg.num_workers} worker(s) x batch {cfg.per_device_train_batch_size} x group {cfg.train_group_size}, "
         f"ZeRO-{ds_config['zero_optimization'].get('stage', 0)}{', bf16' if cfg.bf16 else ', fp16' if cfg.fp16 else ''}")
-    storage = storage_root(cfg.storage_path)
-    run_name, resumed_at = resolve_run_name(cfg, storage)
+    if resumed_at is None:
+        save_run_config(cfg, storage, run_name)
     run_dir = f"{storage.rstrip('/')}/{run_name}"
+    router = start_router(cfg, data)
     queue = Queue(maxsize=10_000, actor_options=SIDE_ACTOR)
     run_log = RunLog(launch, run_dir, resumed_at, open_trackers(cfg.report_to, run_dir, run_name, cfg.to_dict()))
     loop_config = {"cfg": cfg.to_dict(), "plan": dataclasses.asdict(plan), "ds_config": ds_config,
-                   "epoch_state": epoch_state, "vset": ray.put(vset) if vset is not None else None,
-                   "data_rows": summary.rows_per_file}
-    trainer = _trainer(cfg, loop_config, dataset, storage, run_name, [DriverFeed(queue), *(callbacks or [])])
+                   "router": router, "datasets": [dataclasses.asdict(d) for d in data.datasets],
+                   "vset": ray.put(vset) if vset is not None else None, "data_rows": summary.rows_per_file}
+    trainer = _trainer(cfg, loop_config, storage, run_name, [DriverFeed(queue), *(callbacks or [])])
     reader = QueueReader(queue, run_log)
     reader.start()
     log(f"starting {cfg.num_workers} training worker(s) in {run_dir}")
@@ -185,7 +254,7 @@ def finetune(config: FinetuneConfig | dict[str, Any] | str, callbacks: list[Any]
     finally:
         reader.finish()
         ray.kill(queue.actor)
-        ray.kill(epoch_state)
+        ray.kill(router)
         curves = run_log.finish()
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint; see the run in {run_dir}")

@@ -1,4 +1,5 @@
-"""The step arithmetic of a fine-tune, decided once on the driver from the row count and the config."""
+"""The step arithmetic of a fine-tune, decided once on the driver from the data's global batches and
+the config."""
 
 from __future__ import annotations
 
@@ -14,21 +15,22 @@ class TrainPlan:
     """How many micro-batches and optimizer steps a run takes (every worker runs the same)."""
 
     num_rows: int
-    micro_batches_per_epoch: int   # per worker: Ray Data splits the rows equally, the remainder is dropped
+    micro_batches_per_epoch: int   # global batches an epoch: every worker trains its slice of each
     steps_per_epoch: int
     total_steps: int
     num_epochs: int
     warmup_steps: int
 
     @classmethod
-    def make(cls, cfg: FinetuneConfig, num_rows: int) -> TrainPlan:
-        """The plan for ``num_rows`` usable rows.
+    def make(cls, cfg: FinetuneConfig, num_rows: int, global_batches: int | None = None) -> TrainPlan:
+        """The plan for ``num_rows`` usable rows cut into ``global_batches`` batches an epoch (unset: one
+        data set of ``per_device_train_batch_size`` x ``num_workers`` rows a batch).
 
         Raises:
             ConfigError: the rows are fewer than one optimizer step needs.
         """
-        per_worker_rows = num_rows // cfg.num_workers
-        micro = per_worker_rows // cfg.per_device_train_batch_size
+        micro = global_batches if global_batches is not None else (
+            num_rows // (cfg.num_workers * cfg.per_device_train_batch_size))
         steps_per_epoch = micro // cfg.gradient_accumulation_steps
         if steps_per_epoch < 1:
             need = cfg.num_workers * cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps

@@ -41,7 +41,9 @@ from ray.train.v2._internal.execution import storage as ray_train_storage
 
 from bge_ray.config.deepspeed import engine_config
 from bge_ray.config.finetune import FinetuneConfig
-from bge_ray.data.collate import GroupCollator, length_grouped
+from bge_ray.data.collate import LENGTH_POOL_BATCHES, GroupCollator, length_grouped
+from bge_ray.data.pipeline import router_batches
+from bge_ray.data.plan import DataSet
 from bge_ray.data.text import TextSpec
 from bge_ray.errors import CheckpointError
 from bge_ray.model.embedder import Embedder
@@ -51,7 +53,7 @@ from bge_ray.model.optim import build_optimizer, build_scheduler
 from bge_ray.model.tokenizer import load_tokenizer
 from bge_ray.retrieval.encode import EncoderSpec
 from bge_ray.retrieval.evaluate import validate as retrieval_metrics
-from bge_ray.seeds import batch_order_seed, init_seed
+from bge_ray.seeds import init_seed
 from bge_ray.train.card import write_model_card
 from bge_ray.train.checkpointing import (
     STATE_FILE,
@@ -181,7 +183,6 @@ class ResumePoint:
     local_dir: str
     global_step: int
     tag: str | None
-    leave_out: np.ndarray  # rank 0: every rank's rows trained in the resumed epoch
 
 
 def _peak_rss_gib() -> float:
@@ -202,7 +203,8 @@ class EmbedderRecipe:
         self.cfg = FinetuneConfig(**loop_config["cfg"])
         self.plan = TrainPlan(**loop_config["plan"])
         self.ds_config = loop_config["ds_config"]
-        self.epoch_state = loop_config.get("epoch_state")  # EpochState actor: seeds shuffle and groups, rows left out
+        self.router = loop_config["router"]  # BatchRouter actor: every epoch's planned batches
+        self.datasets = [DataSet(**{**d, "files": tuple(d["files"])}) for d in loop_config["datasets"]]
         self.vset = ray.get(loop_config["vset"]) if loop_config.get("vset") is not None else None
         self.data_rows = loop_config.get("data_rows")
         self.rank, self.world = world()
@@ -228,7 +230,6 @@ class EmbedderRecipe:
         self.device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
         if cfg.use_gpu and cfg.bf16 and not torch.cuda.is_bf16_supported():
             raise RuntimeError(f"bf16 is on but {torch.cuda.get_device_name(self.device)} has no bf16: use fp16 instead")
-        self.shard = ray.train.get_dataset_shard("train")
         self.resume = self._find_resume_point()
         start_epoch, _ = self.plan.position(self.global_step, cfg.gradient_accumulation_steps)
         # the first epoch's pipeline starts now and runs while the tokenizer, model and engine load
@@ -273,20 +274,19 @@ class EmbedderRecipe:
                 f"Resume with num_workers: {state['world_size']}, or start over with resume: never")
         self.global_step = int(state["global_step"])
         _, skip_micro = self.plan.position(self.global_step, self.cfg.gradient_accumulation_steps)
-        self.epoch_rows = [load_trained_rows(local_dir, self.rank)] if skip_micro else []
-        leave_out = np.empty(0, dtype=np.int64)
-        if skip_micro and self.rank == 0:
-            leave_out = np.concatenate([load_trained_rows(local_dir, r) for r in range(self.world)])
+        self.epoch_rows = [load_trained_rows(local_dir, self.rank)] if skip_micro else []  # the epoch's record
         tag = all_gather(time.strftime("r%Y%m%d%H%M%S") if skipped else None)[0]  # rank 0's clock names it
-        return ResumePoint(path, local_dir, self.global_step, tag, leave_out)
+        return ResumePoint(path, local_dir, self.global_step, tag)
 
     def _setup_model(self) -> None:
         """Tokenizer, collator, embedder and DeepSpeed engine (optimizer and schedule inside)."""
         cfg = self.cfg
         self.tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.cache_dir, cfg.trust_remote_code)
-        self.collate = GroupCollator(group_size=cfg.train_group_size, pad_token_id=self.tokenizer.pad_token_id,
-                                     padding_side=self.tokenizer.padding_side, pad_to_multiple_of=cfg.pad_to_multiple_of,
-                                     knowledge_distillation=cfg.knowledge_distillation)
+        self.collators = [GroupCollator(group_size=None if ds.kind == "symmetric_class" else ds.group_size, pad_token_id=self.tokenizer.pad_token_id,
+                                        padding_side=self.tokenizer.padding_side,
+                                        pad_to_multiple_of=cfg.pad_to_multiple_of,
+                                        knowledge_distillation=cfg.knowledge_distillation and ds.has_scores)
+                          for ds in self.datasets]
         model = Embedder.from_pretrained(cfg.model_name_or_path, pooling=cfg.sentence_pooling_method,
                                          normalize=cfg.normalize_embeddings, cache_dir=cfg.cache_dir,
                                          trust_remote_code=cfg.trust_remote_code, attention_dropout=cfg.attention_dropout)
@@ -334,27 +334,28 @@ class EmbedderRecipe:
         """(epoch, micro-batches into it) this launch started at: (0, 0) for a fresh run."""
         return self.plan.position(self.resume.global_step if self.resume else 0, self.cfg.gradient_accumulation_steps)
 
-    def _open_epoch(self, epoch: int) -> Iterator[dict]:
-        """This worker's batches of ``epoch``; a resumed epoch leaves out the rows trained before."""
-        if self.epoch_state is not None:
-            if self.rank == 0:
-                leave_out = np.empty(0, dtype=np.int64)
-                if self.resume is not None and epoch == self._resume_epoch()[0]:
-                    leave_out = self.resume.leave_out
-                ray.get(self.epoch_state.begin.remote(epoch, leave_out))
-            if dist.is_available() and dist.is_initialized():
-                dist.barrier()
-        # rows arrive shuffled (the read's shuffle buffer, reseeded by the epoch): no local buffer here
-        batches = iter(self.shard.iter_batches(batch_size=self.cfg.per_device_train_batch_size, batch_format="numpy",
-                                               drop_last=True, prefetch_batches=2))
-        if self.cfg.group_by_length:
-            return length_grouped(batches, self.cfg.per_device_train_batch_size,
-                                  batch_order_seed(self.cfg.seed, epoch, self.rank))
-        return batches
+    def _open_epoch(self, epoch: int) -> Iterator[tuple[int, dict]]:
+        """This worker's (data set, batch) of ``epoch``, in the plan's order; a resumed epoch starts after
+        the global batches trained before (group_by_length: at the start of the pool they were regrouped
+        in, whose batches already trained are passed over)."""
+        done = self._resume_epoch()[1] if self.resume is not None and epoch == self._resume_epoch()[0] else 0
+        skip = done % LENGTH_POOL_BATCHES if self.cfg.group_by_length else 0
+        if self.rank == 0:
+            ray.get(self.router.begin.remote(epoch, done - skip))
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+        batches = router_batches(self.router, self.rank)
+        if not self.cfg.group_by_length:
+            return batches
+        regrouped = length_grouped((b for _, b in batches), self.cfg.per_device_train_batch_size, self.cfg.seed,
+                                   epoch, self.rank, first_pool=(done - skip) // LENGTH_POOL_BATCHES)
+        for _ in range(skip):
+            next(regrouped, None)
+        return ((0, b) for b in regrouped)
 
-    def _epoch_batches(self, epoch: int) -> Iterator[tuple[int, dict, float, bool]]:
-        """(micro-batch index in the epoch, raw batch, seconds waited, whether rank 0 wants a progress
-        line) for the rest of ``epoch``."""
+    def _epoch_batches(self, epoch: int) -> Iterator[tuple[int, tuple[int, dict], float, bool]]:
+        """(micro-batch index in the epoch, (data set, raw batch), seconds waited, whether rank 0 wants a
+        progress line) for the rest of ``epoch``."""
         start_epoch, skip_micro = self._resume_epoch()
         first_micro = skip_micro if epoch == start_epoch else 0
         if first_micro == 0:
@@ -385,17 +386,19 @@ class EmbedderRecipe:
                     break
         self.save_final()
 
-    def train_step(self, raw: dict[str, Any], waited: float) -> None:
-        """One micro-batch: collate, forward, contrastive loss, backward, DeepSpeed step."""
+    def train_step(self, item: tuple[int, dict[str, Any]], waited: float) -> None:
+        """One micro-batch of one data set: collate, forward, contrastive loss (in-batch and cross-device
+        negatives unless the data set has none), backward, DeepSpeed step."""
         if self.first_batch_s is None:
             self.first_batch_s = time.time() - self.t_start
+        d, raw = item
         self.epoch_rows.append(np.asarray(raw["row_key"], dtype=np.int64))
-        batch = self.collate(raw)
+        batch = self.collators[d](raw)
         inputs = {k: torch.as_tensor(v, device=self.device) for k, v in batch.items()}
-        teacher, cfg = inputs.get("teacher_scores"), self.cfg
+        teacher, cfg, in_batch = inputs.get("teacher_scores"), self.cfg, self.datasets[d].in_batch_negatives
         loss = train_micro_batch(self.engine, inputs, lambda q, p: contrastive_loss(
             q, p, cfg.temperature, teacher_scores=teacher, kd_loss_type=cfg.kd_loss_type,
-            cross_device=cfg.negatives_cross_device), cfg.sub_batch_size)
+            cross_device=cfg.negatives_cross_device and in_batch, in_batch_negatives=in_batch), cfg.sub_batch_size)
         tokens = int(batch["q_attention_mask"].sum() + batch["p_attention_mask"].sum())
         for window in (self.window, self.totals):
             window.add(float(loss), int(inputs["q_input_ids"].shape[0]), tokens, waited)
@@ -521,7 +524,8 @@ class EmbedderRecipe:
 
 def train_loop(loop_config: dict[str, Any]) -> None:
     """Ray Train's worker entry point: ``loop_config`` holds ``cfg`` (a dict), ``plan`` (a dict),
-    ``ds_config``, ``epoch_state`` (an actor) and ``vset`` (an object ref, or None)."""
+    ``ds_config``, ``router`` (a BatchRouter actor), ``datasets`` (dicts of :class:`DataSet`) and
+    ``vset`` (an object ref, or None)."""
     recipe = EmbedderRecipe(loop_config)
     recipe.setup()
     recipe.train()
