@@ -26,7 +26,7 @@ from bge_ray.train.checkpointing import (
     verify,
     write_manifest,
 )
-from tests.helpers import REPO, SCIFACT_TRAIN
+from tests.helpers import REPO, SCIFACT_TRAIN, make_beir_subset
 
 
 def _rows_file(path, n):
@@ -314,3 +314,93 @@ def test_a_too_small_local_ray_is_an_error_not_a_wait(tiny_model, tmp_path):
     assert out.returncode == 3, out.stdout[-2000:] + out.stderr[-2000:]
     assert "REFUSED this process already runs a local Ray that is too small" in out.stdout
     assert "need 3 CPU (2 there)" in out.stdout
+
+
+def _start_node(log_path):
+    """One more Ray node on this machine, joined to the session's head, with 2 CPUs of its own."""
+    log = open(log_path, "w")  # noqa: SIM115 - closed when the node is stopped
+    proc = subprocess.Popen(["ray", "start", f"--address={os.environ['RAY_ADDRESS']}", "--num-cpus=2", "--block",
+                             "--disable-usage-stats"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return proc, log
+
+
+def _stop_node(node, sig=signal.SIGTERM):
+    proc, log = node
+    try:
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout=60)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        os.killpg(proc.pid, signal.SIGKILL)
+    log.close()
+
+
+def _alive_nodes():
+    import ray
+
+    return [n for n in ray.nodes() if n["Alive"]]
+
+
+def _s3_json(s3, key):
+    try:
+        return json.loads(s3.get_object(Bucket="bge-ray-test", Key=key)["Body"].read())
+    except (s3.exceptions.NoSuchKey, ValueError):
+        return None
+
+
+def test_two_nodes_one_lost_mid_run_the_run_resumes_and_trains_each_row_once(ray_cluster, s3, tiny_model, tmp_path):
+    """Head + one more node, a training worker on each (STRICT_SPREAD), training data, eval data and
+    checkpoints on the S3 API; the non-head node is SIGKILLed mid-run and a replacement joins (as an
+    autoscaler would bring one): the run resumes from its last checkpoint and finishes the epoch."""
+    from ray.util.state import list_actors
+
+    rows = _rows_file(tmp_path / "rows.jsonl", 400)
+    s3.upload_file(rows, "bge-ray-test", "nodes/train/rows.jsonl")
+    eval_dir = make_beir_subset(str(tmp_path / "eval"), n_queries=8, n_extra_docs=30)
+    for root, _, names in os.walk(eval_dir):
+        for name in names:
+            rel = os.path.relpath(os.path.join(root, name), eval_dir)
+            s3.upload_file(os.path.join(root, name), "bge-ray-test", f"nodes/eval/{rel}")
+    cfg = _config(tiny_model, tmp_path, rows=400, save_steps=5, max_failures=2, placement_strategy="STRICT_SPREAD",
+                  train_data=["s3://bge-ray-test/nodes/train/"], eval_data="s3://bge-ray-test/nodes/eval",
+                  storage_path="s3://bge-ray-test/nodes/runs")
+    before = len(_alive_nodes())
+    nodes = [_start_node(tmp_path / "node2.log")]
+    box = {}
+    try:
+        _wait_for(lambda: len(_alive_nodes()) == before + 1, 120, "the second node")
+
+        def run():
+            try:
+                box["result"] = bge_ray.finetune(cfg)
+            except BaseException as e:  # handed to the test thread, which re-raises it
+                box["error"] = e
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        snapshot = "nodes/runs/faulty/checkpoint_manager_snapshot.json"
+        _wait_for(lambda: _s3_json(s3, snapshot) or "error" in box, 300, "the first checkpoint in the bucket")
+        assert "error" not in box, box.get("error")
+        workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+        assert len({w.node_id for w in workers}) == 2  # one worker on each node
+        _stop_node(nodes[0], signal.SIGKILL)  # the node, its raylet and its worker, gone at once
+        nodes.append(_start_node(tmp_path / "node3.log"))
+        thread.join(timeout=900)
+        assert not thread.is_alive(), "the run did not finish after a node was lost"
+        if "error" in box:
+            raise box["error"]
+    finally:
+        for node in nodes[1:]:
+            _stop_node(node)
+    result = box["result"]
+    assert result.metrics["step"] == result.metrics["total_steps"] == 50
+    resumed = result.metrics["resumed_at_step"]
+    assert resumed > 0 and resumed % 5 == 0
+    assert os.path.exists(os.path.join(result.model_dir, "model.safetensors"))
+    final = "nodes/runs/faulty/checkpoint_step_00000050"
+    keys = []
+    for r in range(2):
+        body = s3.get_object(Bucket="bge-ray-test", Key=f"{final}/trained_rows_rank{r}.npy")["Body"].read()
+        keys.append(np.load(__import__("io").BytesIO(body)))
+    keys = np.concatenate(keys)
+    expected = {row_key("s3://bge-ray-test/nodes/train/rows.jsonl", line) for line in range(1, 401)}
+    assert len(keys) == 400 and set(keys.tolist()) == expected  # every row of the epoch once, across the loss

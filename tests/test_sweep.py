@@ -106,8 +106,11 @@ def test_sweep_stops_weak_trials_and_exports_the_best(ray_cluster, tiny_model, m
         png = f.read()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
-    # the same command again continues the same experiment instead of starting over
-    again = tune(sweep_file(tmp_path, tiny_model, memorize_eval))
+    # the same command again is refused: the best model it exported is not replaced unasked
+    with pytest.raises(ConfigError, match="already holds a model: set overwrite_output_dir"):
+        tune(sweep_file(tmp_path, tiny_model, memorize_eval))
+    # asked, it continues the same experiment instead of starting over
+    again = tune(sweep_file(tmp_path, tiny_model, memorize_eval, overwrite_output_dir=True))
     assert again.experiment_path == result.experiment_path
     assert {t["trial_id"] for t in again.trials} == {t["trial_id"] for t in trials}
 

