@@ -90,3 +90,12 @@ def test_eval_door_and_job_script_share_the_parser():
 def test_eval_rejects_bad_cutoffs(tmp_path):
     proc = _run(["bge-ray", "eval", "--model", "m", "--data", str(tmp_path), "--k", "10,x"])
     assert proc.returncode == 2 and "--k must be comma-separated integers" in proc.stderr
+
+
+def test_cloud_models_and_output_dirs_are_refused_before_ray_starts(tmp_path):
+    proc = _run(["bge-ray", "eval", "--model", "s3://bucket/model", "--data", str(tmp_path)])
+    assert proc.returncode == 2 and "models are read from a local folder" in proc.stderr
+    assert "Ray" not in proc.stderr.replace("bge-ray", "")  # refused before any cluster work
+    proc = _run(["bge-ray", "train", "--model_name_or_path", "m", "--train_data", str(tmp_path),
+                 "--output_dir", "s3://b/m"])
+    assert proc.returncode == 2 and "output_dir must be a local folder" in proc.stderr

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from bge_ray.cluster import connect_ray
 from bge_ray.console import ProgressLine, log
+from bge_ray.errors import ConfigError
 from bge_ray.retrieval.datasets import RetrievalDataset, ValidationSet, check_corpus, load_dataset, read_corpus
 from bge_ray.retrieval.encode import EncoderSpec, encode_dataset, encode_texts, encoder_spec_for
 from bge_ray.retrieval.metrics import DEFAULT_KS, METRICS, evaluate_run
@@ -83,6 +84,10 @@ def evaluate(models: list[str] | str, data: str, split: str = "test", ks: tuple[
         models = [models]
     if not models:
         raise ValueError("give at least one model to evaluate")
+    for model in models:
+        if "://" in model:
+            raise ConfigError(f"--model {model}: models are read from a local folder or a hub id; copy it first "
+                              "(e.g. aws s3 cp --recursive), or point at a checkpoint's model folder on shared storage")
     connect_ray()
     ray.data.DataContext.get_current().enable_progress_bars = False
     dataset = load_dataset(data, split)
