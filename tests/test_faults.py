@@ -382,6 +382,12 @@ def test_two_nodes_one_lost_mid_run_the_run_resumes_and_trains_each_row_once(ray
         assert "error" not in box, box.get("error")
         workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
         assert len({w.node_id for w in workers}) == 2  # one worker on each node
+        import ray
+
+        here = ray.get_runtime_context().get_node_id()
+        side = [a for a in list_actors(filters=[("state", "=", "ALIVE")])
+                if a.class_name in ("BatchRouter", "_QueueActor")]
+        assert len(side) >= 2 and all(a.node_id == here for a in side)  # the run's own actors: the driver's node
         _stop_node(nodes[0], signal.SIGKILL)  # the node, its raylet and its worker, gone at once
         nodes.append(_start_node(tmp_path / "node3.log"))
         thread.join(timeout=900)

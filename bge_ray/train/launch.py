@@ -48,7 +48,9 @@ def side_actor() -> dict[str, Any]:
     """Options of the run's own actors (the metrics queue, the batch router): no CPU, on the driver's
     node (the head, on a cluster: losing a worker node does not take them along), outside any
     enclosing placement group (a Tune trial's)."""
-    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
+    # hard affinity: the driver's node lives as long as the run, and a soft one lets a busy raylet
+    # place the actor elsewhere (seen: the metrics queue on a worker node, lost with it)
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
     return {"num_cpus": 0, "scheduling_strategy": here}
 
 
