@@ -106,9 +106,8 @@ def one_size(gib: float, object_store_mib: int, workdir: str) -> dict:
     import ray
 
     from bge_ray.config.parse import resolve_config
-    from bge_ray.data.pipeline import BatchRouter, StreamSettings, router_batches
+    from bge_ray.data.pipeline import router_batches, start_router
     from bge_ray.data.scan import load_training_data
-    from bge_ray.data.text import TextSpec
 
     folder = os.path.join(workdir, f"data_{gib:g}")
     os.makedirs(folder)
@@ -127,9 +126,7 @@ def one_size(gib: float, object_store_mib: int, workdir: str) -> dict:
             t0 = time.time()
             data = load_training_data(cfg, os.path.join(workdir, "cache"))
             scan_s = time.time() - t0
-            router = ray.remote(BatchRouter).options(num_cpus=0, max_concurrency=6).remote(
-                data.files, data.datasets, data.rules, TextSpec.from_config(cfg), StreamSettings(cfg.seed), 2,
-                data.window_rows)
+            router = start_router(cfg, data)
             t0 = time.time()
             batches = ray.get(router.begin.remote(0, 0))
             got = [0, 0]

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Any
 
 import ray
 from ray._private.services import canonicalize_bootstrap_address
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from bge_ray.console import log
 from bge_ray.errors import ConfigError
@@ -86,3 +88,13 @@ def connect_for(num_workers: int, per_worker: dict[str, float], address: str | N
                           f"first (ray.init(num_cpus={need_cpus})), or lower num_workers / resources_per_worker")
     log(f"warning: the Ray cluster has too few resources now: {what}; the run waits until nodes join "
         "(an autoscaling cluster adds them; a fixed one never will)")
+
+
+def side_actor() -> dict[str, Any]:
+    """Options of the run's own actors (the metrics queue, the batch router): no CPU, on the driver's
+    node (the head, on a cluster: losing a worker node does not take them along), outside any
+    enclosing placement group (a Tune trial's)."""
+    # hard affinity: the driver's node lives as long as the run, and a soft one lets a busy raylet
+    # place the actor elsewhere (seen: the metrics queue on a worker node, lost with it)
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    return {"num_cpus": 0, "scheduling_strategy": here}

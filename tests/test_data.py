@@ -17,13 +17,12 @@ import pytest
 from bge_ray.config import FinetuneConfig
 from bge_ray.data import scan as scan_mod
 from bge_ray.data.collate import GroupCollator, pad_ids
-from bge_ray.data.pipeline import router_batches, shuffle_text, tokenize_rows
+from bge_ray.data.pipeline import router_batches, shuffle_text, start_router, tokenize_rows
 from bge_ray.data.plan import DataSet, FileIndex, batches_per_epoch, group_datasets, plan_epoch
 from bge_ray.data.scan import load_training_data
 from bge_ray.data.text import TextSpec
 from bge_ray.data.triplets import RowRules, parse_line, sample_group, sample_row
 from bge_ray.errors import DataValidationError
-from bge_ray.train.launch import start_router
 from tests.helpers import FE_EXAMPLES, fe_same_dataset_args
 
 GOOD = {"query": "what is a cell", "pos": ["a cell is a unit of life"], "neg": ["rocks", "cars", "rain"]}

@@ -73,6 +73,21 @@ def _train_workers():
     return [psutil.Process(a.pid) for a in actors]
 
 
+def _finetune_in_background(cfg):
+    """``bge_ray.finetune(cfg)`` on a thread; its result or error lands in the returned dict."""
+    box = {}
+
+    def run():
+        try:
+            box["result"] = bge_ray.finetune(cfg)
+        except BaseException as e:  # handed to the test thread, which re-raises it
+            box["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, box
+
+
 def _config(tiny_model, tmp_path, rows, **extra):
     return {
         "model_name_or_path": tiny_model, "train_data": [_rows_file(tmp_path / "rows.jsonl", rows)],
@@ -86,16 +101,7 @@ def _config(tiny_model, tmp_path, rows, **extra):
 def test_killed_worker_resumes_same_step_and_trains_each_row_once(ray_cluster, tiny_model, tmp_path):
     cfg = _config(tiny_model, tmp_path, rows=400, save_steps=5, max_failures=1)
     run_dir = os.path.join(cfg["storage_path"], "faulty")
-    box = {}
-
-    def run():
-        try:
-            box["result"] = bge_ray.finetune(cfg)
-        except BaseException as e:  # handed to the test thread, which re-raises it
-            box["error"] = e
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
+    thread, box = _finetune_in_background(cfg)
     _wait_for(lambda: _registered(run_dir) or "error" in box, 300, "the first checkpoint")
     assert "error" not in box, box.get("error")
     victims = _train_workers()
@@ -368,15 +374,7 @@ def test_two_nodes_one_lost_mid_run_the_run_resumes_and_trains_each_row_once(ray
     box = {}
     try:
         _wait_for(lambda: len(_alive_nodes()) == before + 1, 120, "the second node")
-
-        def run():
-            try:
-                box["result"] = bge_ray.finetune(cfg)
-            except BaseException as e:  # handed to the test thread, which re-raises it
-                box["error"] = e
-
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
+        thread, box = _finetune_in_background(cfg)
         snapshot = "nodes/runs/faulty/checkpoint_manager_snapshot.json"
         _wait_for(lambda: _s3_json(s3, snapshot) or "error" in box, 300, "the first checkpoint in the bucket")
         assert "error" not in box, box.get("error")

@@ -34,8 +34,11 @@ import ray.data
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
+from bge_ray.cluster import side_actor
+from bge_ray.config.finetune import FinetuneConfig
 from bge_ray.data.jsonl import iter_lines_at
 from bge_ray.data.plan import DataSet, EpochPlan, FileIndex, Segment, plan_epoch
+from bge_ray.data.scan import TrainingData
 from bge_ray.data.text import TextSpec
 from bge_ray.data.triplets import ROW_SCHEMA, RowRules, parse_line, sample_row
 from bge_ray.errors import DataValidationError
@@ -332,6 +335,17 @@ def class_group(part: pa.Table, cap: int) -> pa.Table:
             values = [v[:keep] if v is not None else v for v in column.to_pylist()]
             out = out.set_column(out.column_names.index(name), name, pa.array(values, type=column.type))
     return out
+
+
+def start_router(cfg: FinetuneConfig, data: TrainingData, tokenize: bool = True) -> Any:
+    """The actor that streams every epoch's batches to ``cfg.num_workers`` workers, tokenized (raw rows
+    for a preview with ``tokenize`` False); on the driver's node (:func:`bge_ray.cluster.side_actor`),
+    restarted if it dies."""
+    spec = TextSpec.from_config(cfg) if tokenize else None
+    settings = StreamSettings(cfg.seed, data.shuffle, cfg.shuffle_ratio)
+    return ray.remote(BatchRouter).options(
+        max_concurrency=cfg.num_workers + 4, max_restarts=-1, max_task_retries=-1, **side_actor()).remote(
+        data.files, data.datasets, data.rules, spec, settings, cfg.num_workers, data.window_rows)
 
 
 def _take_block(block: pa.Table, buffers: dict[int, list[pa.Table]], held: dict[int, int]) -> None:

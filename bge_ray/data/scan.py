@@ -42,7 +42,7 @@ from bge_ray.data.plan import (
 from bge_ray.data.triplets import MAX_ERRORS_KEPT, DataSummary, RowRules, parse_line
 from bge_ray.errors import DataValidationError
 from bge_ray.seeds import file_sample_rng
-from bge_ray.storage import filesystem
+from bge_ray.storage import filesystem, storage_root
 
 IN_PROCESS_SCAN_BYTES = 256 << 20  # training data up to this size is scanned on the driver, not by Ray tasks
 ROW_BYTES_GUESS = 256  # for the index's granularity only: rows are rarely smaller
@@ -301,6 +301,8 @@ def _is_folder(path: str) -> bool:
 
 def load_training_data(cfg: FinetuneConfig, cache_path: str | None = None) -> TrainingData:
     """Scan and index ``train_data`` and form its data sets (one, unless same_dataset_within_batch).
+    Compressed files' plain copies go to ``cache_path``, else ``cfg.cache_path``, else
+    ``<storage_path>/bge-ray-cache``.
 
     Raises:
         DataValidationError: a bad row or unreadable file (see :func:`scan`); with
@@ -308,6 +310,7 @@ def load_training_data(cfg: FinetuneConfig, cache_path: str | None = None) -> Tr
     """
     same = cfg.same_dataset_within_batch
     rules = RowRules(train_group_size=cfg.train_group_size, knowledge_distillation=cfg.knowledge_distillation and not same)
+    cache_path = cache_path or cfg.cache_path or f"{storage_root(cfg.storage_path).rstrip('/')}/bge-ray-cache"
     files, summary = scan(cfg.train_data, rules, cfg.skip_bad_rows, cfg.max_example_num_per_dataset, cfg.seed,
                           cache_path)
     if same:

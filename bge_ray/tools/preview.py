@@ -17,9 +17,8 @@ from bge_ray.cluster import connect_for
 from bge_ray.config.finetune import FinetuneConfig
 from bge_ray.config.parse import resolve_config
 from bge_ray.console import log
-from bge_ray.data.pipeline import BatchRouter, StreamSettings, router_batches
+from bge_ray.data.pipeline import router_batches, start_router
 from bge_ray.data.scan import TrainingData, load_training_data
-from bge_ray.storage import storage_root
 
 REFERENCE_PERMUTATIONS = 200
 
@@ -90,11 +89,9 @@ def preview(cfg: FinetuneConfig, steps: int, epoch: int, out_path: str) -> tuple
     the group drawn for the epoch). Returns the batches written, their mixing (None with
     same_dataset_within_batch, whose batches are one file each by design) and the data."""
     connect_for(1, {"CPU": 1}, cfg.ray_address)
-    data = load_training_data(cfg, cfg.cache_path or f"{storage_root(cfg.storage_path).rstrip('/')}/bge-ray-cache")
+    data = load_training_data(cfg)
     world = cfg.num_workers
-    router = ray.remote(BatchRouter).options(num_cpus=0, max_concurrency=world + 4).remote(
-        data.files, data.datasets, data.rules, None, StreamSettings(cfg.seed, data.shuffle, cfg.shuffle_ratio), world,
-        data.window_rows)
+    router = start_router(cfg, data, tokenize=False)
     index = {f.path: i for i, f in enumerate(data.files)}
     try:
         left = ray.get(router.begin.remote(epoch, 0))

@@ -23,16 +23,14 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.util.queue import Queue
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from bge_ray.cluster import connect_for
+from bge_ray.cluster import connect_for, side_actor
 from bge_ray.config.deepspeed import build_deepspeed_config
 from bge_ray.config.finetune import FinetuneConfig, check_output_dir
 from bge_ray.config.parse import resolve_config
 from bge_ray.console import log
-from bge_ray.data.pipeline import BatchRouter, StreamSettings
-from bge_ray.data.scan import TrainingData, load_training_data
-from bge_ray.data.text import TextSpec
+from bge_ray.data.pipeline import start_router
+from bge_ray.data.scan import load_training_data
 from bge_ray.errors import ConfigError
 from bge_ray.retrieval.datasets import load_validation_set
 from bge_ray.storage import filesystem, publish_model, storage_root
@@ -42,16 +40,6 @@ from bge_ray.train.plan import TrainPlan
 from bge_ray.train.progress import DriverFeed, QueueReader, RunLog
 from bge_ray.train.recipe import MODEL_SUBDIR, train_loop
 from bge_ray.train.trackers import open_trackers
-
-
-def side_actor() -> dict[str, Any]:
-    """Options of the run's own actors (the metrics queue, the batch router): no CPU, on the driver's
-    node (the head, on a cluster: losing a worker node does not take them along), outside any
-    enclosing placement group (a Tune trial's)."""
-    # hard affinity: the driver's node lives as long as the run, and a soft one lets a busy raylet
-    # place the actor elsewhere (seen: the metrics queue on a worker node, lost with it)
-    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-    return {"num_cpus": 0, "scheduling_strategy": here}
 
 
 @dataclass
@@ -187,21 +175,6 @@ def _trainer(cfg: FinetuneConfig, loop_config: dict[str, Any], storage: str, run
             callbacks=callbacks))
 
 
-def start_router(cfg: FinetuneConfig, data: TrainingData) -> Any:
-    """The actor that streams every epoch's batches to the workers (see :func:`side_actor`); restarted
-    if it dies."""
-    spec = TextSpec.from_config(cfg)
-    settings = StreamSettings(cfg.seed, data.shuffle, cfg.shuffle_ratio)
-    return ray.remote(BatchRouter).options(
-        max_concurrency=cfg.num_workers + 4, max_restarts=-1, max_task_retries=-1, **side_actor()).remote(data.files, data.datasets, data.rules, spec, settings, cfg.num_workers,
-                                         data.window_rows)
-
-
-def cache_path(cfg: FinetuneConfig, storage: str) -> str:
-    """Where compressed training files' plain copies go."""
-    return cfg.cache_path or f"{storage.rstrip('/')}/bge-ray-cache"
-
-
 def finetune(config: FinetuneConfig | dict[str, Any] | str, callbacks: list[Any] | None = None,
              publish: bool = True) -> FinetuneResult:
     """Fine-tune an embedder on a Ray cluster and write the model to ``output_dir``.
@@ -234,7 +207,7 @@ def finetune(config: FinetuneConfig | dict[str, Any] | str, callbacks: list[Any]
     storage = storage_root(cfg.storage_path)
     run_name, resumed_at = resolve_run_name(cfg, storage)  # an unfinished run with another config: refused here
     connect_for(cfg.num_workers, cfg.worker_resources, cfg.ray_address)
-    data = load_training_data(cfg, cache_path(cfg, storage))
+    data = load_training_data(cfg)
     summary = data.summary
     log(f"training data: {data.describe()}")
     plan = TrainPlan.make(cfg, summary.num_rows, data.batches_per_epoch(cfg.num_workers))
