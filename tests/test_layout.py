@@ -31,6 +31,10 @@ def _modules() -> dict[str, str]:
 
 
 MODULES = _modules()
+# Parsed once, at collection, before any test starts Ray: CPython 3.11's AST conversion keeps one
+# recursion counter per interpreter, and a parse racing another thread's parse raises
+# "SystemError: AST constructor recursion depth mismatch".
+TREES = {path: ast.parse(open(path, encoding="utf-8").read(), filename=path) for path in MODULES.values()}
 
 
 def _resolve(name: str) -> str | None:
@@ -43,7 +47,7 @@ def _resolve(name: str) -> str | None:
 def _imports(path: str) -> list[tuple[str, list[str], bool, int]]:
     """(module, names, inside a function, line) for each import in a file; also every string naming a
     package module (``importlib.import_module("bge_ray....")`` targets count as imports)."""
-    tree = ast.parse(open(path, encoding="utf-8").read())
+    tree = TREES[path]
     found: list[tuple[str, list[str], bool, int]] = []
 
     def visit(node: ast.AST, in_function: bool) -> None:
@@ -127,8 +131,7 @@ def test_no_private_names_cross_modules_and_no_package_import_inside_a_function(
 def _function_lengths() -> list[tuple[str, int]]:
     out = []
     for path in MODULES.values():
-        tree = ast.parse(open(path, encoding="utf-8").read())
-        for node in ast.walk(tree):
+        for node in ast.walk(TREES[path]):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 body = node.body[1:] if ast.get_docstring(node) else node.body
                 if body:

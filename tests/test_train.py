@@ -251,11 +251,12 @@ def test_bf16_on_cpu_trains_and_exports_fp32_master_weights(ray_cluster, tiny_mo
         "storage_path": str(tmp_path / "storage"), "num_workers": 2, "deepspeed": "zero2", "bf16": True,
         "attention_dropout": 0.0, "per_device_train_batch_size": 4, "train_group_size": 4, "query_max_len": 32,
         "passage_max_len": 64, "sentence_pooling_method": "mean", "temperature": 0.05, "learning_rate": 1e-3,
-        "num_train_epochs": 2, "logging_steps": 2, "save_steps": 100, "seed": 3,
+        "num_train_epochs": 3, "logging_steps": 3, "save_steps": 100, "seed": 3,
         "group_by_length": True,  # regrouped batches: the same 6 per worker and epoch
     }
     result = bge_ray.finetune(cfg)
-    assert result.metrics["step"] == 12
+    assert result.metrics["step"] == 18
+    # bf16 kernels on CPU are not bit-reproducible run to run: 2 epochs ended at 0.78-0.81 of the start
     assert dataset_loss(result.model_dir, cfg) < 0.8 * dataset_loss(tiny_model, cfg)
     weights = load_file(os.path.join(result.model_dir, "model.safetensors"))
     # the optimizer's fp32 masters, not bf16 copies: some value is not representable in bf16
