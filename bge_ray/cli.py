@@ -16,8 +16,8 @@ from types import ModuleType
 from typing import Any
 
 from bge_ray.config.fields import field_docs
-from bge_ray.config.finetune import FinetuneConfig
-from bge_ray.config.parse import read_config
+from bge_ray.config.finetune import FinetuneConfig, check_local_models, check_survives_job, job_working_dir
+from bge_ray.config.parse import load_yaml, read_config, resolve_config
 from bge_ray.errors import ConfigError, DataValidationError
 from bge_ray.sweep.space import TuneSettings, load_sweep
 from bge_ray.tools.config import MineConfig, ScoreConfig
@@ -60,9 +60,19 @@ def config_help(cls: type = FinetuneConfig, usage: str | None = None) -> str:
                                break_on_hyphens=False)
     ignored = getattr(cls, "IGNORED", {})
     if ignored:
-        lines += ["", "accepted for FlagEmbedding compatibility, without effect here:"]
+        lines += ["", "accepted for FlagEmbedding compatibility, without effect here (a line says so when given):"]
         lines += [f"  --{name}: {why}" for name, why in sorted(ignored.items())]
+    fixed = _fixed_flags(cls)
+    if fixed:
+        lines += ["", "FlagEmbedding / HF flags accepted only at the value bge-ray runs as (refused otherwise, with "
+                  "the reason):"]
+        lines += textwrap.wrap(", ".join(fixed), width=100, initial_indent="  ", subsequent_indent="  ")
     return "\n".join(lines)
+
+
+def _fixed_flags(cls: type) -> list[str]:
+    translator = getattr(cls, "TRANSLATE", None)
+    return sorted(translator.at_default) if translator is not None else []
 
 
 def config_reference() -> str:
@@ -82,8 +92,11 @@ def config_reference() -> str:
             out.append(f"| `{doc.name}` | {doc.kind} | {doc.default.replace('|', '/')} | {cell} |")
         ignored = getattr(cls, "IGNORED", {})
         if ignored:
-            out += ["", "Accepted for FlagEmbedding compatibility, without effect: "
+            out += ["", "Accepted for FlagEmbedding compatibility, without effect (a line says so when given): "
                     + "; ".join(f"`{name}` ({why})" for name, why in sorted(ignored.items())) + "."]
+        if _fixed_flags(cls):
+            out += ["", "FlagEmbedding / HF flags accepted only at the value bge-ray runs as, refused with the reason "
+                    "otherwise: " + ", ".join(f"`{n}`" for n in _fixed_flags(cls)) + "."]
         out.append("")
     out += ["## bge-ray eval", "", "| option | default | meaning |", "|---|---|---|"]
     for action in eval_parser()._actions:
@@ -120,8 +133,8 @@ def cmd_train(argv: list[str]) -> int:
     if path is None and not overrides:
         path = QUICKSTART_CONFIG
         print(f"[bge-ray] quickstart: {path}", file=sys.stderr)
-    values = read_config(path, overrides)
-    result = command_module("bge_ray.train.launch").finetune(values)  # validated once, in finetune, before Ray starts
+    cfg = resolve_config(read_config(path, overrides))  # a bad config fails before the heavy imports
+    result = command_module("bge_ray.train.launch").finetune(cfg)
     print_train_summary(result)
     return 0
 
@@ -141,44 +154,96 @@ def print_train_summary(result: Any) -> None:
 
 
 def eval_parser() -> argparse.ArgumentParser:
+    """``bge-ray eval``'s options; the second name of each is FlagEmbedding's evaluation runner's."""
     ap = argparse.ArgumentParser(prog="bge-ray eval", description="nDCG/Recall/MRR/MAP/P@k of one or more models "
-                                 "on a BEIR or FlagEmbedding evaluation folder (local or cloud URI).")
-    ap.add_argument("--model", action="append", required=True, help="model directory or hub id; repeat to compare")
-    ap.add_argument("--data", required=True, help="folder with corpus.jsonl, queries and qrels")
-    ap.add_argument("--split", default="test", help="the split whose queries and qrels are scored")
-    ap.add_argument("--k", default="1,3,5,10,100", help="cut-offs, comma-separated")
-    ap.add_argument("--output", default=None, help="folder for results.json and results.md (default: ./eval_results/DATA)")
-    ap.add_argument("--pooling", choices=["cls", "mean", "last_token"], default=None,
-                    help="override the pooling read from the model directory")
-    ap.add_argument("--query_instruction", default=None, help="override the query instruction")
-    ap.add_argument("--passage_instruction", default=None, help="override the passage instruction")
-    ap.add_argument("--query_max_len", type=int, default=None, help="query tokens kept (default 64)")
-    ap.add_argument("--passage_max_len", type=int, default=None, help="passage tokens kept (default 256)")
-    ap.add_argument("--batch_size", type=int, default=None, help="texts per encoder batch (default 64)")
+                                 "on a BEIR or FlagEmbedding evaluation folder (local or cloud URI). --config FILE.yaml "
+                                 "gives any of these options as keys.")
+    ap.add_argument("--model", "--embedder_name_or_path", dest="model", action="extend", nargs="+", required=True,
+                    help="model directories or hub ids; several (or the option repeated) to compare")
+    ap.add_argument("--data", "--dataset_dir", dest="data", required=True,
+                    help="folder with corpus.jsonl, queries and qrels")
+    ap.add_argument("--split", "--splits", dest="split", default="test", help="the split whose queries and qrels are scored")
+    ap.add_argument("--k", "--k_values", dest="k", nargs="+", default=["1,3,5,10,100"],
+                    help="cut-offs, comma- or space-separated")
+    ap.add_argument("--output", "--eval_output_path", dest="output", default=None,
+                    help="folder for results.json and results.md (default: ./eval_results/DATA)")
+    ap.add_argument("--pooling", "--pooling_method", dest="pooling", choices=["cls", "mean", "last_token"],
+                    default=None, help="override the pooling read from the model directory")
+    ap.add_argument("--query_instruction", "--query_instruction_for_retrieval", dest="query_instruction",
+                    default=None, help="override the query instruction")
+    ap.add_argument("--passage_instruction", "--passage_instruction_for_retrieval", dest="passage_instruction",
+                    default=None, help="override the passage instruction")
+    ap.add_argument("--query_max_len", "--embedder_query_max_length", dest="query_max_len", type=int, default=None,
+                    help="query tokens kept (default 64)")
+    ap.add_argument("--passage_max_len", "--embedder_passage_max_length", dest="passage_max_len", type=int,
+                    default=None, help="passage tokens kept (default 256)")
+    ap.add_argument("--batch_size", "--embedder_batch_size", dest="batch_size", type=int, default=None,
+                    help="texts per encoder batch (default 64)")
     ap.add_argument("--use_gpu", action="store_true", help="one GPU per encoder actor, bf16/fp16")
-    ap.add_argument("--concurrency", type=int, default=None, help="encoder actors (default: one per GPU, or per CPU)")
+    ap.add_argument("--concurrency", type=int, default=None,
+                    help="encoder actors (default: one per GPU the cluster can grow to, or per CPU)")
     ap.add_argument("--ignore_identical_ids", action="store_true", help="drop a retrieved doc whose id is the query's")
+    ap.add_argument("--ray_address", default=None, help="cluster to join (default: RAY_ADDRESS, the cluster `ray "
+                    "start` made here, or a local Ray)")
     return ap
 
 
+def eval_args(argv: list[str]) -> argparse.Namespace:
+    """``bge-ray eval``'s arguments: ``--config FILE.yaml`` (keys are the options' names) under the command line.
+
+    Raises:
+        ConfigError: an unknown key in the file.
+    """
+    path, rest = split_config_arg(argv)
+    parser = eval_parser()
+    if path:
+        values = load_yaml(path)
+        dests = {a.dest: a for a in parser._actions}
+        names = {s.lstrip("-"): a.dest for a in parser._actions for s in a.option_strings}
+        unknown = sorted(k for k in values if k not in names)
+        if unknown:
+            raise ConfigError(f"{path}: unknown eval option(s) {', '.join(unknown)}; see bge-ray eval --help")
+        defaults = {names[k]: v for k, v in values.items()}
+        for dest, value in defaults.items():
+            if dests[dest].nargs in ("+", "*") and not isinstance(value, list):
+                defaults[dest] = [value]
+            if dests[dest].required:
+                dests[dest].required = False
+        parser.set_defaults(**defaults)
+    args = parser.parse_args(rest)
+    if not args.model or not args.data:
+        raise ConfigError("bge-ray eval needs --model and --data (on the command line or in --config)")
+    return args
+
+
 def cmd_eval(argv: list[str]) -> int:
-    args = eval_parser().parse_args(argv)
-    evaluation = command_module("bge_ray.retrieval.evaluate")
+    args = eval_args(argv)
+    check_local_models(args.model)  # refused before the heavy imports and any cluster work
     try:
-        ks = tuple(sorted({int(k) for k in args.k.split(",") if k.strip()}))
+        ks = tuple(sorted({int(k) for part in args.k for k in str(part).replace(",", " ").split()}))
     except ValueError:
-        raise ConfigError(f"--k must be comma-separated integers, got {args.k!r}") from None
+        raise ConfigError(f"--k must be integers, comma- or space-separated, got {' '.join(map(str, args.k))!r}") from None
     if not ks or min(ks) < 1:
         raise ConfigError("--k needs at least one cut-off >= 1")
-    output = args.output or os.path.join("eval_results", os.path.basename(os.path.normpath(args.data)))
+    output = args.output or default_eval_output(args.data)
+    check_survives_job(output, "--output")
+    evaluation = command_module("bge_ray.retrieval.evaluate")
     rows = evaluation.evaluate(args.model, args.data, split=args.split, ks=ks, use_gpu=args.use_gpu,
                     concurrency=args.concurrency, ignore_identical_ids=args.ignore_identical_ids, output_dir=output,
-                    pooling=args.pooling, query_instruction=args.query_instruction,
+                    ray_address=args.ray_address, pooling=args.pooling, query_instruction=args.query_instruction,
                     passage_instruction=args.passage_instruction, query_max_len=args.query_max_len,
                     passage_max_len=args.passage_max_len, batch_size=args.batch_size)
     print(evaluation.format_table(rows, ks))
     print(f"results: {os.path.join(output, 'results.json')} and results.md")
     return 0
+
+
+def default_eval_output(data: str) -> str:
+    """``./eval_results/<data set>``; in a ``ray job submit`` job, under the home folder, since the
+    job's working directory is a copy Ray deletes."""
+    name = os.path.basename(os.path.normpath(data))
+    root = os.path.expanduser("~/bge-ray-output/eval_results") if job_working_dir() else "eval_results"
+    return os.path.join(root, name)
 
 
 def _values_from_argv(argv: list[str], cls: type) -> dict[str, Any]:
@@ -191,8 +256,8 @@ def _row_job(argv: list[str], cls: type, module: str, summary: Any) -> int:
     if "-h" in argv or "--help" in argv:
         print(config_help(cls))
         return 0
-    run = getattr(command_module(module), cls.COMMAND)
-    print(json.dumps(summary(run(_values_from_argv(argv, cls))), indent=2))
+    cfg = resolve_config(_values_from_argv(argv, cls), cls)  # a bad config fails before the heavy imports
+    print(json.dumps(summary(getattr(command_module(module), cls.COMMAND)(cfg)), indent=2))
     return 0
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import ray
 from ray._private.services import canonicalize_bootstrap_address
+from ray._private.state import state as ray_state
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from bge_ray.console import log
@@ -25,6 +27,15 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None
     """
     if ray.is_initialized():
         return
+    if address and address.startswith(("http://", "https://")):
+        raise ConfigError(f"ray_address {address} is the job API (what `ray job submit --address` takes); a driver "
+                          "joins the cluster at its GCS address (HEAD:6379) or its client address (ray://HEAD:10001)")
+    if os.environ.get("RAY_ADDRESS", "").startswith(("http://", "https://")):
+        # `export RAY_ADDRESS=http://...:8265` is how `ray job submit` finds the job API; ray.init would
+        # try to join it as a cluster and fail, so this process looks for the cluster as if it were unset
+        log(f"RAY_ADDRESS={os.environ['RAY_ADDRESS']} is the job API, not a cluster address: ignored here "
+            "(set ray_address to join a cluster)")
+        os.environ.pop("RAY_ADDRESS")
     address = address or os.environ.get("RAY_ADDRESS")
     to_console = os.environ.get("BGE_RAY_WORKER_LOGS", "").lower() == "console"
     env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
@@ -63,31 +74,89 @@ def started_here() -> bool:
     return bool(node is not None and node.head)
 
 
+@dataclass(frozen=True)
+class Capacity:
+    """What the cluster holds now and the most it can grow to (``None``: no autoscaler told Ray its
+    node types, so it never grows)."""
+
+    now: dict[str, float]
+    most: dict[str, float] | None
+
+    @property
+    def limit(self) -> dict[str, float]:
+        """The resources a job can count on getting: the autoscaler's maximum, else what is there."""
+        if self.most is None:
+            return self.now
+        return {k: max(self.most.get(k, 0), self.now.get(k, 0)) for k in {*self.most, *self.now}}
+
+    def has_gpus(self) -> bool:
+        return self.limit.get("GPU", 0) > 0
+
+
+def capacity() -> Capacity:
+    """The connected cluster's :class:`Capacity` (the autoscaler's maximum from the cluster config it
+    publishes, as Ray Train's own resource check reads it)."""
+    now = {k: float(v) for k, v in ray.cluster_resources().items()}
+    most = None
+    if not started_here():
+        try:
+            found = ray_state.get_max_resources_from_cluster_config()
+        except Exception:  # noqa: BLE001 - an older or foreign GCS: treat as a fixed cluster
+            found = None
+        most = {k: float(v) for k, v in found.items()} if found else None
+    return Capacity(now, most)
+
+
+def need_for_training(num_workers: int, per_worker: dict[str, float], extra_cpus: float = 0.0) -> dict[str, float]:
+    """Resources a run holds: its workers, ``extra_cpus`` (a Tune trial's function) and one whole CPU
+    for its Ray Data tasks, which cannot use a fraction left over by the others."""
+    cpus = num_workers * per_worker.get("CPU", 1) + extra_cpus
+    other = {k: num_workers * v for k, v in per_worker.items() if k not in ("CPU", "GPU")}
+    return {"CPU": math.ceil(cpus - 1e-9) + 1, "GPU": num_workers * per_worker.get("GPU", 0), **other}
+
+
+def shortfall(need: dict[str, float], have: dict[str, float]) -> list[str]:
+    return [f"{amount:g} {kind} ({have.get(kind, 0):g} there)" for kind, amount in need.items()
+            if amount and have.get(kind, 0) < amount]
+
+
 def connect_for(num_workers: int, per_worker: dict[str, float], address: str | None = None) -> None:
     """Connect for a training run: ``num_workers`` workers of ``per_worker`` resources plus one CPU for
     the Ray Data tasks that feed them. A local cluster started here is sized for that, even on a
     machine with fewer cores (CPU slots are logical).
 
     Raises:
-        ConfigError: a local Ray this process started earlier (``ray.init()``, or ``bge_ray.mine()``
-            before a fine-tune) is too small: Ray Train would wait forever for workers it cannot place.
-            A joined cluster that is too small may be waiting for its autoscaler; that gets a warning.
+        ConfigError: the cluster cannot hold the run and cannot grow to (a local Ray started earlier,
+            a cluster without an autoscaler, or one whose node types are too few): Ray Train would
+            wait forever. A cluster that can grow to it gets a warning and waits for the nodes.
     """
-    need_cpus = int(math.ceil(num_workers * per_worker.get("CPU", 1))) + 1
-    need_gpus = num_workers * per_worker.get("GPU", 0)
+    need = need_for_training(num_workers, per_worker)
     already = ray.is_initialized()
-    connect_ray(address, max(os.cpu_count() or 1, need_cpus))
-    have = ray.cluster_resources()
-    short = [f"{need:g} {kind} ({have.get(kind, 0):g} there)" for kind, need in (("CPU", need_cpus), ("GPU", need_gpus))
-             if need and have.get(kind, 0) < need]
-    if not short:
+    connect_ray(address, max(os.cpu_count() or 1, int(need["CPU"])))
+    check_fits(need, f"{num_workers} workers x {per_worker} and 1 CPU for the data pipeline", already)
+
+
+def check_fits(need: dict[str, float], what: str, already: bool = True) -> None:
+    """Fail now when the connected cluster can never hold ``need``; warn when it must grow first.
+
+    Raises:
+        ConfigError: the shortfall, named, and how to resolve it.
+    """
+    cap = capacity()
+    short_now = shortfall(need, cap.now)
+    if not short_now:
         return
-    what = f"{num_workers} workers x {per_worker} and 1 CPU for the data pipeline need " + " and ".join(short)
-    if already and started_here():
-        raise ConfigError(f"this process already runs a local Ray that is too small: {what}. Start it big enough "
-                          f"first (ray.init(num_cpus={need_cpus})), or lower num_workers / resources_per_worker")
-    log(f"warning: the Ray cluster has too few resources now: {what}; the run waits until nodes join "
-        "(an autoscaling cluster adds them; a fixed one never will)")
+    short = shortfall(need, cap.limit)
+    if short and already and started_here():
+        raise ConfigError(f"this process already runs a local Ray that is too small: {what} need {', '.join(short)}. "
+                          f"Start it big enough first (ray.init(num_cpus={int(need['CPU'])})), or lower num_workers / "
+                          "resources_per_worker")
+    if short:
+        grows = "its autoscaler can add no more" if cap.most is not None else "it has no autoscaler to add nodes"
+        raise ConfigError(f"the Ray cluster cannot hold this run: {what} need {', '.join(short)}, and {grows}. "
+                          "Lower num_workers / resources_per_worker, or join a bigger cluster")
+    log(f"the Ray cluster has too few resources now: {what} need {', '.join(short_now)}; waiting for its "
+        "autoscaler to add nodes")
 
 
 def side_actor() -> dict[str, Any]:

@@ -34,3 +34,27 @@ def import_flag_model():
     from FlagEmbedding import FlagModel
 
     return FlagModel
+
+
+def argument_classes() -> list[type]:
+    """The argument dataclasses of FlagEmbedding's embedder runners (encoder-only base and M3,
+    decoder-only base and ICL), as their ``HfArgumentParser`` reads a command."""
+    import_flag_model()
+    from FlagEmbedding.finetune.embedder.decoder_only.base import DecoderOnlyEmbedderModelArguments
+    from FlagEmbedding.finetune.embedder.decoder_only.icl import (
+        DecoderOnlyEmbedderICLDataArguments,
+        DecoderOnlyEmbedderICLModelArguments,
+    )
+    from FlagEmbedding.finetune.embedder.encoder_only.base import (
+        EncoderOnlyEmbedderDataArguments,
+        EncoderOnlyEmbedderModelArguments,
+        EncoderOnlyEmbedderTrainingArguments,
+    )
+    from FlagEmbedding.finetune.embedder.encoder_only.m3 import (
+        EncoderOnlyEmbedderM3ModelArguments,
+        EncoderOnlyEmbedderM3TrainingArguments,
+    )
+
+    return [EncoderOnlyEmbedderModelArguments, EncoderOnlyEmbedderDataArguments, EncoderOnlyEmbedderTrainingArguments,
+            EncoderOnlyEmbedderM3ModelArguments, EncoderOnlyEmbedderM3TrainingArguments,
+            DecoderOnlyEmbedderModelArguments, DecoderOnlyEmbedderICLModelArguments, DecoderOnlyEmbedderICLDataArguments]

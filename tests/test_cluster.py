@@ -37,11 +37,34 @@ def test_cluster_yaml_passes_rays_cluster_config_validation():
     assert len(gpu_types) >= 2 and all(v["max_workers"] >= v["min_workers"] >= 0 for v in gpu_types.values())
     start = " ".join(raw["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in start  # the job API is not open to the internet
-    assert any("pip install" in c and "bge-ray" in c for c in raw["setup_commands"])
+    for commands in (raw["head_start_ray_commands"], raw["worker_start_ray_commands"]):  # token auth everywhere
+        assert any("RAY_AUTH_MODE=token" in c and "ray start" in c for c in commands)
+    assert raw["file_mounts"]["/home/ray/.ray/auth_token"] == "~/.ray/auth_token"
+    for name, node_type in gpu_types.items():  # workers reach s3://; each type is one pinned GPU kind
+        assert node_type["node_config"]["IamInstanceProfile"], name
+        (accelerator,) = [k for k in node_type["resources"] if k.startswith("accelerator_type:")]
+        assert accelerator.split(":")[1] in (ray.util.accelerators.NVIDIA_TESLA_A10G, ray.util.accelerators.NVIDIA_A100)
+    assert any("pip install" in c and "-c /home/ray/bge-ray/jobs/cluster-constraints.txt" in c and "bge-ray" in c
+               for c in raw["setup_commands"])
 
     broken = dict(raw, available_node_types={**raw["available_node_types"], "bad": {"node_config": {}}})
     with pytest.raises(Exception, match="resources|max_workers|required"):
         validate_config(prepare_config(broken))
+
+
+def test_cluster_constraints_pin_versions_pyproject_allows():
+    import tomllib
+    from packaging.requirements import Requirement
+
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        wanted = {Requirement(r).name: Requirement(r) for r in tomllib.load(f)["project"]["dependencies"]}
+    with open(os.path.join(REPO, "jobs", "cluster-constraints.txt"), encoding="utf-8") as f:
+        pins = [Requirement(line.strip()) for line in f if line.strip() and not line.startswith("#")]
+    assert {"ray", "torch", "deepspeed", "transformers", "pyarrow"} <= {p.name for p in pins}
+    for pin in pins:
+        (spec,) = pin.specifier
+        assert spec.operator == "==", pin  # exact: every node, now and later, the same
+        assert pin.name in wanted and wanted[pin.name].specifier.contains(spec.version), pin
 
 
 @pytest.mark.parametrize("name", ["quickstart.yaml", "bge-base-8gpu.yaml", "bge-large-multinode.yaml"])
@@ -51,6 +74,8 @@ def test_training_job_configs_are_valid(name):
     if name != "quickstart.yaml":
         assert cfg.use_gpu and cfg.bf16 and cfg.gradient_checkpointing and cfg.negatives_cross_device
         assert cfg.storage_path.startswith("s3://") and cfg.num_workers >= 8 and cfg.max_failures > 0
+        assert cfg.accelerator_type == "A100" and cfg.worker_resources["accelerator_type:A100"] > 0
+    assert os.path.isabs(cfg.output_dir)  # survives the job's temporary working_dir
     if name == "bge-large-multinode.yaml":
         assert cfg.zero_stage == 3 and cfg.num_workers > 8
 

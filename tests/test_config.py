@@ -84,9 +84,9 @@ def test_unknown_key_in_yaml(tmp_path):
 
 @pytest.mark.parametrize("argv, match", [
     (["--fp16", "--bf16", "--use_gpu"], "pick one"),
-    (["--fp16"], "fp16 needs GPUs"),
+    (["--fp16", "--use_gpu", "false"], "fp16 needs GPUs"),
     (["--train_group_size", "0"], "train_group_size must be >= 1"),
-    (["--kd_loss_type", "m3_kd_loss"], "needs knowledge_distillation: true"),
+    (["--kd_loss_type", "m4"], "kd_loss_type"),
     (["--sentence_pooling_method", "max"], "cls, mean, last_token"),
     (["--temperature", "0"], "temperature must be > 0"),
     (["--temperature", "warm"], "temperature must be float"),
@@ -98,7 +98,7 @@ def test_unknown_key_in_yaml(tmp_path):
     (["--warmup_ratio", "1.5"], "warmup_ratio"),
     (["--attention_dropout", "1"], "attention_dropout must be in"),
     (["--train_data", "/no/such/file.jsonl"], "no file or directory matches"),
-    (["--resources_per_worker", '{"GPU": 1}'], "set use_gpu: true"),
+    (["--resources_per_worker", '{"GPU": 1}', "--use_gpu", "false"], "set use_gpu: true"),
     (["--knowledge_distillation", "--train_group_size", "1"], "train_group_size >= 2"),
 ])
 def test_impossible_values_say_what_to_change(base, argv, match):

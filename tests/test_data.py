@@ -462,6 +462,12 @@ def test_router_hands_every_worker_its_slice_of_the_planned_batches(ray_cluster,
     resumed = _router_epoch(router, 2, epoch=0, done=10)
     assert resumed == [rank[10:] for rank in first]  # a resumed epoch: exactly the batches after the trained ones
     ray.kill(router)
+    # HF's data_seed: a seed for the order alone
+    reordered = start_router(dataclasses.replace(cfg, num_workers=2, data_seed=cfg.seed + 1), data)
+    other = _router_epoch(reordered, 2, epoch=0)
+    ray.kill(reordered)
+    rows = {k for rank in other for _, batch, _ in rank for k in batch}
+    assert other != first and len(rows & set(keys)) >= len(keys) - 8  # another order, of the same rows
 
 
 def test_group_by_length_keeps_the_rows_and_pads_less():

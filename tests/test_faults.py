@@ -14,6 +14,7 @@ import time
 import numpy as np
 import psutil
 import pytest
+import torch
 
 import bge_ray
 from bge_ray.data.triplets import row_key
@@ -22,6 +23,8 @@ from bge_ray.train.checkpointing import (
     pick_resume_checkpoint,
     rank_files,
     rank_problem,
+    restore_rng_state,
+    save_rng_state,
     staging_dir,
     verify,
     write_manifest,
@@ -274,6 +277,21 @@ def test_manifest_lists_every_file_with_its_size_and_hash(tmp_path):
     assert verify(_local_fs(), str(tmp_path)) is None
     (tmp_path / "deepspeed" / "a.pt").write_bytes(b"x" * 11)
     assert verify(_local_fs(), str(tmp_path)) == "deepspeed/a.pt has 11 bytes, 10 were written"
+
+
+def test_rng_state_round_trip_gives_the_same_dropout_masks_and_its_file_is_rank_owned(tmp_path):
+    """A resumed worker draws what it would have drawn had it never stopped (HF keeps rng_state_<rank>.pth too)."""
+    torch.manual_seed(5)
+    torch.rand(3)
+    save_rng_state(str(tmp_path), 1)
+    expected = torch.nn.functional.dropout(torch.ones(64), p=0.5, training=True)
+    torch.manual_seed(123)  # what a fresh worker's seeding did
+    assert not restore_rng_state(str(tmp_path), 0)  # rank 0 saved nothing here
+    assert restore_rng_state(str(tmp_path), 1)
+    assert torch.equal(torch.nn.functional.dropout(torch.ones(64), p=0.5, training=True), expected)
+    write_manifest(str(tmp_path), 1)
+    manifests = {1: json.loads((tmp_path / "manifest_rank1.json").read_text())["files"], 0: {}}
+    assert "rng_state_rank1.pt" in rank_files(manifests, 1) and "rng_state_rank1.pt" not in rank_files(manifests, 0)
 
 
 def test_checkpoint_staging_removes_what_dead_processes_of_this_host_left(tmp_path):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from bge_ray.config import FinetuneConfig
+from bge_ray.config import ConfigError, FinetuneConfig
 from bge_ray.model.embedder import Embedder
 from bge_ray.model.optim import build_optimizer, build_scheduler
 
@@ -26,16 +28,42 @@ def test_no_weight_decay_on_biases_and_norms(tiny_model):
     assert opt.defaults["lr"] == 3e-4 and opt.defaults["betas"] == (0.8, 0.95) and opt.defaults["eps"] == 1e-7
 
 
-@pytest.mark.parametrize("warmup, total", [(0, 10), (3, 10), (10, 10)])
-def test_linear_schedule_warms_up_then_decays_to_zero(warmup, total):
+def _lrs(warmup, total, **fields):
+    cfg = FinetuneConfig(model_name_or_path="m", train_data=["x"], output_dir="o", **fields)
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
-    sched = build_scheduler(opt, warmup, total)
+    sched = build_scheduler(opt, cfg, warmup, total)
     lrs = []
     for _ in range(total + 1):
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
+    return lrs
+
+
+@pytest.mark.parametrize("warmup, total", [(0, 10), (3, 10), (10, 10)])
+def test_linear_schedule_warms_up_then_decays_to_zero(warmup, total):
+    lrs = _lrs(warmup, total)
     for step, lr in enumerate(lrs):  # HF's "linear": step/warmup, then (total-step)/(total-warmup)
         want = step / warmup if step < warmup else max(0.0, (total - step) / max(1, total - warmup))
         assert lr == pytest.approx(2.0 * want)
     assert lrs[-1] == 0.0
+
+
+def test_cosine_and_constant_schedules_follow_hf_formulas():
+    lrs = _lrs(2, 10, lr_scheduler_type="cosine")
+    for step, lr in enumerate(lrs[2:], start=2):  # 0.5 * (1 + cos(pi * progress)) after warmup
+        assert lr == pytest.approx(2.0 * 0.5 * (1 + math.cos(math.pi * (step - 2) / 8)))
+    assert lrs[:2] == [0.0, 1.0]
+    assert _lrs(3, 10, lr_scheduler_type="constant_with_warmup")[3:] == [2.0] * 8
+    restarts = _lrs(0, 10, lr_scheduler_type="cosine_with_restarts", lr_scheduler_kwargs={"num_cycles": 2.0})
+    assert restarts[5] == pytest.approx(2.0) and restarts[4] < 0.5  # a restart half way
+
+
+@pytest.mark.parametrize("name, match", [("bogus", "lr_scheduler_type must be one of"),
+                                         ("reduce_lr_on_plateau", "steps on an evaluation")])
+def test_unknown_or_unsupported_schedulers_are_refused(tmp_path, name, match):
+    data = tmp_path / "t.jsonl"
+    data.write_text('{"query": "q", "pos": ["p"], "neg": ["n"]}\n')
+    with pytest.raises(ConfigError, match=match):
+        FinetuneConfig(model_name_or_path="m", train_data=[str(data)], output_dir=str(tmp_path / "o"),
+                       lr_scheduler_type=name).validate()

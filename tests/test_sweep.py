@@ -5,6 +5,11 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 
 import pytest
 import yaml
@@ -13,7 +18,7 @@ from bge_ray.config import load_config
 from bge_ray.errors import ConfigError
 from bge_ray.sweep.run import tune
 from bge_ray.sweep.space import load_sweep
-from tests.helpers import FE_EXAMPLES
+from tests.helpers import FE_EXAMPLES, REPO
 
 
 @pytest.fixture(scope="module")
@@ -178,3 +183,82 @@ def test_search_space_becomes_tunes_domains(tmp_path, tiny_model, memorize_eval)
     settings = tune_config(sweep, concurrency=2)
     assert settings.metric == "eval_ndcg@10" and settings.mode == "max" and settings.num_samples == 1
     assert settings.scheduler._time_attr == "validations"
+
+
+GROWABLE = """
+import sys
+import ray
+from ray.core.generated import autoscaler_pb2
+from ray.experimental import internal_kv
+from bge_ray.config import load_config
+from bge_ray.sweep.run import trial_concurrency
+
+ray.init(address=sys.argv[1])
+# what an autoscaler publishes: its node types and how many of each it may launch (none launched yet)
+config = autoscaler_pb2.ClusterConfig()
+head = config.node_group_configs.add(name="head", max_count=1)
+head.resources["CPU"] = 3
+gpus = config.node_group_configs.add(name="gpu_4x_a10g", max_count=4)
+gpus.resources.update({"CPU": 48, "GPU": 4, "accelerator_type:A10G": 1})
+internal_kv._internal_kv_put(ray._raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY.encode(), config.SerializeToString(),
+                             namespace=ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE.encode())
+cfg = load_config(None, sys.argv[2:])
+print("concurrent trials:", trial_concurrency(cfg, None), "GPUs now:", ray.cluster_resources().get("GPU", 0))
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def fixed_head(tmp_path):
+    """A second real Ray head of exactly 3 CPUs and no autoscaler (the size a sweep hung on)."""
+    port = _free_port()
+    log = open(tmp_path / "head.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+                             "--num-cpus=3", "--include-dashboard=false", f"--temp-dir=/tmp/brf-{os.getpid()}",
+                             "--disable-usage-stats"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            if subprocess.run(["ray", "health-check", "--address", address], capture_output=True).returncode == 0:
+                break
+            time.sleep(1)
+        yield address
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+        log.close()
+
+
+@pytest.mark.slow
+def test_sweeps_on_a_fixed_cluster_fail_fast_and_size_by_what_an_autoscaler_can_add(fixed_head, tiny_model, tmp_path):
+    # the command that waited forever: 3 CPUs, a trial needs 2 workers + its function + a whole data CPU
+    proc = subprocess.run(
+        ["bge-ray", "tune", "--config", os.path.join(REPO, "jobs", "configs", "sweep.yaml"), "--num_samples", "3",
+         "--max_steps", "10", "--output_dir", str(tmp_path / "sweep"), "--storage_path", str(tmp_path / "runs"),
+         "--ray_address", fixed_head],
+        capture_output=True, text=True, timeout=180, cwd=REPO,
+        env={**os.environ, "RAY_ADDRESS": "http://127.0.0.1:8265"})  # the job API's address, exported: ignored
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "one trial needs 4 CPU (3 there)" in proc.stderr and "it has no autoscaler to add nodes" in proc.stderr
+    assert "RAY_ADDRESS=http://127.0.0.1:8265 is the job API" in proc.stderr
+    train = subprocess.run(  # a run too: 3 workers and a whole CPU for the data tasks cannot fit 3 CPUs
+        ["bge-ray", "train", "--model_name_or_path", tiny_model, "--train_data", FE_EXAMPLES, "--num_workers", "3",
+         "--output_dir", str(tmp_path / "model"), "--storage_path", str(tmp_path / "runs"), "--ray_address", fixed_head],
+        capture_output=True, text=True, timeout=180, cwd=REPO)
+    assert train.returncode == 2 and "cannot hold this run" in train.stderr and "4 CPU (3 there)" in train.stderr, (
+        train.stderr[-3000:])
+    # the same cluster once an autoscaler has published GPU node types it may add: 0 GPUs now, and
+    # as many trials at once as its 4 nodes of 4 GPUs hold (2 workers x 1 GPU each: 8)
+    grow = subprocess.run(
+        [sys.executable, "-c", GROWABLE, fixed_head, "--model_name_or_path", tiny_model, "--train_data", FE_EXAMPLES,
+         "--output_dir", str(tmp_path / "out"), "--num_workers", "2", "--use_gpu", "true",
+         "--resources_per_worker", '{"CPU": 4, "GPU": 1}', "--accelerator_type", "A10G"],
+        capture_output=True, text=True, timeout=180, cwd=REPO)
+    assert grow.returncode == 0, grow.stderr[-3000:]
+    assert "concurrent trials: 8 GPUs now: 0" in grow.stdout
+    assert "autoscaler can grow it to 8 trial(s)" in grow.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import numpy as np
@@ -20,7 +21,7 @@ from bge_ray.model.embedder import Embedder
 from bge_ray.model.loss import contrastive_loss
 from bge_ray.model.tokenizer import load_tokenizer
 from bge_ray.train.launch import default_run_name
-from tests.helpers import FE_EXAMPLES, fe_same_dataset_args, make_beir_subset
+from tests.helpers import FE_DS_STAGE0, FE_EXAMPLES, fe_same_dataset_args, make_beir_subset
 
 TEXTS = ["What is the capital of France?", "Paris is the capital and largest city of France.",
          "a much longer passage about contrastive learning of text embeddings for dense retrieval"]
@@ -310,3 +311,43 @@ def test_flagembedding_base_same_dataset_arguments_train_unchanged(ray_cluster, 
     with open(os.path.join(tmp_path / "runs", os.listdir(tmp_path / "runs")[0], "metrics.jsonl")) as f:
         losses = [r["loss"] for r in map(json.loads, f) if r.get("kind") == "train"]
     assert len(losses) == 31 and all(np.isfinite(losses))
+
+
+def _cosine(step: int, warmup: int, total: int) -> float:
+    """HF's cosine schedule: linear warm-up, then half a cosine down to 0."""
+    if step < warmup:
+        return step / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+
+
+def test_flagembedding_trainer_flags_schedule_save_and_resume_as_hf(ray_cluster, tiny_model, tmp_path):
+    """A DeepSpeed JSON with an optimizer and no scheduler gets lr_scheduler_type's schedule (HF's rule);
+    save_strategy epoch checkpoints hold a loadable model without eval_data; resume_from_checkpoint
+    continues another run's checkpoint as a new run, the same steps to the same losses."""
+    with open(FE_DS_STAGE0) as f:
+        ds = {k: v for k, v in json.load(f).items() if k != "scheduler"}
+    (tmp_path / "ds_no_scheduler.json").write_text(json.dumps(ds))
+    cfg = {
+        "model_name_or_path": tiny_model, "train_data": [FE_EXAMPLES], "output_dir": str(tmp_path / "model"),
+        "storage_path": str(tmp_path / "storage"), "num_workers": 2, "deepspeed": str(tmp_path / "ds_no_scheduler.json"),
+        "per_device_train_batch_size": 4, "train_group_size": 4, "query_max_len": 32, "passage_max_len": 64,
+        "learning_rate": 1e-3, "lr_scheduler_type": "cosine", "warmup_ratio": 0.2, "num_train_epochs": 2,
+        "logging_steps": 1, "save_strategy": "epoch", "seed": 3, "use_gpu": "auto",
+    }
+    first = bge_ray.finetune(cfg)
+    train = {r["step"]: r for r in first.history if r.get("kind") == "train"}
+    assert sorted(train) == list(range(1, 13))  # 6 steps an epoch
+    for step, record in train.items():  # warm-up ceil(0.2 * 12) = 3 steps
+        assert record["learning_rate"] == pytest.approx(1e-3 * _cosine(step, 3, 12), rel=1e-5, abs=1e-12)
+    run_dir = os.path.dirname(first.checkpoint.path)
+    epoch_one = os.path.join(run_dir, "checkpoint_step_00000006")
+    model = Embedder.from_pretrained(os.path.join(epoch_one, "model"), pooling="cls")  # no eval_data, still a model
+    assert model(*(torch.ones(1, 4, dtype=torch.long) for _ in range(4)))[0].shape == (1, 32)
+
+    again = bge_ray.finetune(dict(cfg, output_dir=str(tmp_path / "continued"), resume_from_checkpoint=epoch_one))
+    continued = {r["step"]: r for r in again.history if r.get("kind") == "train"}
+    assert sorted(continued) == list(range(7, 13)) and again.metrics["step"] == 12
+    assert [continued[s]["loss"] for s in continued] == pytest.approx([train[s]["loss"] for s in continued], rel=1e-5)
+    assert os.path.dirname(again.checkpoint.path) != run_dir  # a new run; the first is left as it was
+    with pytest.raises(bge_ray.ConfigError, match="holds no bge-ray checkpoint"):
+        bge_ray.finetune(dict(cfg, output_dir=str(tmp_path / "x"), resume_from_checkpoint=str(tmp_path)))

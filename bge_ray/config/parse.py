@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import typing
 from typing import Any
 
@@ -25,6 +26,7 @@ SECTIONS = ("model", "data", "training", "validation", "scaling")  # YAML groups
 def parse_overrides(argv: list[str], cls: type = FinetuneConfig) -> dict[str, Any]:
     """Parse ``--key value`` / ``--key=value`` / ``--flag`` / ``--list a b c`` into a dict of ``cls``'s fields."""
     hints, ignored = field_hints(cls), ignored_flags(cls)
+    translator = getattr(cls, "TRANSLATE", None)
     out: dict[str, Any] = {}
     i = 0
     while i < len(argv):
@@ -33,12 +35,9 @@ def parse_overrides(argv: list[str], cls: type = FinetuneConfig) -> dict[str, An
             raise ConfigError(f"unexpected argument {tok!r}: options look like --key value or --key=value")
         key, eq, inline = tok[2:].partition("=")
         key = key.replace("-", "_")
+        key = getattr(cls, "ALIASES", {}).get(key, key)
         i += 1
-        if key in ignored:
-            if not eq and i < len(argv) and not argv[i].startswith("--"):
-                i += 1
-            continue
-        if key not in hints:
+        if key not in hints and key not in ignored and not (translator and translator.known(key)):
             raise unknown_key_error(key, "command line", cls)
         if eq:
             values = [inline]
@@ -47,6 +46,9 @@ def parse_overrides(argv: list[str], cls: type = FinetuneConfig) -> dict[str, An
             while i < len(argv) and not argv[i].startswith("--"):
                 values.append(argv[i])
                 i += 1
+        if key not in hints:  # FlagEmbedding's / HF's flag: build_config decides what it does
+            out[key] = True if not values else values[0] if len(values) == 1 else values
+            continue
         base = base_type(hints[key])
         if typing.get_origin(base) is list:
             if len(values) == 1 and "," in values[0] and not os.path.exists(values[0]):
@@ -98,9 +100,19 @@ def build_config(values: dict[str, Any], where: str = "config", cls: type = Fine
     hints, ignored = field_hints(cls), ignored_flags(cls)
     if not isinstance(values, dict):
         raise ConfigError(f"{where}: a config must be a mapping of keys to values, got {type(values).__name__}")
+    translator = getattr(cls, "TRANSLATE", None)
     kwargs: dict[str, Any] = {}
+    aliases = getattr(cls, "ALIASES", {})
+    values = {aliases.get(k, k): v for k, v in values.items()}
     for key, value in values.items():
+        if isinstance(key, str) and key not in hints and translator is not None and translator.known(key):
+            fields, notice = translator.translate(key, value)
+            kwargs.update({k: coerce(k, v, cls) for k, v in fields.items() if k not in values})
+            if notice:
+                print(f"[bge-ray] {notice}", file=sys.stderr, flush=True)
+            continue
         if key in ignored:
+            print(f"[bge-ray] --{key} has no effect here: {ignored[key]}", file=sys.stderr, flush=True)
             continue
         if not isinstance(key, str) or key not in hints:
             raise unknown_key_error(str(key), where, cls)

@@ -62,6 +62,11 @@ class StreamSettings:
     seed: int
     shuffle: bool = True
     shuffle_ratio: float = 0.0
+    order_seed: int | None = None  # data_seed: the order's own seed (else seed)
+
+    @property
+    def order(self) -> int:
+        return self.seed if self.order_seed is None else self.order_seed
 
 
 @dataclass(frozen=True, eq=False)
@@ -130,7 +135,7 @@ def window_rows(reads: EpochReads, dataset: int, number: int, trained: int, pool
     rows = [row for part in parts for row in part]
     s, ds, epoch = reads.settings, reads.datasets[dataset], reads.plan.epoch
     if s.shuffle:
-        window_rng(s.seed, epoch, dataset, number).shuffle(rows)
+        window_rng(s.order, epoch, dataset, number).shuffle(rows)
     out = []
     for row in rows[trained:]:
         row = dict(sample_row(row, ds.group_size, s.seed, epoch), dataset=dataset, symmetric=ds.symmetric,
@@ -191,7 +196,7 @@ def tokenize_rows(batch: pa.Table, spec: TextSpec) -> pa.Table:
     """Apply instructions and tokenize every drawn text of every row (truncated, not padded). Passages
     of symmetric task types (sts, clustering) are texts like the queries: they get the query's
     instruction, as in FlagEmbedding."""
-    tok = load_tokenizer(spec.tokenizer, spec.cache_dir, spec.trust_remote_code)
+    tok = load_tokenizer(spec.tokenizer, spec.cache_dir, spec.trust_remote_code, spec.use_fast_tokenizer)
     prompts = batch.column("prompt").to_pylist()
     symmetric = batch.column("symmetric").to_pylist() if "symmetric" in batch.column_names else [False] * len(prompts)
     queries = spec.format(batch.column("query").to_pylist(), "query", prompts)
@@ -259,7 +264,7 @@ class BatchRouter:
     def begin(self, epoch: int, done: int = 0) -> int:
         """Start ``epoch`` with ``done`` of its global batches already trained; the batches left."""
         s = self.settings
-        plan = plan_epoch(self.files, self.datasets, s.seed, epoch, self.world, self.window_rows, s.shuffle).after(done)
+        plan = plan_epoch(self.files, self.datasets, s.order, epoch, self.world, self.window_rows, s.shuffle).after(done)
         with self.cond:
             self.generation += 1
             self.queues = [collections.deque() for _ in range(self.world)]
@@ -342,7 +347,7 @@ def start_router(cfg: FinetuneConfig, data: TrainingData, tokenize: bool = True)
     for a preview with ``tokenize`` False); on the driver's node (:func:`bge_ray.cluster.side_actor`),
     restarted if it dies."""
     spec = TextSpec.from_config(cfg) if tokenize else None
-    settings = StreamSettings(cfg.seed, data.shuffle, cfg.shuffle_ratio)
+    settings = StreamSettings(cfg.seed, data.shuffle, cfg.shuffle_ratio, cfg.data_seed)
     return ray.remote(BatchRouter).options(
         max_concurrency=cfg.num_workers + 4, max_restarts=-1, max_task_retries=-1, **side_actor()).remote(
         data.files, data.datasets, data.rules, spec, settings, cfg.num_workers, data.window_rows)

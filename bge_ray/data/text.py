@@ -32,6 +32,7 @@ class TextSpec:
     passage_instruction_format: str = "{}{}"
     cache_dir: str | None = None
     trust_remote_code: bool = False
+    use_fast_tokenizer: bool = True
 
     @classmethod
     def from_config(cls, cfg: FinetuneConfig) -> TextSpec:
@@ -40,7 +41,7 @@ class TextSpec:
                    query_instruction_format=cfg.query_instruction_format,
                    passage_instruction=cfg.passage_instruction_for_retrieval,
                    passage_instruction_format=cfg.passage_instruction_format, cache_dir=cfg.cache_dir,
-                   trust_remote_code=cfg.trust_remote_code)
+                   trust_remote_code=cfg.trust_remote_code, use_fast_tokenizer=cfg.use_fast_tokenizer)
 
     def query(self, text: str, instruction: str | None = None) -> str:
         """A query with its instruction: the row's own (its ``prompt``) when given, else the spec's."""

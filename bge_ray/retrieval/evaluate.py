@@ -15,9 +15,9 @@ import ray.data
 import torch
 import torch.distributed as dist
 
-from bge_ray.cluster import connect_ray
+from bge_ray.cluster import capacity, connect_ray
+from bge_ray.config.finetune import check_local_models
 from bge_ray.console import ProgressLine, log
-from bge_ray.errors import ConfigError
 from bge_ray.retrieval.datasets import RetrievalDataset, ValidationSet, check_corpus, load_dataset, read_corpus
 from bge_ray.retrieval.encode import EncoderSpec, encode_dataset, encode_texts, encoder_spec_for
 from bge_ray.retrieval.metrics import DEFAULT_KS, METRICS, evaluate_run
@@ -55,7 +55,7 @@ def evaluate_model(dataset: RetrievalDataset, spec: EncoderSpec, ks: tuple[int, 
 
 def evaluate(models: list[str] | str, data: str, split: str = "test", ks: tuple[int, ...] = DEFAULT_KS,
              use_gpu: bool = False, concurrency: int | None = None, ignore_identical_ids: bool = False,
-             output_dir: str | None = None, **overrides: Any) -> list[dict[str, Any]]:
+             output_dir: str | None = None, ray_address: str | None = None, **overrides: Any) -> list[dict[str, Any]]:
     """Evaluate one or more models on one retrieval data set.
 
     Args:
@@ -68,6 +68,8 @@ def evaluate(models: list[str] | str, data: str, split: str = "test", ks: tuple[
         concurrency: encoder actors; default one per GPU (``use_gpu``) or per CPU of the cluster.
         ignore_identical_ids: drop a retrieved document whose id is the query's (BEIR's option).
         output_dir: where ``results.json`` and ``results.md`` go; nothing is written without it.
+        ray_address: the cluster to join (else ``RAY_ADDRESS``, the cluster ``ray start`` made here, or
+            a local Ray).
         **overrides: :class:`EncoderSpec` or text fields set for every model (``pooling``,
             ``query_instruction``, ``passage_max_len``...).
 
@@ -84,18 +86,15 @@ def evaluate(models: list[str] | str, data: str, split: str = "test", ks: tuple[
         models = [models]
     if not models:
         raise ValueError("give at least one model to evaluate")
-    for model in models:
-        if "://" in model:
-            raise ConfigError(f"--model {model}: models are read from a local folder or a hub id; copy it first "
-                              "(e.g. aws s3 cp --recursive), or point at a checkpoint's model folder on shared storage")
-    connect_ray()
+    check_local_models(models)
+    connect_ray(ray_address)
     ray.data.DataContext.get_current().enable_progress_bars = False
     dataset = load_dataset(data, split)
     corpus = read_corpus(dataset).materialize()  # read once, embedded once per model
     n_docs = check_corpus(corpus, dataset)
     log(f"eval: {len(dataset.eval_queries):,} queries, {n_docs:,} documents in {data} ({split})")
     if concurrency is None:
-        resources = ray.cluster_resources()
+        resources = capacity().limit if use_gpu else ray.cluster_resources()  # GPUs: what an autoscaler can add
         concurrency = max(1, int(resources.get("GPU", 0))) if use_gpu else max(1, int(resources.get("CPU", 1)))
     rows = []
     for model in models:

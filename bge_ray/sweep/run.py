@@ -7,20 +7,18 @@ same command again continues an interrupted sweep.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import dataclass
 from typing import Any
 
-import ray
 from ray import tune as rtune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 
-from bge_ray.cluster import connect_ray
-from bge_ray.config.finetune import FinetuneConfig, check_output_dir
+from bge_ray.cluster import capacity, connect_ray, need_for_training, shortfall
+from bge_ray.config.finetune import FinetuneConfig, check_output_dir, check_survives_job
 from bge_ray.config.parse import build_config
 from bge_ray.console import log
 from bge_ray.errors import ConfigError
@@ -35,7 +33,7 @@ from bge_ray.sweep.report import (
     write_tables,
 )
 from bge_ray.sweep.space import Dist, SweepConfig, TuneSettings, load_sweep, parse_space
-from bge_ray.train.launch import finetune
+from bge_ray.train.launch import choose_devices, finetune
 
 TRIAL_FN_CPUS = 0.01  # the Tune function only launches the trainer; Tune needs a non-zero request
 
@@ -97,24 +95,29 @@ def _run_trial(params: dict[str, Any], base: dict[str, Any], runs_dir: str, metr
     finetune(values, callbacks=[SweepReportCallback(metric)], publish=False)
 
 
-def trial_cpus(cfg: FinetuneConfig) -> float:
-    """CPUs one trial holds: its training workers, one for its Ray Data tasks, the trial function."""
-    return cfg.num_workers * cfg.worker_resources.get("CPU", 1) + 1 + TRIAL_FN_CPUS
+def trial_need(cfg: FinetuneConfig) -> dict[str, float]:
+    """What one trial holds: its training workers, the trial function and a whole CPU for its Ray Data
+    tasks (the function's fraction cannot host them)."""
+    return need_for_training(cfg.num_workers, cfg.worker_resources, TRIAL_FN_CPUS)
 
 
 def trial_concurrency(cfg: FinetuneConfig, requested: int | None) -> int:
-    """How many trials fit the cluster at once: each needs its workers plus one CPU for its data tasks."""
-    res = ray.cluster_resources()
-    per = cfg.worker_resources
-    need_cpu = trial_cpus(cfg)
-    fits = int(res.get("CPU", 0) // need_cpu)
-    if per.get("GPU", 0) > 0:
-        fits = min(fits, int(res.get("GPU", 0) // (cfg.num_workers * per["GPU"])))
+    """How many trials run at once: as many as the cluster can grow to (an autoscaler's maximum, not
+    the nodes up at launch), capped by ``requested``.
+
+    Raises:
+        ConfigError: not even one trial fits what the cluster can ever hold (a sweep would wait forever).
+    """
+    cap, need = capacity(), trial_need(cfg)
+    limit = cap.limit
+    fits = min(int(limit.get(kind, 0) // amount) for kind, amount in need.items() if amount)
     if fits < 1:
-        log(f"the cluster has {res.get('CPU', 0):.0f} CPUs / {res.get('GPU', 0):.0f} GPUs, less than one trial needs "
-            f"({need_cpu:.0f} CPUs, {cfg.num_workers * per.get('GPU', 0):.0f} GPUs); running one trial at a time "
-            "(an autoscaling cluster adds nodes for it)")
-        fits = 1
+        grows = "its autoscaler can add no more" if cap.most is not None else "it has no autoscaler to add nodes"
+        raise ConfigError(f"one trial needs {', '.join(shortfall(need, limit))}: {cfg.num_workers} workers x "
+                          f"{cfg.worker_resources}, the trial function's {TRIAL_FN_CPUS} CPU and 1 whole CPU for its "
+                          f"data tasks; {grows}. Lower num_workers / resources_per_worker, or use a bigger cluster")
+    if shortfall(need, cap.now):
+        log(f"the cluster holds less than one trial now; its autoscaler can grow it to {fits} trial(s) at a time")
     if requested is not None and requested > fits:
         log(f"max_concurrent_trials {requested} does not fit the cluster; using {fits}")
     return min(fits, requested) if requested is not None else fits
@@ -176,6 +179,7 @@ def _tuner(sweep: SweepConfig, base_cfg: FinetuneConfig, storage: str) -> tuple[
     settings, metric = sweep.settings, sweep.metric
     concurrency = trial_concurrency(base_cfg, settings.max_concurrent_trials)
     train_values = {k: v for k, v in sweep.train.items() if k not in ("run_name", "storage_path", "output_dir")}
+    train_values["use_gpu"] = base_cfg.use_gpu  # auto decided once, for every trial alike
     trainable = rtune.with_parameters(_run_trial, base=train_values, runs_dir=runs_dir, metric=metric)
     # the trial function only launches the trainer; its workers hold the real resources
     trainable = rtune.with_resources(trainable, {"CPU": TRIAL_FN_CPUS})
@@ -211,9 +215,11 @@ def tune(config: SweepConfig | dict[str, Any] | str | None = None,
     sweep = _as_sweep(config, overrides)
     t0 = time.time()
     base_cfg = sweep.base_config()
+    check_survives_job(base_cfg.output_dir, "output_dir")
     check_output_dir(base_cfg)  # the best model goes there: not over one already there, unasked
     # a local cluster holds at least one trial: its workers, its data tasks, the trial function
-    connect_ray(base_cfg.ray_address, max(os.cpu_count() or 1, math.ceil(trial_cpus(base_cfg))))
+    connect_ray(base_cfg.ray_address, max(os.cpu_count() or 1, int(trial_need(base_cfg)["CPU"])))
+    base_cfg = choose_devices(base_cfg)
     tuner, _ = _tuner(sweep, base_cfg, storage_root(base_cfg.storage_path))
     grid = tuner.fit()
     metric = sweep.metric

@@ -42,7 +42,7 @@ DEFAULT_SPACE = {
 }
 # Fields a trial cannot vary: where things go, how the cluster is used, how trials are compared.
 NOT_SWEEPABLE = {"output_dir", "run_name", "storage_path", "ray_address", "resume", "num_workers", "use_gpu",
-                 "resources_per_worker", "eval_data", "eval_split", "metric_for_best_model", "final_model",
+                 "resources_per_worker", "accelerator_type", "eval_data", "eval_split", "metric_for_best_model", "final_model",
                  "max_failures", "placement_strategy", "overwrite_output_dir", "cache_path"}
 
 

@@ -7,12 +7,13 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pyarrow.fs as pafs
 
+from bge_ray.config.compat import Flags
 from bge_ray.config.fields import check_format, knob
-from bge_ray.config.finetune import POOLING_METHODS, check_local_inputs, resolve_model_path
+from bge_ray.config.finetune import POOLING_METHODS, check_local_inputs, check_survives_job, resolve_model_path
 from bge_ray.errors import ConfigError
 from bge_ray.storage import filesystem
 
@@ -24,10 +25,10 @@ ROW_JOB_IGNORED = {
     "use_gpu_for_searching": "the search runs where the miner actors run: set use_gpu",
     "search_batch_size": "the search is chunked over the pool; memory stays O(batch x chunk)",
     "cache_dir": "models load from their directory or the Hugging Face cache",
-    "examples_for_task": "in-context examples are not supported; use query_instruction_for_retrieval",
-    "examples_instruction_format": "in-context examples are not supported",
+    "examples_instruction_format": "read only with examples_for_task, which is refused",
     "reranker_model_class": "the model class is read from the model's config",
     "normalize": "scores are the teacher's raw logits (or similarities); distillation applies its own softmax",
+    "use_bf16": "GPU teachers run in bf16 (fp16 where there is no bf16); CPU teachers fp32",
 }
 
 
@@ -81,7 +82,9 @@ class RowJobConfig:
     input_file: list[str] = knob(help="triplet JSONL files, folders, globs or URIs; 'neg' may be empty",
                                  factory=list, shown="required")
     output_dir: str | None = knob(None, "folder for the output shards and report.txt (new or empty unless "
-                                  "overwrite)", shown="required")
+                                  "overwrite)", shown="required (or output_file)")
+    output_file: str | None = knob(None, "one JSONL file instead (FlagEmbedding's name): the shards are joined into "
+                                   "it and report.txt becomes <output_file>.report.txt; new unless overwrite")
     query_instruction_for_retrieval: str | None = knob(None, "instruction put before every query (a row's "
                                                        "'prompt' overrides it)")
     query_instruction_format_for_retrieval: str = knob("{}{}", "how instruction and query join: two {} slots")
@@ -90,7 +93,8 @@ class RowJobConfig:
     embedder_query_max_length: int = knob(512, "query tokens kept by the embedder")
     embedder_passage_max_length: int = knob(512, "passage tokens kept by the embedder")
     trust_remote_code: bool = knob(False, "allow a model's own Python code to run")
-    use_gpu: bool = knob(False, "one GPU per encoder actor (bf16, or fp16 where there is no bf16)")
+    use_gpu: bool | None = knob(None, "one GPU per encoder actor (bf16, or fp16 where there is no bf16): true, "
+                                "false or auto (GPUs when the cluster has or can add them)", shown="auto")
     concurrency: int | None = knob(None, "encoder actors", shown="one per GPU, or per CPU - 1")
     skip_bad_rows: bool = knob(False, "skip and count bad rows instead of stopping at the first one")
     overwrite: bool = knob(False, "allow a non-empty output_dir (its shards are replaced)")
@@ -98,13 +102,24 @@ class RowJobConfig:
 
     def resolved(self) -> RowJobConfig:
         """A copy with packaged models' hub ids replaced by their local paths (subclasses name them)."""
-        return dataclasses.replace(self)
+        return dataclasses.replace(self, **self._shard_dir())
+
+    def _shard_dir(self) -> dict[str, str]:
+        """With ``output_file`` alone, the shards go to ``<output_file>.shards`` until they are joined."""
+        return {"output_dir": f"{self.output_file}.shards"} if self.output_file and not self.output_dir else {}
 
     def validate_common(self, batch_field: str, extra_inputs: list[str]) -> None:
         """The checks mining and scoring share (inputs, output folder, encoder settings)."""
         if not self.input_file:
             raise ConfigError("input_file is required: one or more JSONL files, folders or globs")
+        if self.output_file:
+            if self.output_dir != f"{self.output_file}.shards":
+                raise ConfigError("give output_dir (a folder of shards) or output_file (one JSONL file), not both")
+            fs, path = filesystem(self.output_file)
+            if fs.get_file_info(path).type != pafs.FileType.NotFound and not self.overwrite:
+                raise ConfigError(f"output_file {self.output_file!r} exists; pass --overwrite to replace it")
         check_local_inputs(self.input_file, "input_file")
+        check_survives_job(self.output_file or self.output_dir, "output_file" if self.output_file else "output_dir")
         check_output(self.output_dir, self.overwrite, self.input_file + extra_inputs)
         check_encoder(self.pooling_method, self.embedder_query_max_length, self.embedder_passage_max_length,
                       batch_field, getattr(self, batch_field), self.concurrency)
@@ -117,6 +132,10 @@ class MineConfig(RowJobConfig):
     ``range_for_sampling``, ``negative_number``, ``embedder_*``) plus the false-negative filters."""
 
     COMMAND: ClassVar[str] = "mine"
+    ALIASES: ClassVar[dict[str, str]] = {"batch_size": "embedder_batch_size"}  # hn_mine's name
+    TRANSLATE: ClassVar[Any] = Flags(ROW_JOB_IGNORED, {
+        "examples_for_task": ((None,), "in-context examples (decoder-only ICL embedders) are not supported yet"),
+    })
 
     embedder_name_or_path: str = knob("BAAI/bge-base-en-v1.5", "the model that mines")
     candidate_pool: list[str] | None = knob(None, "JSONL files to draw negatives from ('text', or BEIR 'title' + "
@@ -132,7 +151,8 @@ class MineConfig(RowJobConfig):
     embedder_batch_size: int = knob(256, "texts per encoder batch")
 
     def resolved(self) -> MineConfig:
-        return dataclasses.replace(self, embedder_name_or_path=resolve_model_path(self.embedder_name_or_path))
+        return dataclasses.replace(self, embedder_name_or_path=resolve_model_path(self.embedder_name_or_path),
+                                   **self._shard_dir())
 
     def validate(self) -> None:
         if self.candidate_pool is not None:
@@ -152,6 +172,17 @@ class ScoreConfig(RowJobConfig):
     """``bge-ray score``: teacher scores for every positive and negative of every row."""
 
     COMMAND: ClassVar[str] = "score"
+    ALIASES: ClassVar[dict[str, str]] = {"reranker_batch_size": "batch_size"}  # add_reranker_score's name
+    TRANSLATE: ClassVar[Any] = Flags(ROW_JOB_IGNORED, {
+        "reranker_query_max_length": ((None,), "the reranker reads query + passage within reranker_max_length"),
+        "reranker_peft_path": ((None,), "LoRA rerankers are not supported yet: merge the adapter first"),
+        "prompt": ((None,), "decoder-only (LLM) rerankers are not supported yet"),
+        "cutoff_layers": ((None, ()), "layerwise rerankers are not supported yet"),
+        "compress_ratio": ((1,), "lightweight rerankers are not supported yet"),
+        "compress_layers": ((None, ()), "lightweight rerankers are not supported yet"),
+        "query_instruction_format_for_rerank": (("{}{}",), "the instruction is put before the query as is"),
+        "passage_instruction_format_for_rerank": (("{}{}",), "the instruction is put before the passage as is"),
+    })
 
     reranker_name_or_path: str | None = knob(None, "a cross-encoder teacher (one logit per pair); give this or "
                                              "embedder_name_or_path")
@@ -170,7 +201,7 @@ class ScoreConfig(RowJobConfig):
         return dataclasses.replace(
             self, **{name: resolve_model_path(getattr(self, name)) for name in ("reranker_name_or_path",
                                                                                 "embedder_name_or_path")
-                     if getattr(self, name)})
+                     if getattr(self, name)}, **self._shard_dir())
 
     def validate(self) -> None:
         self.validate_common("batch_size", [])

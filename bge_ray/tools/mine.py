@@ -37,7 +37,7 @@ from bge_ray.retrieval.encode import EncoderSpec, TextEncoder, encode_dataset
 from bge_ray.retrieval.search import search
 from bge_ray.seeds import negatives_rng
 from bge_ray.tools.config import MineConfig, parse_range
-from bge_ray.tools.rows import JsonlShardSink, actor_count, encoder_spec, read_rows, write_report
+from bge_ray.tools.rows import JsonlShardSink, actor_count, choose_devices, encoder_spec, read_rows, write_report
 
 POOL_SCHEMA = pa.schema([("text", pa.string()), ("source", pa.string()), ("error", pa.string())])
 
@@ -201,6 +201,7 @@ def mine(config: MineConfig | dict[str, Any] | str | None = None, **kwargs: Any)
     cfg: MineConfig = resolve_config(config if config is not None else kwargs, MineConfig)
     t0 = time.time()
     connect_ray(cfg.ray_address)
+    cfg = choose_devices(cfg)
     ray.data.DataContext.get_current().enable_progress_bars = False
     rows, summary = read_rows(cfg.input_file, cfg.skip_bad_rows)
     log(f"mine: {summary.describe()}")
@@ -222,11 +223,11 @@ def mine(config: MineConfig | dict[str, Any] | str | None = None, **kwargs: Any)
     t_search = time.time()
     stats = _mine_rows(cfg, rows, spec, pool_ref, ray.put(texts), start, end, summary.num_rows)
     search_s = time.time() - t_search
-    result = MineResult(output_dir=cfg.output_dir, num_rows=stats["rows"], num_bad_rows=summary.num_bad,
+    result = MineResult(output_dir=cfg.output_file or cfg.output_dir, num_rows=stats["rows"], num_bad_rows=summary.num_bad,
                         pool_size=len(texts), short_rows=stats["short"], short_examples=stats["short_examples"],
                         removed_positives=stats["removed_positives"], wall_s=time.time() - t0, pool_embed_s=pool_embed_s,
                         search_s=search_s, queries_per_s=stats["rows"] / search_s if search_s > 0 else 0.0, config=cfg)
-    write_report(cfg.output_dir, _report_lines(result, summary, spec))
+    write_report(cfg, _report_lines(result, summary, spec))
     return result
 
 

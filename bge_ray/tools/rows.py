@@ -3,16 +3,19 @@ rows, writing JSONL shards from Ray Data workers, sizing the encoder actor pool,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import ray
 import ray.data
 from ray.data._internal.savemode import SaveMode
 from ray.data.datasource.file_datasink import BlockBasedFileDatasink
 
+from bge_ray.cluster import capacity
 from bge_ray.console import log
 from bge_ray.data.read import drop_bad, scan_triplets, triplet_source
 from bge_ray.data.triplets import RowRules
@@ -89,12 +92,21 @@ def read_rows(paths: list[str], skip_bad_rows: bool) -> tuple[Any, Any]:
     return ds.map_batches(drop_bad, batch_format="pyarrow") if summary.num_bad else ds, summary
 
 
+def choose_devices(cfg: Any) -> Any:
+    """``use_gpu: auto`` decided on the connected cluster: GPU encoders when it has or can add GPUs."""
+    if cfg.use_gpu is not None:
+        return cfg
+    chosen = dataclasses.replace(cfg, use_gpu=capacity().has_gpus())
+    log(f"use_gpu: auto -> {'one GPU per encoder actor' if chosen.use_gpu else 'CPU encoders'}")
+    return chosen
+
+
 def actor_count(requested: int | None, use_gpu: bool, streaming: bool = True) -> int:
     """Encoder actors for one stage. A ``streaming`` stage also runs read and write tasks, so on CPU
     one CPU stays free for them (actors holding every CPU stall the pipeline)."""
     res = ray.cluster_resources()
-    if use_gpu:
-        return requested or max(1, int(res.get("GPU", 0)))
+    if use_gpu:  # one actor per GPU the cluster can grow to: an autoscaler adds nodes for the actors asked for
+        return requested or max(1, int(capacity().limit.get("GPU", 0)))
     cpus = int(res.get("CPU", 1))
     room = max(1, cpus - 1) if streaming else max(1, cpus)
     if requested and requested > room:
@@ -103,11 +115,25 @@ def actor_count(requested: int | None, use_gpu: bool, streaming: bool = True) ->
     return min(requested, room) if requested else room
 
 
-def write_report(output_dir: str, lines: list[str]) -> None:
-    """``report.txt`` in the output folder, and the same lines on the console."""
-    fs, root = filesystem(output_dir)
+def write_report(cfg: RowJobConfig, lines: list[str]) -> None:
+    """``report.txt`` in the output folder, and the same lines on the console; with ``output_file``, the
+    shards joined into that one file (in shard order) and the report beside it."""
+    fs, root = filesystem(cfg.output_dir)
     fs.create_dir(root, recursive=True)
-    with fs.open_output_stream(f"{root}/report.txt") as f:
-        f.write(("\n".join(lines) + "\n").encode("utf-8"))
+    text = ("\n".join(lines) + "\n").encode("utf-8")
+    if cfg.output_file:
+        out_fs, out = filesystem(cfg.output_file)
+        shards = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(root)) if i.path.endswith(".jsonl"))
+        with out_fs.open_output_stream(out) as dst:
+            for shard in shards:
+                with fs.open_input_stream(shard) as src:
+                    while chunk := src.read(8 << 20):
+                        dst.write(chunk)
+        with out_fs.open_output_stream(f"{out}.report.txt") as f:
+            f.write(text)
+        fs.delete_dir(root)
+    else:
+        with fs.open_output_stream(f"{root}/report.txt") as f:
+            f.write(text)
     for line in lines:
         log(line)

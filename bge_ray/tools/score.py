@@ -26,7 +26,7 @@ from bge_ray.errors import ConfigError
 from bge_ray.model.tokenizer import load_tokenizer
 from bge_ray.retrieval.encode import TextEncoder
 from bge_ray.tools.config import ScoreConfig
-from bge_ray.tools.rows import JsonlShardSink, actor_count, encoder_spec, read_rows, write_report
+from bge_ray.tools.rows import JsonlShardSink, actor_count, choose_devices, encoder_spec, read_rows, write_report
 
 
 @dataclass
@@ -123,6 +123,7 @@ def score(config: ScoreConfig | dict[str, Any] | str | None = None, **kwargs: An
     cfg: ScoreConfig = resolve_config(config if config is not None else kwargs, ScoreConfig)
     t0 = time.time()
     connect_ray(cfg.ray_address)
+    cfg = choose_devices(cfg)
     ray.data.DataContext.get_current().enable_progress_bars = False
     rows, summary = read_rows(cfg.input_file, cfg.skip_bad_rows)
     concurrency = actor_count(cfg.concurrency, cfg.use_gpu)
@@ -141,6 +142,6 @@ def score(config: ScoreConfig | dict[str, Any] | str | None = None, **kwargs: An
     lines = [f"bge-ray score: {sink.stats['rows']} rows scored by {cfg.teacher} ({kind}) in {wall:.1f}s"]
     if summary.num_bad:
         lines.append(f"bad input rows skipped: {summary.num_bad}; first: " + "; ".join(summary.first_errors))
-    write_report(cfg.output_dir, lines)
-    return ScoreResult(output_dir=cfg.output_dir, num_rows=sink.stats["rows"], num_bad_rows=summary.num_bad,
+    write_report(cfg, lines)
+    return ScoreResult(output_dir=cfg.output_file or cfg.output_dir, num_rows=sink.stats["rows"], num_bad_rows=summary.num_bad,
                        teacher=cfg.teacher, wall_s=wall, config=cfg)

@@ -15,6 +15,7 @@ Layout of one checkpoint directory (``checkpoint_step_<step>[-<tag>]``)::
     model/                      the exported model (only where a model is exported)
     trainer_state.json          rank 0: global_step, epoch, world_size, final
     trained_rows_rank<r>.npy    row keys rank r trained in the current epoch (exact resume)
+    rng_state_rank<r>.pt        rank r's torch RNG states (dropout continues as if never stopped)
     manifest_rank<r>.json       rank r's files: {"files": {relpath: [size, sha256]}}
 """
 
@@ -32,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow.fs as pafs
+import torch
 
 from bge_ray.errors import CheckpointError
 
@@ -53,6 +55,31 @@ def manifest_name(rank: int) -> str:
 
 def trained_rows_name(rank: int) -> str:
     return f"trained_rows_rank{rank}.npy"
+
+
+def rng_state_name(rank: int) -> str:
+    return f"rng_state_rank{rank}.pt"
+
+
+def save_rng_state(local_dir: str, rank: int) -> None:
+    """This process's torch RNG states (CPU and, where there is one, its CUDA device), as HF's Trainer
+    keeps ``rng_state_<rank>.pth``: a resumed run draws the same dropout masks as one never stopped."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    torch.save(state, os.path.join(local_dir, rng_state_name(rank)))
+
+
+def restore_rng_state(local_dir: str, rank: int) -> bool:
+    """Restore what :func:`save_rng_state` wrote; False where the checkpoint holds none for ``rank``."""
+    path = os.path.join(local_dir, rng_state_name(rank))
+    if not os.path.exists(path):
+        return False
+    state = torch.load(path, weights_only=True)
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    return True
 
 
 def _sha256(stream: Any) -> str:

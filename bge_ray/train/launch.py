@@ -20,13 +20,13 @@ from typing import Any
 
 import pyarrow.fs as pafs
 import ray
-from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.util.queue import Queue
 
-from bge_ray.cluster import connect_for, side_actor
+from bge_ray.cluster import capacity, check_fits, connect_for, need_for_training, side_actor
 from bge_ray.config.deepspeed import build_deepspeed_config
-from bge_ray.config.finetune import FinetuneConfig, check_output_dir
+from bge_ray.config.finetune import FinetuneConfig, check_output_dir, check_survives_job
 from bge_ray.config.parse import resolve_config
 from bge_ray.console import log
 from bge_ray.data.pipeline import start_router
@@ -59,7 +59,8 @@ class FinetuneResult:
 RUN_CONFIG_FILE = "bge_ray_config.json"  # the config a run started with, in its run folder
 # fields a resumed run may change: where and how it runs, not what it trains
 RESUMABLE_CHANGES = {"ray_address", "max_failures", "resume", "logging_steps", "report_to", "overwrite_output_dir",
-                     "cache_dir", "storage_path", "run_name", "placement_strategy", "resources_per_worker"}
+                     "cache_dir", "storage_path", "run_name", "placement_strategy", "resources_per_worker", "use_gpu",
+                     "accelerator_type", "tf32", "logging_strategy", "save_model_in_checkpoints", "resume_from_checkpoint"}
 
 
 def default_run_name(cfg: FinetuneConfig) -> str:
@@ -156,6 +157,52 @@ def best_checkpoint(result: Result, cfg: FinetuneConfig) -> tuple[Any, dict[str,
     return best, metrics
 
 
+def start_point(cfg: FinetuneConfig, storage: str) -> tuple[str, int | None, Checkpoint | None]:
+    """The run's name, the step an unfinished run of it resumes from, and the checkpoint a new run
+    starts from (``resume_from_checkpoint``: a folder; ``true``: this config's unfinished run, which
+    must exist).
+
+    Raises:
+        ConfigError: an unfinished run with another config; no run to continue; a folder that holds
+            no bge-ray checkpoint.
+    """
+    target = cfg.resume_from_checkpoint
+    if target is None or target.lower() == "true":
+        run_name, resumed_at = resolve_run_name(cfg, storage)
+        if target is not None and resumed_at is None:
+            raise ConfigError(f"resume_from_checkpoint: true, but {storage.rstrip('/')}/{default_run_name(cfg)} holds "
+                              "no unfinished run of this config to continue")
+        return run_name, resumed_at, None
+    fs, path = filesystem(target)
+    if fs.get_file_info(f"{path.rstrip('/')}/{STATE_FILE}").type != pafs.FileType.File:
+        hf = fs.get_file_info(f"{path.rstrip('/')}/trainer_state.json").type == pafs.FileType.File
+        raise ConfigError(f"resume_from_checkpoint: {target} holds no bge-ray checkpoint ({STATE_FILE} and DeepSpeed "
+                          "state)" + ("; to start from an HF Trainer checkpoint's weights, give it as "
+                                      "model_name_or_path" if hf else ""))
+    state, _ = read_json(fs, f"{path.rstrip('/')}/{STATE_FILE}")
+    run_name, _ = resolve_run_name(dataclasses.replace(cfg, resume="never"), storage)
+    log(f"starting from {target} (step {(state or {}).get('global_step', '?')}) as the new run {run_name}")
+    return run_name, None, Checkpoint(path=path, filesystem=fs)
+
+
+def choose_devices(cfg: FinetuneConfig) -> FinetuneConfig:
+    """``use_gpu: auto`` decided on the connected cluster (GPUs when it has or can add them), and the
+    cluster checked again for GPU workers.
+
+    Raises:
+        ConfigError: the devices cannot run the config, or the cluster can never hold the workers.
+    """
+    if cfg.use_gpu is not None:
+        return cfg
+    chosen = cfg.with_devices(capacity().has_gpus())
+    log(f"use_gpu: auto -> {'GPUs' if chosen.use_gpu else 'CPUs'} ({chosen.num_workers} worker(s) x "
+        f"{chosen.worker_resources})")
+    if chosen.use_gpu:
+        check_fits(need_for_training(chosen.num_workers, chosen.worker_resources),
+                   f"{chosen.num_workers} workers x {chosen.worker_resources} and 1 CPU for the data pipeline")
+    return chosen
+
+
 def _trainer(cfg: FinetuneConfig, loop_config: dict[str, Any], storage: str, run_name: str,
              callbacks: list[Any]) -> TorchTrainer:
     return TorchTrainer(
@@ -197,6 +244,7 @@ def finetune(config: FinetuneConfig | dict[str, Any] | str, callbacks: list[Any]
         CheckpointError: an unfinished run to resume has no intact checkpoint.
     """
     cfg = resolve_config(config)
+    check_survives_job(cfg.output_dir, "output_dir")
     if publish:
         check_output_dir(cfg)
     launch = time.time()
@@ -205,8 +253,9 @@ def finetune(config: FinetuneConfig | dict[str, Any] | str, callbacks: list[Any]
         log(f"validation: {len(vset.dataset.eval_queries)} queries, {len(vset.doc_ids)} documents from "
             f"{cfg.eval_data}; best model by {cfg.metric_for_best_model}")
     storage = storage_root(cfg.storage_path)
-    run_name, resumed_at = resolve_run_name(cfg, storage)  # an unfinished run with another config: refused here
+    run_name, resumed_at, start = start_point(cfg, storage)  # an unfinished run with another config: refused here
     connect_for(cfg.num_workers, cfg.worker_resources, cfg.ray_address)
+    cfg = choose_devices(cfg)
     data = load_training_data(cfg)
     summary = data.summary
     log(f"training data: {data.describe()}")
@@ -223,7 +272,8 @@ def finetune(config: FinetuneConfig | dict[str, Any] | str, callbacks: list[Any]
     run_log = RunLog(launch, run_dir, resumed_at, open_trackers(cfg.report_to, run_dir, run_name, cfg.to_dict()))
     loop_config = {"cfg": cfg.to_dict(), "plan": dataclasses.asdict(plan), "ds_config": ds_config,
                    "router": router, "datasets": [dataclasses.asdict(d) for d in data.datasets],
-                   "vset": ray.put(vset) if vset is not None else None, "data_rows": summary.rows_per_file}
+                   "vset": ray.put(vset) if vset is not None else None, "data_rows": summary.rows_per_file,
+                   "start": start}
     trainer = _trainer(cfg, loop_config, storage, run_name, [DriverFeed(queue), *(callbacks or [])])
     reader = QueueReader(queue, run_log)
     reader.start()

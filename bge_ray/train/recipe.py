@@ -60,6 +60,8 @@ from bge_ray.train.checkpointing import (
     checkpoint_name,
     load_trained_rows,
     pick_resume_checkpoint,
+    restore_rng_state,
+    save_rng_state,
     staging_dir,
     trained_rows_name,
     write_manifest,
@@ -207,6 +209,7 @@ class EmbedderRecipe:
         self.datasets = [DataSet(**{**d, "files": tuple(d["files"])}) for d in loop_config["datasets"]]
         self.vset = ray.get(loop_config["vset"]) if loop_config.get("vset") is not None else None
         self.data_rows = loop_config.get("data_rows")
+        self.start = loop_config.get("start")  # resume_from_checkpoint: another run's checkpoint to continue from
         self.rank, self.world = world()
         self.t_start = time.time()
         self.global_step = 0
@@ -230,6 +233,8 @@ class EmbedderRecipe:
         self.device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
         if cfg.use_gpu and cfg.bf16 and not torch.cuda.is_bf16_supported():
             raise RuntimeError(f"bf16 is on but {torch.cuda.get_device_name(self.device)} has no bf16: use fp16 instead")
+        if cfg.use_gpu and cfg.tf32 is not None:  # HF's tf32: matmuls and cuDNN convolutions
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
         self.resume = self._find_resume_point()
         start_epoch, _ = self.plan.position(self.global_step, cfg.gradient_accumulation_steps)
         # the first epoch's pipeline starts now and runs while the tokenizer, model and engine load
@@ -249,7 +254,7 @@ class EmbedderRecipe:
         Every rank checks the candidates' manifests (metadata only), then reads and hashes only the
         files it loads; if any rank finds damage, all fall back to the next older checkpoint. After
         falling back, new checkpoints get a tag, so they never land in the damaged one's directory."""
-        latest = ray.train.get_checkpoint()
+        latest = ray.train.get_checkpoint() or self.start  # this run's own checkpoint wins once there is one
         if latest is None:
             return None
         fs = latest.filesystem
@@ -281,7 +286,8 @@ class EmbedderRecipe:
     def _setup_model(self) -> None:
         """Tokenizer, collator, embedder and DeepSpeed engine (optimizer and schedule inside)."""
         cfg = self.cfg
-        self.tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.cache_dir, cfg.trust_remote_code)
+        self.tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.cache_dir, cfg.trust_remote_code,
+                                        cfg.use_fast_tokenizer)
         self.collators = [GroupCollator(group_size=None if ds.kind == "symmetric_class" else ds.group_size, pad_token_id=self.tokenizer.pad_token_id,
                                         padding_side=self.tokenizer.padding_side,
                                         pad_to_multiple_of=cfg.pad_to_multiple_of,
@@ -303,8 +309,10 @@ class EmbedderRecipe:
         optimizer = scheduler = None
         if "optimizer" not in ds_config:
             optimizer = build_optimizer(model, cfg, cfg.use_gpu)
-            if "scheduler" not in ds_config:
-                scheduler = build_scheduler(optimizer, self.plan.warmup_steps, self.plan.total_steps)
+        if "scheduler" not in ds_config:
+            # HF's rule: a DeepSpeed JSON's optimizer without a scheduler gets lr_scheduler_type's, as ours does
+            def scheduler(opt: torch.optim.Optimizer) -> Any:
+                return build_scheduler(opt, cfg, self.plan.warmup_steps, self.plan.total_steps)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
             model_parameters=[p for p in model.parameters() if p.requires_grad] if optimizer is None else None,
@@ -320,6 +328,7 @@ class EmbedderRecipe:
         if saved_step != self.global_step:
             raise CheckpointError(f"{self.resume.path}: its DeepSpeed state is at step {saved_step}, "
                                   f"its {STATE_FILE} at step {self.global_step}")
+        restore_rng_state(self.resume.local_dir, self.rank)
         epoch, skip_micro = self.plan.position(self.global_step, self.cfg.gradient_accumulation_steps)
         self.reports.add({"kind": "message", "text": f"resumed from {self.resume.path} at step {self.global_step}"
                           + (f" ({skip_micro} micro-batches into epoch {epoch})" if skip_micro else "")})
@@ -347,7 +356,7 @@ class EmbedderRecipe:
         batches = router_batches(self.router, self.rank)
         if not self.cfg.group_by_length:
             return batches
-        regrouped = length_grouped((b for _, b in batches), self.cfg.per_device_train_batch_size, self.cfg.seed,
+        regrouped = length_grouped((b for _, b in batches), self.cfg.per_device_train_batch_size, self.cfg.order_seed,
                                    epoch, self.rank, first_pool=(done - skip) // LENGTH_POOL_BATCHES)
         for _ in range(skip):
             next(regrouped, None)
@@ -412,7 +421,7 @@ class EmbedderRecipe:
             self.reports.add({"kind": "first_step", "step": step, "time": time.time(), "worker_start": self.t_start,
                               "engine_ready_s": self.engine_ready_s, "first_batch_s": self.first_batch_s})
         report_now = first
-        if step % cfg.logging_steps == 0 or step == self.plan.total_steps:
+        if self._due(cfg.logging_strategy, cfg.logging_steps) or step == self.plan.total_steps:
             report_now |= self._log_step(epoch, micro)
         elif progress:
             self.reports.add({"kind": "progress", "step": step, "total_steps": self.plan.total_steps,
@@ -421,14 +430,19 @@ class EmbedderRecipe:
         if step >= self.plan.total_steps:
             return  # the final checkpoint follows
         paused = time.perf_counter()
-        if self.vset is not None and step % (cfg.eval_steps or cfg.save_steps) == 0:
+        if self.vset is not None and self._due(cfg.eval_strategy or "steps", cfg.eval_steps or cfg.save_steps):
             self.save_checkpoint(epoch, self.validate(), export=True)
             self.window.paused += time.perf_counter() - paused
-        elif self.vset is None and step % cfg.save_steps == 0:
-            self.save_checkpoint(epoch, {"kind": "checkpoint"})
+        elif self.vset is None and self._due(cfg.save_strategy, cfg.save_steps):
+            self.save_checkpoint(epoch, {"kind": "checkpoint"}, export=cfg.save_model_in_checkpoints)
             self.window.paused += time.perf_counter() - paused
         elif report_now:
             ray.train.report({"kind": "log", **self.reports.take()})
+
+    def _due(self, strategy: str, steps: int) -> bool:
+        """Whether HF's ``strategy`` (steps, epoch or no) calls for its event after this step."""
+        every = {"steps": steps, "epoch": self.plan.steps_per_epoch}.get(strategy)
+        return every is not None and self.global_step % every == 0
 
     def _epoch_progress(self, epoch: int, micro: int) -> float:
         return round(epoch + (micro + 1) / self.plan.micro_batches_per_epoch, 4)
@@ -484,6 +498,7 @@ class EmbedderRecipe:
                 self._export(os.path.join(ckpt_dir, MODEL_SUBDIR), metrics, checkpoint_name(self.global_step, tag))
             keys = np.concatenate(self.epoch_rows) if self.epoch_rows else np.empty(0, dtype=np.int64)
             np.save(os.path.join(ckpt_dir, trained_rows_name(self.rank)), keys.astype(np.int64))
+            save_rng_state(ckpt_dir, self.rank)
             if self.rank == 0:
                 with open(os.path.join(ckpt_dir, STATE_FILE), "w", encoding="utf-8") as f:
                     json.dump(state, f)
@@ -524,8 +539,8 @@ class EmbedderRecipe:
 
 def train_loop(loop_config: dict[str, Any]) -> None:
     """Ray Train's worker entry point: ``loop_config`` holds ``cfg`` (a dict), ``plan`` (a dict),
-    ``ds_config``, ``router`` (a BatchRouter actor), ``datasets`` (dicts of :class:`DataSet`) and
-    ``vset`` (an object ref, or None)."""
+    ``ds_config``, ``router`` (a BatchRouter actor), ``datasets`` (dicts of :class:`DataSet`),
+    ``vset`` (an object ref, or None) and ``start`` (a checkpoint of another run to continue, or None)."""
     recipe = EmbedderRecipe(loop_config)
     recipe.setup()
     recipe.train()
