@@ -16,7 +16,8 @@ _MISSING = "transformers.modeling_attn_mask_utils"
 
 
 def import_flag_model():
-    if importlib.util.find_spec(_MISSING) is None and _MISSING not in sys.modules:
+    # registered once per process: find_spec refuses a module already in sys.modules without a __spec__
+    if _MISSING not in sys.modules and importlib.util.find_spec(_MISSING) is None:
         placeholder = types.ModuleType(_MISSING)
         placeholder.__doc__ = "placeholder registered by tests/flagembedding_compat.py"
 
