@@ -183,6 +183,9 @@ def eval_parser() -> argparse.ArgumentParser:
     ap.add_argument("--concurrency", type=int, default=None,
                     help="encoder actors (default: one per GPU the cluster can grow to, or per CPU)")
     ap.add_argument("--ignore_identical_ids", action="store_true", help="drop a retrieved doc whose id is the query's")
+    ap.add_argument("--truncate_dim", dest="truncate_dim", nargs="+", default=[],
+                    help="Matryoshka: also score the embeddings cut to their first d values, one row per d "
+                    "(comma- or space-separated)")
     ap.add_argument("--ray_address", default=None, help="cluster to join (default: RAY_ADDRESS, the cluster `ray "
                     "start` made here, or a local Ray)")
     return ap
@@ -225,6 +228,13 @@ def cmd_eval(argv: list[str]) -> int:
         raise ConfigError(f"--k must be integers, comma- or space-separated, got {' '.join(map(str, args.k))!r}") from None
     if not ks or min(ks) < 1:
         raise ConfigError("--k needs at least one cut-off >= 1")
+    try:
+        dims = tuple(sorted({int(d) for part in args.truncate_dim for d in str(part).replace(",", " ").split()},
+                            reverse=True))
+    except ValueError:
+        raise ConfigError(f"--truncate_dim must be integers, got {' '.join(map(str, args.truncate_dim))!r}") from None
+    if dims and min(dims) < 1:
+        raise ConfigError("--truncate_dim sizes must be >= 1")
     output = args.output or default_eval_output(args.data)
     check_survives_job(output, "--output")
     evaluation = command_module("bge_ray.retrieval.evaluate")
@@ -232,7 +242,7 @@ def cmd_eval(argv: list[str]) -> int:
                     concurrency=args.concurrency, ignore_identical_ids=args.ignore_identical_ids, output_dir=output,
                     ray_address=args.ray_address, pooling=args.pooling, query_instruction=args.query_instruction,
                     passage_instruction=args.passage_instruction, query_max_len=args.query_max_len,
-                    passage_max_len=args.passage_max_len, batch_size=args.batch_size)
+                    passage_max_len=args.passage_max_len, batch_size=args.batch_size, truncate_dims=dims)
     print(evaluation.format_table(rows, ks))
     print(f"results: {os.path.join(output, 'results.json')} and results.md")
     return 0

@@ -90,6 +90,8 @@ def test_eval_door_and_job_script_share_the_parser():
 def test_eval_rejects_bad_cutoffs(tmp_path):
     proc = _run(["bge-ray", "eval", "--model", "m", "--data", str(tmp_path), "--k", "10,x"])
     assert proc.returncode == 2 and "--k must be integers" in proc.stderr
+    proc = _run(["bge-ray", "eval", "--model", "m", "--data", str(tmp_path), "--truncate_dim", "64", "half"])
+    assert proc.returncode == 2 and "--truncate_dim must be integers" in proc.stderr
 
 
 def test_cloud_models_and_output_dirs_are_refused_before_ray_starts(tmp_path):

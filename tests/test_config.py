@@ -82,6 +82,13 @@ def test_unknown_key_in_yaml(tmp_path):
         load_config(str(path))
 
 
+def test_matryoshka_flags_as_flagembedding_and_sentence_transformers_weights(base):
+    cfg = load_config(None, base + ["--use_mrl", "--mrl_dims", "32", "16", "8", "--metric_for_best_model", "ndcg@10_dim16"])
+    assert cfg.use_mrl and cfg.mrl_dims == [32, 16, 8] and cfg.mrl_weights is None
+    assert load_config(None, base + ["--use_mrl", "--mrl_dims", "32,16", "--mrl_weights", "1", "0.5"]).mrl_weights == [1.0, 0.5]
+    assert FinetuneConfig().mrl_dims == [] and not FinetuneConfig().use_mrl  # FlagEmbedding's defaults
+
+
 @pytest.mark.parametrize("argv, match", [
     (["--fp16", "--bf16", "--use_gpu"], "pick one"),
     (["--fp16", "--use_gpu", "false"], "fp16 needs GPUs"),
@@ -100,6 +107,14 @@ def test_unknown_key_in_yaml(tmp_path):
     (["--train_data", "/no/such/file.jsonl"], "no file or directory matches"),
     (["--resources_per_worker", '{"GPU": 1}', "--use_gpu", "false"], "set use_gpu: true"),
     (["--knowledge_distillation", "--train_group_size", "1"], "train_group_size >= 2"),
+    (["--use_mrl"], "use_mrl needs mrl_dims"),
+    (["--mrl_dims", "64", "32"], "use_mrl is off"),
+    (["--use_mrl", "--mrl_dims", "64", "64"], "distinct positive sizes"),
+    (["--use_mrl", "--mrl_dims", "64", "0"], "distinct positive sizes"),
+    (["--use_mrl", "--mrl_dims", "64", "3.5"], "mrl_dims must be a list of whole numbers"),
+    (["--use_mrl", "--mrl_dims", "64", "32", "--mrl_weights", "1"], "one weight >= 0 per mrl_dims entry"),
+    (["--use_mrl", "--mrl_dims", "64", "--metric_for_best_model", "ndcg@10_dim32"], "picks one of mrl_dims"),
+    (["--metric_for_best_model", "ndcg@10_dim32"], "use_mrl is off"),
 ])
 def test_impossible_values_say_what_to_change(base, argv, match):
     with pytest.raises(ConfigError, match=match):

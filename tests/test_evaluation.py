@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from bge_ray.errors import DataValidationError
+from bge_ray.errors import ConfigError, DataValidationError
 from bge_ray.model.embedder import Embedder
 from bge_ray.model.tokenizer import load_tokenizer
 from bge_ray.retrieval.datasets import check_corpus, load_dataset, read_corpus
 from bge_ray.retrieval.encode import encode_texts, encoder_spec_for
-from bge_ray.retrieval.evaluate import evaluate
+from bge_ray.retrieval.evaluate import evaluate, format_table
 from bge_ray.retrieval.metrics import evaluate_run
 from bge_ray.retrieval.search import TopK
 from tests.helpers import REPO, make_beir_subset, minilm_path
@@ -40,7 +40,7 @@ def test_topk_over_chunks_equals_full_search():
 
 
 def test_ray_evaluation_equals_in_process_search(ray_cluster, beir_dir, tiny_model):
-    (row,) = evaluate([tiny_model], beir_dir, ks=(1, 10, 100), pooling="mean", concurrency=2)
+    row, *cuts = evaluate([tiny_model], beir_dir, ks=(1, 10, 100), pooling="mean", concurrency=2, truncate_dims=(16, 4))
     # independent: embed everything in this process, full score matrix, same metrics
     ds = load_dataset(beir_dir)
     with open(os.path.join(beir_dir, "corpus.jsonl")) as f:
@@ -56,6 +56,18 @@ def test_ray_evaluation_equals_in_process_search(ray_cluster, beir_dir, tiny_mod
     for key in ("ndcg@10", "recall@100", "mrr@10", "map@10", "precision@1"):
         assert row[key] == pytest.approx(want[key], abs=1e-5), key
     assert row["num_queries"] == 12 and row["corpus_size"] == len(docs) and row["pooling"] == "mean"
+    # Matryoshka rows: the first d values of the same embeddings, normalised again
+    assert [row["dim"]] + [c["dim"] for c in cuts] == [32, 16, 4]
+    for cut in cuts:
+        q_d = torch.nn.functional.normalize(torch.from_numpy(q_emb[:, :cut["dim"]]), dim=-1)
+        d_d = torch.nn.functional.normalize(torch.from_numpy(d_emb[:, :cut["dim"]]), dim=-1)
+        s_d = (q_d @ d_d.T).numpy()
+        run_d = {q: {docs[j]["_id"]: float(s_d[i, j]) for j in range(len(docs))} for i, q in enumerate(qids)}
+        assert cut["ndcg@10"] == pytest.approx(evaluate_run(ds.qrels, run_d, (10,))["ndcg@10"], abs=1e-5)
+    assert cuts[1]["ndcg@10"] != row["ndcg@10"]
+    assert format_table([row, *cuts], (1, 10, 100)).splitlines()[0].split()[:3] == ["model", "dim", "queries"]
+    with pytest.raises(ConfigError, match="embeds in 32 dimensions"):
+        evaluate([tiny_model], beir_dir, truncate_dims=(64,))
 
 
 def test_flagembedding_layout(ray_cluster, tmp_path):

@@ -13,7 +13,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from bge_ray.model.loss import contrastive_loss
+from bge_ray.model.embedder import Embedder
+from bge_ray.model.loss import contrastive_loss, matryoshka_loss
+from tests.flagembedding_compat import import_flag_model
 
 T = 0.05
 
@@ -107,6 +109,58 @@ def test_m3_kd_loss_matches_reference():
     q, p, teacher = _data()
     got = contrastive_loss(q, p, T, teacher_scores=teacher, kd_loss_type="m3_kd_loss")
     assert got.item() == pytest.approx(ref_m3(q.numpy(), p.numpy(), teacher.numpy(), T), rel=1e-9)
+
+
+def test_matryoshka_loss_is_the_mean_or_weighted_sum_of_the_loss_at_each_cut():
+    q, p, teacher = _data(d=12)
+
+    def cut(x, d):
+        return F.normalize(x[:, :d], dim=-1).numpy()
+
+    per_dim = [ref_infonce(cut(q, d), cut(p, d), T) for d in (12, 6, 3)]
+    assert matryoshka_loss(q, p, [12, 6, 3], temperature=T).item() == pytest.approx(np.mean(per_dim), rel=1e-9)
+    weighted = matryoshka_loss(q, p, [12, 6, 3], weights=[1.0, 0.5, 2.0], temperature=T)
+    assert weighted.item() == pytest.approx(per_dim[0] + 0.5 * per_dim[1] + 2 * per_dim[2], rel=1e-9)
+    kd = matryoshka_loss(q, p, [4], temperature=T, teacher_scores=teacher, kd_loss_type="m3_kd_loss")
+    assert kd.item() == pytest.approx(ref_m3(cut(q, 4), cut(p, 4), teacher.numpy(), T), rel=1e-9)
+    raw = matryoshka_loss(q * 3, p, [5], normalize=False, temperature=T)  # no normalisation: the plain cut
+    assert raw.item() == pytest.approx(ref_infonce((q * 3)[:, :5].numpy(), p[:, :5].numpy(), T), rel=1e-9)
+    with pytest.raises(ValueError, match="at most the embedding size 12"):
+        matryoshka_loss(q, p, [16], temperature=T)
+    with pytest.raises(ValueError, match="2 weights for 1"):
+        matryoshka_loss(q, p, [4], weights=[1.0, 1.0], temperature=T)
+
+
+def test_matryoshka_loss_and_gradients_match_flagembedding_use_mrl():
+    """FlagEmbedding 1.4.2's encoder-only model with use_mrl, on a float64 BERT: the same loss and gradients."""
+    import_flag_model()
+    from FlagEmbedding.finetune.embedder.encoder_only.base.modeling import BiEncoderOnlyEmbedderModel
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=20, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    base = BertModel(config).double()
+    gen = torch.Generator().manual_seed(3)
+    q = {"input_ids": torch.randint(1, 50, (2, 5), generator=gen), "attention_mask": torch.ones(2, 5, dtype=torch.long)}
+    p = {"input_ids": torch.randint(1, 50, (6, 7), generator=gen), "attention_mask": torch.ones(6, 7, dtype=torch.long)}
+    p["attention_mask"][:, 5:] = 0
+    fe = BiEncoderOnlyEmbedderModel(base, temperature=T, sentence_pooling_method="cls", normalize_embeddings=True,
+                                    use_mrl=True, mrl_dims=[16, 8, 4])
+    fe.train()
+    want = fe(queries=q, passages=p).loss
+    want.backward()
+    want_grads = {n: t.grad.clone() for n, t in base.named_parameters() if t.grad is not None}
+    base.zero_grad()
+    ours = Embedder(base, pooling="cls", normalize=True)
+    got = matryoshka_loss(ours.encode(q["input_ids"], q["attention_mask"]),
+                          ours.encode(p["input_ids"], p["attention_mask"]), [16, 8, 4], temperature=T)
+    got.backward()
+    # FlagEmbedding sums the per-dim losses into a float32 zero in place: agreement to float32's precision
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    assert want_grads and set(want_grads) == {n for n, t in base.named_parameters() if t.grad is not None}
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(dict(base.named_parameters())[name].grad, grad, rtol=1e-5, atol=1e-9)
 
 
 def test_bad_arguments_are_rejected():

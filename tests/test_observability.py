@@ -21,7 +21,7 @@ from bge_ray.model.tokenizer import load_tokenizer
 from bge_ray.storage import strip_credentials
 from bge_ray.train.card import model_card, write_model_card
 from bge_ray.train.export import export_model
-from bge_ray.train.progress import Clock, plot_curves
+from bge_ray.train.progress import Clock, format_eval, plot_curves
 from bge_ray.train.trackers import MLflow, TensorBoard, Wandb, hyperparameters, scalars
 
 RECORDS = [{"kind": "train", "step": s, "loss": 1.0 / s, "learning_rate": 1e-5 * s, "grad_norm": 2.0,
@@ -147,6 +147,23 @@ def test_model_card_shows_the_evaluation_and_its_loading_snippet_runs(tiny_model
     np.testing.assert_allclose(st_emb, want, atol=1e-5)
     exec("\n".join(["model_dir = " + repr(str(out)), snippets[2]]), namespace)  # transformers + bge-ray's pool
     np.testing.assert_allclose(namespace["embedding"].detach().numpy(), want, atol=1e-5)
+
+
+def test_a_matryoshka_export_names_its_dims_and_loads_truncated_in_sentence_transformers(tiny_model, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    out = tmp_path / "m"
+    cfg = _exported(tiny_model, out, use_mrl=True, mrl_dims=[32, 16, 8], metric_for_best_model="ndcg@10_dim8")
+    assert json.loads((out / "config_sentence_transformers.json").read_text())["matryoshka_dims"] == [32, 16, 8]
+    assert json.loads((out / "bge_ray.json").read_text())["matryoshka_dims"] == [32, 16, 8]
+    card = model_card(str(out), cfg)
+    assert "## Matryoshka" in card and "truncate_dim=8" in card and "--truncate_dim 32 16 8" in card
+    full = SentenceTransformer(str(out), device="cpu").encode(["what causes tides"])
+    cut = SentenceTransformer(str(out), device="cpu", truncate_dim=8).encode(["what causes tides"], normalize_embeddings=True)
+    np.testing.assert_allclose(cut, full[:, :8] / np.linalg.norm(full[:, :8], axis=1, keepdims=True), atol=1e-5)
+    line = format_eval({"step": 4, "metric": "ndcg@10_dim8", "eval_ndcg@10_dim8": 0.5, "eval_ndcg@10": 0.7,
+                        "eval_ndcg@10_dim16": 0.6, "eval_s": 1.0})
+    assert line == "eval step     4 | ndcg@10_dim8 0.5000 | ndcg@10 by dim full:0.7000 16:0.6000 8:0.5000 | 1s"
 
 
 def test_a_card_without_evaluation_says_so(tiny_model, tmp_path):

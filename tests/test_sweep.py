@@ -130,6 +130,7 @@ def test_sweep_stops_weak_trials_and_exports_the_best(ray_cluster, tiny_model, m
     ({"output_dir": {"choice": ["a", "b"]}}, "output_dir cannot be swept"),
     ({"temperature": {"normal": [0.1, 0.01]}}, "unknown distribution 'normal'"),
     ({"train_group_size": {"randint": [0, 4]}}, "train_group_size must be >= 1"),
+    ({"mrl_dims": {"choice": [[32, 16]]}}, r"search_space.mrl_dims = \[32, 16\] .*use_mrl is off"),
 ])
 def test_bad_search_space_fails_before_ray(tmp_path, tiny_model, memorize_eval, space, message):
     import ray
@@ -180,6 +181,14 @@ def test_search_space_becomes_tunes_domains(tmp_path, tiny_model, memorize_eval)
     assert isinstance(domains["train_group_size"], Integer) and domains["train_group_size"].upper == 5
     assert domains["normalize_embeddings"] == rtune.grid_search([True, False])
     assert sweep.space["query_max_len"].args == [16, 32]  # values typed as the field
+    mrl = load_sweep(sweep_file(tmp_path, tiny_model, memorize_eval, use_mrl=True,
+                                search_space={"mrl_dims": {"choice": [[32, 16], ["32", 8]]},
+                                              "mrl_weights": {"grid": [None, [1, 0.5]]}}))
+    assert mrl.space["mrl_dims"].args == [[32, 16], [32, 8]] and mrl.space["mrl_weights"].args == [None, [1.0, 0.5]]
+    assert tune_domain(mrl.space["mrl_dims"]).categories == [[32, 16], [32, 8]]
+    with pytest.raises(ConfigError, match=r"search_space.mrl_weights = \[1.0\] .*one weight >= 0 per mrl_dims"):
+        load_sweep(sweep_file(tmp_path, tiny_model, memorize_eval, use_mrl=True, mrl_dims=[32, 16],
+                              search_space={"mrl_weights": {"choice": [[1]]}}))
     settings = tune_config(sweep, concurrency=2)
     assert settings.metric == "eval_ndcg@10" and settings.mode == "max" and settings.num_samples == 1
     assert settings.scheduler._time_attr == "validations"

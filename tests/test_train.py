@@ -181,7 +181,9 @@ def _with_scores(src: str, dst: str) -> str:
     return dst
 
 
-def test_zero3_cross_device_distillation_cls_checkpointing(ray_cluster, tiny_model, tmp_path):
+def test_zero3_cross_device_distillation_cls_checkpointing_matryoshka(ray_cluster, tiny_model, tmp_path):
+    """ZeRO-3, cross-device negatives, m3 KD, gradient checkpointing, GradCache and Matryoshka at once;
+    validation at each Matryoshka cut, the best checkpoint picked by the smallest."""
     data = _with_scores(FE_EXAMPLES, str(tmp_path / "scored.jsonl"))
     result = bge_ray.finetune({
         "model_name_or_path": tiny_model, "train_data": [data], "output_dir": str(tmp_path / "model"),
@@ -191,8 +193,14 @@ def test_zero3_cross_device_distillation_cls_checkpointing(ray_cluster, tiny_mod
         "kd_loss_type": "m3_kd_loss", "gradient_checkpointing": True, "gradient_accumulation_steps": 2,
         "learning_rate": 5e-4, "max_steps": 3, "logging_steps": 1, "save_steps": 100,
         "query_instruction_for_retrieval": "query: ", "sub_batch_size": 5,  # GradCache: 4 query, 12 passage rows
+        "use_mrl": True, "mrl_dims": [32, 16, 8], "metric_for_best_model": "ndcg@10_dim8", "eval_steps": 3,
+        "eval_data": make_beir_subset(str(tmp_path / "eval"), n_queries=6, n_extra_docs=10),
     })
     assert result.metrics["step"] == 3
+    evals = [r for r in result.evals if r["step"] == 3]
+    assert evals and {"eval_ndcg@10", "eval_ndcg@10_dim32", "eval_ndcg@10_dim16", "eval_ndcg@10_dim8"} <= set(evals[0])
+    assert evals[0]["eval_ndcg@10_dim32"] == evals[0]["eval_ndcg@10"]  # 32 is the whole embedding
+    assert "best_eval_ndcg@10_dim8" in result.metrics
     from safetensors.torch import load_file
 
     trained = load_file(os.path.join(result.model_dir, "model.safetensors"))
@@ -201,7 +209,8 @@ def test_zero3_cross_device_distillation_cls_checkpointing(ray_cluster, tiny_mod
     assert all(trained[k].shape == base[k].shape for k in base)
     assert any(not torch.equal(trained[k], base[k]) for k in base)
     with open(os.path.join(result.model_dir, "config_sentence_transformers.json")) as f:
-        assert json.load(f)["prompts"] == {"query": "query: "}
+        st_config = json.load(f)
+    assert st_config["prompts"] == {"query": "query: "} and st_config["matryoshka_dims"] == [32, 16, 8]
     with open(os.path.join(result.model_dir, "1_Pooling", "config.json")) as f:
         assert json.load(f)["pooling_mode_cls_token"] is True
 

@@ -26,7 +26,6 @@ _HUB = "bge-ray does not upload models: push output_dir with `hf upload`"
 _EVAL = "bge-ray validates retrieval on eval_data (eval_strategy, eval_steps, metric_for_best_model)"
 _M3 = ("BGE-M3's unified fine-tuning (sparse and ColBERT heads) is not supported yet: bge-ray trains the dense "
        "embedding only")
-_MRL = "Matryoshka (MRL) training is not supported yet"
 _DECODER = "decoder-only (LLM) embedders with LoRA and their extra tokens are not supported yet"
 _HF_ONLY = "an HF Trainer feature bge-ray does not have"
 
@@ -103,7 +102,6 @@ AT_DEFAULT: dict[str, tuple[tuple[Any, ...], str]] = {
     # FlagEmbedding's other runners: BGE-M3, Matryoshka, decoder-only embedders
     "unified_finetuning": ((False,), _M3), "use_self_distill": ((False,), _M3), "fix_encoder": ((False,), _M3),
     "self_distill_start_step": ((-1,), _M3), "colbert_dim": ((-1,), _M3),
-    "use_mrl": ((False,), _MRL), "mrl_dims": ((None, "", ()), _MRL),
     "use_lora": ((False,), _DECODER), "lora_rank": ((), _DECODER), "lora_alpha": ((), _DECODER),
     "lora_dropout": ((), _DECODER), "target_modules": ((), _DECODER), "modules_to_save": ((None,), _DECODER),
     "save_merged_lora_model": ((False,), _DECODER), "additional_special_tokens": ((None,), _DECODER),

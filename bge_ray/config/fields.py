@@ -152,11 +152,16 @@ def coerce(name: str, value: Any, cls: type) -> Any:
                 raise ValueError
             return str(value)
         if typing.get_origin(base) is list:
-            want = "a list of strings"
-            items = [value] if isinstance(value, str) else value
-            if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
+            item = (typing.get_args(base) or (str,))[0]
+            want = {int: "a list of whole numbers", float: "a list of numbers"}.get(item, "a list of strings")
+            items = [value] if isinstance(value, (str, int, float)) else value
+            if not isinstance(items, (list, tuple)):
                 raise ValueError
-            return list(items)
+            if item is str:
+                if not all(isinstance(v, str) for v in items):
+                    raise ValueError
+                return list(items)
+            return [_number(v, item) for v in items]
         if typing.get_origin(base) is dict:
             want = "a mapping such as {\"CPU\": 2, \"GPU\": 1}"
             if isinstance(value, str):
@@ -170,6 +175,16 @@ def coerce(name: str, value: Any, cls: type) -> Any:
         shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
         raise ConfigError(f"{name} must be {want}, got {shown}") from None
     raise ConfigError(f"{name}: unsupported field type {hint}")
+
+
+def _number(value: Any, kind: type) -> int | float:
+    """One item of a list of numbers, from YAML or the command line; ValueError where it is not one."""
+    if isinstance(value, bool):
+        raise ValueError
+    number = float(value)
+    if not math.isfinite(number) or (kind is int and not number.is_integer()):
+        raise ValueError
+    return int(number) if kind is int else number
 
 
 def check_format(name: str, fmt: str) -> None:

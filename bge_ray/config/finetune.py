@@ -103,6 +103,12 @@ class FinetuneConfig:
     negatives_cross_device: bool = knob(False, "gather passages from every worker: each query sees all workers' "
                                         "passages as negatives")
     kd_loss_type: str = knob("kl_div", "distillation loss: kl_div (added to InfoNCE) or m3_kd_loss (BGE-M3's)")
+    use_mrl: bool = knob(False, "Matryoshka: the loss is the mean of the contrastive loss at each of mrl_dims "
+                         "(embeddings cut to their first d values, normalised again), as FlagEmbedding's")
+    mrl_dims: list[int] = knob(help="Matryoshka dimensions, e.g. 768 512 256 128 64 (the full size counts only "
+                               "when listed)", factory=list)
+    mrl_weights: list[float] | None = knob(None, "one weight per mrl_dims entry: the loss is their weighted sum "
+                                           "(sentence-transformers' MatryoshkaLoss) instead of the mean")
     fix_position_embedding: bool = knob(False, "freeze the position embeddings")
     learning_rate: float = knob(5e-5, "peak learning rate (AdamW)")
     lr_scheduler_type: str = knob("linear", "the learning-rate schedule after warm-up, by transformers' name: "
@@ -266,6 +272,7 @@ class FinetuneConfig:
         """Raise :class:`ConfigError` for any impossible value or combination. Changes nothing, touches no cluster."""
         _check_model_and_data(self)
         _check_training(self)
+        _check_matryoshka(self)
         _check_validation(self)
         _check_report_to(self)
         _check_precision_and_deepspeed(self)
@@ -440,6 +447,21 @@ def _check_training(cfg: FinetuneConfig) -> None:
         raise ConfigError(f"save_total_limit must be >= 1 or unset, got {cfg.save_total_limit}")
 
 
+def _check_matryoshka(cfg: FinetuneConfig) -> None:
+    if not cfg.use_mrl:
+        if cfg.mrl_dims or cfg.mrl_weights is not None:
+            raise ConfigError("mrl_dims / mrl_weights are set but use_mrl is off (FlagEmbedding ignores them then): "
+                              "add use_mrl: true, or drop them")
+        return
+    if not cfg.mrl_dims:
+        raise ConfigError("use_mrl needs mrl_dims, e.g. --mrl_dims 768 512 256 128 64")
+    if min(cfg.mrl_dims) < 1 or len(set(cfg.mrl_dims)) != len(cfg.mrl_dims):
+        raise ConfigError(f"mrl_dims must be distinct positive sizes, got {cfg.mrl_dims}")
+    if cfg.mrl_weights is not None and (len(cfg.mrl_weights) != len(cfg.mrl_dims) or min(cfg.mrl_weights) < 0):
+        raise ConfigError(f"mrl_weights needs one weight >= 0 per mrl_dims entry ({len(cfg.mrl_dims)}), "
+                          f"got {cfg.mrl_weights}")
+
+
 def _check_report_to(cfg: FinetuneConfig) -> None:
     for name in cfg.report_to:
         if name in OTHER_TRACKERS:
@@ -466,10 +488,14 @@ def _check_validation(cfg: FinetuneConfig) -> None:
     if cfg.eval_steps is not None and cfg.eval_steps < 1:
         raise ConfigError(f"eval_steps must be >= 1 or unset (= save_steps), got {cfg.eval_steps}")
     _at_least(cfg, ("eval_batch_size",), 1)
-    metric, _, k = cfg.metric_for_best_model.partition("@")
+    name, _, dim = cfg.metric_for_best_model.partition("_dim")
+    metric, _, k = name.partition("@")
     if metric not in METRICS or k not in {str(x) for x in DEFAULT_KS}:
-        raise ConfigError(f"metric_for_best_model must be <{'|'.join(METRICS)}>@<{'|'.join(map(str, DEFAULT_KS))}>, "
-                          f"got {cfg.metric_for_best_model!r}")
+        raise ConfigError(f"metric_for_best_model must be <{'|'.join(METRICS)}>@<{'|'.join(map(str, DEFAULT_KS))}>"
+                          f"[_dim<d>], got {cfg.metric_for_best_model!r}")
+    if dim and (not cfg.use_mrl or not dim.isdigit() or int(dim) not in cfg.mrl_dims):
+        raise ConfigError(f"metric_for_best_model {cfg.metric_for_best_model!r}: _dim<d> picks one of mrl_dims "
+                          f"({cfg.mrl_dims if cfg.use_mrl else 'use_mrl is off'})")
     if cfg.final_model not in ("best", "last"):
         raise ConfigError(f"final_model must be best or last, got {cfg.final_model!r}")
 

@@ -37,6 +37,23 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, method: str) -> tor
 ATTENTION_DROPOUT_NAMES = ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop")
 
 
+def check_matryoshka_dims(name_or_path: str, dims: list[int], cache_dir: str | None = None,
+                          trust_remote_code: bool = False) -> None:
+    """Fail before any cluster work where a Matryoshka dim exceeds the model's embedding size
+    (FlagEmbedding cuts it to the full size with a warning, so that dim trains the full size twice).
+
+    Raises:
+        ValueError: a dim larger than the model's ``hidden_size``, or a model whose config cannot be read.
+    """
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, cache_dir=cache_dir, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise ValueError(f"{name_or_path}: its config cannot be read to check mrl_dims against its size ({e})") from None
+    size = getattr(config, "hidden_size", None)
+    if size is not None and max(dims) > size:
+        raise ValueError(f"mrl_dims {dims}: {name_or_path} embeds in {size} dimensions; list sizes up to {size}")
+
+
 class Embedder(nn.Module):
     """Encoder + pooling (+ normalisation). ``forward`` returns (queries, passages) embeddings."""
 

@@ -26,6 +26,11 @@ targets = softmax(teacher_scores)):
   over all passages of the batch, with the passages of earlier positions masked out, weighted by
   ``targets[:, j]``; replaces the hard loss.
 
+Matryoshka (``use_mrl``): :func:`matryoshka_loss` is the contrastive loss above at each of the
+dimensions ``d`` (embeddings cut to their first ``d`` values and, with normalisation on, normalised
+again; cutting a normalised vector and normalising equals normalising the cut one), averaged as
+FlagEmbedding's, or summed with weights as sentence-transformers' ``MatryoshkaLoss``.
+
 Example::
 
     >>> q = torch.nn.functional.normalize(torch.randn(2, 8), dim=-1)
@@ -161,3 +166,26 @@ def _own_group_loss(q: torch.Tensor, p: torch.Tensor, temperature: float, teache
     if kd_loss_type == "m3_kd_loss":
         return m3_kd_loss(scores, teacher_targets, g)
     return kl_div_loss(scores, teacher_targets) + F.cross_entropy(scores, targets)
+
+
+def matryoshka_loss(q: torch.Tensor, p: torch.Tensor, dims: list[int] | tuple[int, ...],
+                    weights: list[float] | None = None, normalize: bool = True, **settings) -> torch.Tensor:
+    """:func:`contrastive_loss` (with ``settings``) at each of ``dims``: the mean, or with ``weights`` the
+    weighted sum.
+
+    Raises:
+        ValueError: no dims, a dim larger than the embeddings, or weights that do not match the dims.
+    """
+    if not dims or max(dims) > q.size(-1):
+        raise ValueError(f"Matryoshka dims {list(dims)} must be non-empty and at most the embedding size {q.size(-1)}")
+    if weights is not None and len(weights) != len(dims):
+        raise ValueError(f"{len(weights)} weights for {len(dims)} Matryoshka dims")
+    losses = []
+    for d in dims:
+        q_d, p_d = q[:, :d], p[:, :d]
+        if normalize:
+            q_d, p_d = F.normalize(q_d, dim=-1), F.normalize(p_d, dim=-1)
+        losses.append(contrastive_loss(q_d, p_d, **settings))
+    if weights is None:
+        return torch.stack(losses).mean()
+    return sum((w * loss for w, loss in zip(weights, losses, strict=True)), q.new_zeros(()))

@@ -18,17 +18,25 @@ import torch.distributed as dist
 from bge_ray.cluster import capacity, connect_ray
 from bge_ray.config.finetune import check_local_models
 from bge_ray.console import ProgressLine, log
+from bge_ray.errors import ConfigError
+from bge_ray.model.embedder import check_matryoshka_dims
 from bge_ray.retrieval.datasets import RetrievalDataset, ValidationSet, check_corpus, load_dataset, read_corpus
 from bge_ray.retrieval.encode import EncoderSpec, encode_dataset, encode_texts, encoder_spec_for
 from bge_ray.retrieval.metrics import DEFAULT_KS, METRICS, evaluate_run
-from bge_ray.retrieval.search import TopK
+from bge_ray.retrieval.search import TopK, truncate
 
 
 def evaluate_model(dataset: RetrievalDataset, spec: EncoderSpec, ks: tuple[int, ...] = DEFAULT_KS,
                    use_gpu: bool = False, concurrency: int = 1, ignore_identical_ids: bool = False,
-                   corpus: Any = None, corpus_size: int | None = None) -> dict[str, Any]:
-    """Embed, search and score one model on one data set. Returns metrics plus timings; prints
-    progress (done / total, rate, ETA) while it embeds."""
+                   corpus: Any = None, corpus_size: int | None = None,
+                   dims: tuple[int, ...] = ()) -> list[dict[str, Any]]:
+    """Embed, search and score one model on one data set: one result (metrics, ``dim``, timings) for
+    the whole embeddings, then one per Matryoshka cut in ``dims`` (searched beside it, embedded once).
+    Prints progress (done / total, rate, ETA) while it embeds.
+
+    Raises:
+        ValueError: a cut larger than the model's embeddings.
+    """
     t0 = time.time()
     corpus = corpus if corpus is not None else read_corpus(dataset)
     queries = dataset.eval_queries
@@ -41,21 +49,27 @@ def evaluate_model(dataset: RetrievalDataset, spec: EncoderSpec, ks: tuple[int, 
                                                                                            batch_format="numpy"):
             q_emb.update(zip(batch["_id"], batch["emb"], strict=True))
             progress.add(len(batch["_id"]))
-    topk = TopK(torch.from_numpy(np.stack([q_emb[q] for q in qids])), k=max(ks) + (1 if ignore_identical_ids else 0))
+    q_all = torch.from_numpy(np.stack([q_emb[q] for q in qids]))
+    cuts = (None, *dims)
+    k = max(ks) + (1 if ignore_identical_ids else 0)
+    tops = [TopK(truncate(q_all, d, spec.normalize), k=k) for d in cuts]
     p_ds = encode_dataset(corpus.select_columns(["_id", "text"]), spec, "passage", use_gpu, concurrency)
     with ProgressLine(f"eval {name}: passages embedded and searched", corpus_size, "passages") as progress:
         for batch in p_ds.iter_batches(batch_size=None, batch_format="numpy"):
-            topk.add(torch.tensor(np.asarray(batch["emb"], dtype=np.float32)), [str(x) for x in batch["_id"]])
+            docs, ids = torch.tensor(np.asarray(batch["emb"], dtype=np.float32)), [str(x) for x in batch["_id"]]
+            for d, top in zip(cuts, tops, strict=True):
+                top.add(truncate(docs, d, spec.normalize), ids)
             progress.add(len(batch["_id"]))
     elapsed = time.time() - t0
-    metrics = evaluate_run(dataset.qrels, topk.run(qids), ks, ignore_identical_ids=ignore_identical_ids)
-    metrics.update({"num_docs": progress.count, "eval_s": elapsed, "passages_per_s": progress.count / elapsed})
-    return metrics
+    timings = {"num_docs": progress.count, "eval_s": elapsed, "passages_per_s": progress.count / elapsed}
+    return [{**evaluate_run(dataset.qrels, top.run(qids), ks, ignore_identical_ids=ignore_identical_ids),
+             "dim": d or q_all.shape[1], **timings} for d, top in zip(cuts, tops, strict=True)]
 
 
 def evaluate(models: list[str] | str, data: str, split: str = "test", ks: tuple[int, ...] = DEFAULT_KS,
              use_gpu: bool = False, concurrency: int | None = None, ignore_identical_ids: bool = False,
-             output_dir: str | None = None, ray_address: str | None = None, **overrides: Any) -> list[dict[str, Any]]:
+             output_dir: str | None = None, ray_address: str | None = None, truncate_dims: tuple[int, ...] = (),
+             **overrides: Any) -> list[dict[str, Any]]:
     """Evaluate one or more models on one retrieval data set.
 
     Args:
@@ -70,16 +84,19 @@ def evaluate(models: list[str] | str, data: str, split: str = "test", ks: tuple[
         output_dir: where ``results.json`` and ``results.md`` go; nothing is written without it.
         ray_address: the cluster to join (else ``RAY_ADDRESS``, the cluster ``ray start`` made here, or
             a local Ray).
+        truncate_dims: Matryoshka cuts: each model is also scored on its embeddings' first ``d`` values
+            (normalised again where the model normalises), one more row per cut.
         **overrides: :class:`EncoderSpec` or text fields set for every model (``pooling``,
             ``query_instruction``, ``passage_max_len``...).
 
     Returns:
-        One row per model: ``model``, ``data``, ``split``, ``pooling``, ``corpus_size``, the metrics
-        (``ndcg@10``...), ``num_queries`` and timings (``eval_s``, ``passages_per_s``).
+        One row per model (and cut): ``model``, ``data``, ``split``, ``pooling``, ``dim``, ``corpus_size``,
+        the metrics (``ndcg@10``...), ``num_queries`` and timings (``eval_s``, ``passages_per_s``).
 
     Raises:
         DataValidationError: the data set is malformed (file and line named) or its qrels name
             unknown queries or documents.
+        ConfigError: a cut is larger than a model's embeddings.
         ValueError: no model was given.
     """
     if isinstance(models, str):
@@ -87,6 +104,11 @@ def evaluate(models: list[str] | str, data: str, split: str = "test", ks: tuple[
     if not models:
         raise ValueError("give at least one model to evaluate")
     check_local_models(models)
+    for model in models if truncate_dims else ():
+        try:
+            check_matryoshka_dims(model, list(truncate_dims))
+        except ValueError as e:
+            raise ConfigError(f"--truncate_dim: {e}".replace("mrl_dims ", "")) from None
     connect_ray(ray_address)
     ray.data.DataContext.get_current().enable_progress_bars = False
     dataset = load_dataset(data, split)
@@ -99,21 +121,25 @@ def evaluate(models: list[str] | str, data: str, split: str = "test", ks: tuple[
     rows = []
     for model in models:
         spec = encoder_spec_for(model, **overrides)
-        metrics = evaluate_model(dataset, spec, ks, use_gpu=use_gpu, concurrency=concurrency,
-                                 ignore_identical_ids=ignore_identical_ids, corpus=corpus, corpus_size=n_docs)
-        rows.append({"model": model, "data": dataset.name, "split": split, "pooling": spec.pooling,
-                     "corpus_size": n_docs, **metrics})
+        results = evaluate_model(dataset, spec, ks, use_gpu=use_gpu, concurrency=concurrency,
+                                 ignore_identical_ids=ignore_identical_ids, corpus=corpus, corpus_size=n_docs,
+                                 dims=tuple(truncate_dims))
+        rows += [{"model": model, "data": dataset.name, "split": split, "pooling": spec.pooling,
+                  "corpus_size": n_docs, **metrics} for metrics in results]
     if output_dir:
         write_results(rows, ks, output_dir)
     return rows
 
 
 def format_table(rows: list[dict[str, Any]], ks: tuple[int, ...] = DEFAULT_KS, markdown: bool = False) -> str:
-    """The results as a table: one row per model; nDCG, Recall and MRR at each k, MAP and P at 10."""
+    """The results as a table: one row per model (and Matryoshka cut, with a dim column); nDCG, Recall and
+    MRR at each k, MAP and P at 10."""
     cols = [f"{m}@{k}" for m in METRICS for k in ks]
     cols = [c for c in cols if c.split("@")[0] in ("ndcg", "recall", "mrr") or int(c.split("@")[1]) == 10]
-    header = ["model", "queries", *cols]
-    body = [[str(r["model"]), str(r["num_queries"]), *(f"{r[c]:.4f}" for c in cols)] for r in rows]
+    cut = len({(r["model"], r.get("dim")) for r in rows}) > len({r["model"] for r in rows})  # Matryoshka rows
+    header = ["model", *(["dim"] if cut else []), "queries", *cols]
+    body = [[str(r["model"]), *([str(r["dim"])] if cut else []), str(r["num_queries"]), *(f"{r[c]:.4f}" for c in cols)]
+            for r in rows]
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body])
@@ -153,9 +179,10 @@ def _embed_shared(model: Any, tokenizer: Any, texts: list[str], max_len: int, ba
 
 @torch.inference_mode()
 def validate(model: Any, tokenizer: Any, vset: ValidationSet, spec: EncoderSpec, device: torch.device,
-             ks: tuple[int, ...] = DEFAULT_KS) -> dict[str, float]:
+             ks: tuple[int, ...] = DEFAULT_KS, dims: tuple[int, ...] = ()) -> dict[str, float]:
     """Retrieval metrics of the model being trained. Every worker embeds an equal share (ZeRO-3
-    needs all workers in every forward); rank 0 searches and scores; all workers get the metrics."""
+    needs all workers in every forward); rank 0 searches and scores; all workers get the metrics.
+    With Matryoshka ``dims``, the metrics at each cut follow as ``<metric>_dim<d>`` (``ndcg@10_dim256``)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     was_training = model.training
     model.eval()
@@ -168,9 +195,12 @@ def validate(model: Any, tokenizer: Any, vset: ValidationSet, spec: EncoderSpec,
         model.train()
     metrics: list[Any] = [None]
     if rank == 0:
-        top = TopK(torch.from_numpy(q_emb), k=max(ks))
-        top.add(torch.from_numpy(d_emb), vset.doc_ids)
-        metrics[0] = evaluate_run(vset.dataset.qrels, top.run(qids), ks)
+        metrics[0] = {}
+        for dim in (None, *dims):
+            top = TopK(truncate(torch.from_numpy(q_emb), dim, spec.normalize), k=max(ks))
+            top.add(truncate(torch.from_numpy(d_emb), dim, spec.normalize), vset.doc_ids)
+            scores = evaluate_run(vset.dataset.qrels, top.run(qids), ks)
+            metrics[0].update(scores if dim is None else {f"{k}_dim{dim}": v for k, v in scores.items() if "@" in k})
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(metrics, src=0)
     return metrics[0]

@@ -3,6 +3,22 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+
+def truncate(emb: torch.Tensor, dim: int | None, normalize: bool) -> torch.Tensor:
+    """Matryoshka: the first ``dim`` values of each embedding (normalised again where the model
+    normalises); ``None`` keeps them whole.
+
+    Raises:
+        ValueError: ``dim`` larger than the embeddings.
+    """
+    if dim is None or dim == emb.shape[-1]:
+        return emb  # the whole embedding, as the model gives it
+    if not 0 < dim < emb.shape[-1]:
+        raise ValueError(f"cannot cut {emb.shape[-1]}-dimensional embeddings to {dim} dimensions")
+    cut = emb[..., :dim]
+    return F.normalize(cut, dim=-1) if normalize else cut
 
 
 class TopK:

@@ -171,10 +171,11 @@ class SweepConfig:
         if not self.train.get("eval_data") or str(self.train["eval_data"]).lower() in ("none", "null"):
             raise ConfigError("a sweep picks its best trial by a validation metric: set eval_data "
                               "(a BEIR or FlagEmbedding evaluation folder)")
-        for name, dist in self.space.items():  # each value on its own, so an error names its field
+        firsts = {name: dist.extremes()[0] for name, dist in self.space.items()}
+        for name, dist in self.space.items():  # each value, the other axes at their first, so an error names its field
             for value in dist.extremes():
                 try:
-                    build_config({**self.train, name: value}, where="sweep").resolved().validate()
+                    build_config({**self.train, **firsts, name: value}, where="sweep").resolved().validate()
                 except ConfigError as e:
                     raise ConfigError(f"search_space.{name} = {value!r} gives a config that cannot run: {e}") from None
         self.base_config()

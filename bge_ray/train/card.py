@@ -20,7 +20,7 @@ HYPERPARAMETERS = ("learning_rate", "num_train_epochs", "max_steps", "per_device
                    "normalize_embeddings", "query_max_len", "passage_max_len", "query_instruction_for_retrieval",
                    "passage_instruction_for_retrieval", "negatives_cross_device", "knowledge_distillation",
                    "kd_loss_type", "warmup_ratio", "warmup_steps", "weight_decay", "deepspeed", "bf16", "fp16",
-                   "sub_batch_size", "attention_dropout", "seed")
+                   "sub_batch_size", "attention_dropout", "seed", "mrl_dims", "mrl_weights")
 LIBRARIES = ("torch", "transformers", "ray", "deepspeed", "sentence-transformers", "FlagEmbedding")
 
 
@@ -111,6 +111,13 @@ def model_card(model_dir: str, cfg: dict[str, Any], data: dict[str, int] | None 
     if cfg.get("eval_data"):
         lines += [f"On `{cfg['eval_data']}` ({cfg.get('eval_split', 'test')} split):", ""]
     lines += _eval_table(evals or {}, cfg.get("metric_for_best_model", "ndcg@10"))
+    if cfg.get("use_mrl"):
+        dims = cfg["mrl_dims"]
+        lines += ["", "## Matryoshka", "", f"Trained with the loss at dimensions {', '.join(map(str, dims))} "
+                  f"({'weighted ' + str(cfg['mrl_weights']) if cfg.get('mrl_weights') else 'averaged'}): keep the "
+                  f"first d values of an embedding (and normalise again) for smaller vectors, e.g. "
+                  f"`SentenceTransformer(path, truncate_dim={min(dims)})`; `bge-ray eval --truncate_dim "
+                  f"{' '.join(map(str, dims))}` scores each."]
     lines += ["", "## Usage", "", *_usage(model_dir, cfg), "", "## Framework versions", "",
               *(f"- {v}" for v in _versions()), ""]
     return "\n".join(lines)

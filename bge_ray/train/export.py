@@ -8,7 +8,7 @@ Layout::
       modules.json, sentence_bert_config.json # sentence-transformers: Transformer -> Pooling [-> Normalize]
       1_Pooling/config.json                   # the pooling that was trained (cls / mean / last_token)
       2_Normalize/                            # only when normalize_embeddings
-      config_sentence_transformers.json       # the query instruction as the "query" prompt
+      config_sentence_transformers.json       # the query instruction as the "query" prompt; Matryoshka dims
       bge_ray.json                            # pooling, normalisation, instructions, the resolved config
 """
 
@@ -39,7 +39,7 @@ def prompt_prefix(fmt: str, instruction: str | None) -> str | None:
 
 def write_sentence_transformers_files(out_dir: str, hidden_size: int, pooling: str, normalize: bool,
                                       max_seq_length: int, query_prompt: str | None,
-                                      passage_prompt: str | None) -> None:
+                                      passage_prompt: str | None, matryoshka_dims: list[int] | None = None) -> None:
     modules = [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
@@ -71,6 +71,7 @@ def write_sentence_transformers_files(out_dir: str, hidden_size: int, pooling: s
         "prompts": prompts,
         "default_prompt_name": None,
         "similarity_fn_name": "cosine" if normalize else "dot",
+        **({"matryoshka_dims": matryoshka_dims} if matryoshka_dims else {}),  # load with truncate_dim=<one of them>
     })
 
 
@@ -95,11 +96,13 @@ def export_model(hf_model: Any, tokenizer: Any, state_dict: dict, out_dir: str, 
     tokenizer.save_pretrained(out_dir)
     pooling = cfg_dict["sentence_pooling_method"]
     normalize = bool(cfg_dict["normalize_embeddings"])
+    matryoshka = list(cfg_dict["mrl_dims"]) if cfg_dict.get("use_mrl") else None
     query_prompt = prompt_prefix(cfg_dict["query_instruction_format"], cfg_dict["query_instruction_for_retrieval"])
     passage_prompt = prompt_prefix(cfg_dict["passage_instruction_format"], cfg_dict["passage_instruction_for_retrieval"])
     write_sentence_transformers_files(
         out_dir, hidden_size=int(hf_model.config.hidden_size), pooling=pooling, normalize=normalize,
         max_seq_length=int(cfg_dict["passage_max_len"]), query_prompt=query_prompt, passage_prompt=passage_prompt,
+        matryoshka_dims=matryoshka,
     )
     _write_json(os.path.join(out_dir, METADATA_FILE), {
         "bge_ray_version": __version__,
@@ -111,6 +114,7 @@ def export_model(hf_model: Any, tokenizer: Any, state_dict: dict, out_dir: str, 
         "passage_instruction_format": cfg_dict["passage_instruction_format"],
         "query_max_len": cfg_dict["query_max_len"],
         "passage_max_len": cfg_dict["passage_max_len"],
+        "matryoshka_dims": matryoshka,
         "training_config": strip_credentials(cfg_dict),
     })
     return out_dir

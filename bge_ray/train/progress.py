@@ -119,6 +119,12 @@ def format_eval(m: dict[str, Any]) -> str:
     extra = "".join(f" | {k} {m['eval_' + k]:.4f}" for k in ("recall@100", "mrr@10") if "eval_" + k in m)
     base = f" (zero-shot {m['zero_shot_' + metric]:.4f})" if "zero_shot_" + metric in m else ""
     label = "zero-shot" if m["step"] == 0 else f"step {m['step']:>5}"
+    head = metric.partition("_dim")[0]
+    cuts = sorted(((int(k.rpartition("_dim")[2]), v) for k, v in m.items() if k.startswith(f"eval_{head}_dim")),
+                  reverse=True)
+    if cuts:  # Matryoshka: the metric at each cut
+        whole = f"full:{m['eval_' + head]:.4f} " if "eval_" + head in m else ""
+        extra += f" | {head} by dim {whole}" + " ".join(f"{d}:{v:.4f}" for d, v in cuts)
     return f"eval {label} | {metric} {m['eval_' + metric]:.4f}{base}{extra} | {m['eval_s']:.0f}s"
 
 

@@ -48,7 +48,7 @@ from bge_ray.data.text import TextSpec
 from bge_ray.errors import CheckpointError
 from bge_ray.model.embedder import Embedder
 from bge_ray.model.grad_cache import micro_steps, train_micro_batch
-from bge_ray.model.loss import contrastive_loss
+from bge_ray.model.loss import contrastive_loss, matryoshka_loss
 from bge_ray.model.optim import build_optimizer, build_scheduler
 from bge_ray.model.tokenizer import load_tokenizer
 from bge_ray.retrieval.encode import EncoderSpec
@@ -405,9 +405,15 @@ class EmbedderRecipe:
         batch = self.collators[d](raw)
         inputs = {k: torch.as_tensor(v, device=self.device) for k, v in batch.items()}
         teacher, cfg, in_batch = inputs.get("teacher_scores"), self.cfg, self.datasets[d].in_batch_negatives
-        loss = train_micro_batch(self.engine, inputs, lambda q, p: contrastive_loss(
-            q, p, cfg.temperature, teacher_scores=teacher, kd_loss_type=cfg.kd_loss_type,
-            cross_device=cfg.negatives_cross_device and in_batch, in_batch_negatives=in_batch), cfg.sub_batch_size)
+        settings = {"temperature": cfg.temperature, "teacher_scores": teacher, "kd_loss_type": cfg.kd_loss_type,
+                    "cross_device": cfg.negatives_cross_device and in_batch, "in_batch_negatives": in_batch}
+        if cfg.use_mrl:
+            def loss_fn(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+                return matryoshka_loss(q, p, cfg.mrl_dims, cfg.mrl_weights, cfg.normalize_embeddings, **settings)
+        else:
+            def loss_fn(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+                return contrastive_loss(q, p, **settings)
+        loss = train_micro_batch(self.engine, inputs, loss_fn, cfg.sub_batch_size)
         tokens = int(batch["q_attention_mask"].sum() + batch["p_attention_mask"].sum())
         for window in (self.window, self.totals):
             window.add(float(loss), int(inputs["q_input_ids"].shape[0]), tokens, waited)
@@ -475,7 +481,8 @@ class EmbedderRecipe:
                                                      f"{docs:,} passages on {self.world} worker(s)"})
         ray.train.report({"kind": "log", **self.reports.take()})
         t0 = time.time()
-        metrics = retrieval_metrics(self.engine.module, self.tokenizer, self.vset, self.eval_spec, self.device)
+        metrics = retrieval_metrics(self.engine.module, self.tokenizer, self.vset, self.eval_spec, self.device,
+                                    dims=tuple(self.cfg.mrl_dims) if self.cfg.use_mrl else ())
         out: dict[str, Any] = {"kind": "eval", "step": self.global_step, "metric": self.cfg.metric_for_best_model,
                                **{f"eval_{k}": v for k, v in metrics.items()}, "eval_s": time.time() - t0,
                                **{f"zero_shot_{k}": v for k, v in self.zero_shot.items()}}
