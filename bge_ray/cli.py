@@ -219,20 +219,26 @@ def eval_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def whole_numbers(values: list[Any], flag: str) -> set[int]:
+    """The integers of a list option given comma- or space-separated (``--k 1,10 100``).
+
+    Raises:
+        ConfigError: an item that is not an integer.
+    """
+    try:
+        return {int(v) for part in values for v in str(part).replace(",", " ").split()}
+    except ValueError:
+        raise ConfigError(f"{flag} must be integers, comma- or space-separated, got "
+                          f"{' '.join(map(str, values))!r}") from None
+
+
 def cmd_eval(argv: list[str]) -> int:
     args = eval_args(argv)
     check_local_models(args.model)  # refused before the heavy imports and any cluster work
-    try:
-        ks = tuple(sorted({int(k) for part in args.k for k in str(part).replace(",", " ").split()}))
-    except ValueError:
-        raise ConfigError(f"--k must be integers, comma- or space-separated, got {' '.join(map(str, args.k))!r}") from None
+    ks = tuple(sorted(whole_numbers(args.k, "--k")))
     if not ks or min(ks) < 1:
         raise ConfigError("--k needs at least one cut-off >= 1")
-    try:
-        dims = tuple(sorted({int(d) for part in args.truncate_dim for d in str(part).replace(",", " ").split()},
-                            reverse=True))
-    except ValueError:
-        raise ConfigError(f"--truncate_dim must be integers, got {' '.join(map(str, args.truncate_dim))!r}") from None
+    dims = tuple(sorted(whole_numbers(args.truncate_dim, "--truncate_dim"), reverse=True))
     if dims and min(dims) < 1:
         raise ConfigError("--truncate_dim sizes must be >= 1")
     output = args.output or default_eval_output(args.data)

@@ -107,6 +107,20 @@ def capacity() -> Capacity:
     return Capacity(now, most)
 
 
+def actor_count(requested: int | None, use_gpu: bool, streaming: bool = True) -> int:
+    """Encoder actors for one stage. A ``streaming`` stage also runs read and write tasks, so on CPU
+    one CPU stays free for them (actors holding every CPU stall the pipeline)."""
+    res = ray.cluster_resources()
+    if use_gpu:  # one actor per GPU the cluster can grow to: an autoscaler adds nodes for the actors asked for
+        return requested or max(1, int(capacity().limit.get("GPU", 0)))
+    cpus = int(res.get("CPU", 1))
+    room = max(1, cpus - 1) if streaming else max(1, cpus)
+    if requested and requested > room:
+        log(f"concurrency {requested} leaves no CPU for this stage's read/write tasks on a {cpus}-CPU cluster; "
+             f"using {room}")
+    return min(requested, room) if requested else room
+
+
 def need_for_training(num_workers: int, per_worker: dict[str, float], extra_cpus: float = 0.0) -> dict[str, float]:
     """Resources a run holds: its workers, ``extra_cpus`` (a Tune trial's function) and one whole CPU
     for its Ray Data tasks, which cannot use a fraction left over by the others."""

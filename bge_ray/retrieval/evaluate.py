@@ -15,7 +15,7 @@ import ray.data
 import torch
 import torch.distributed as dist
 
-from bge_ray.cluster import capacity, connect_ray
+from bge_ray.cluster import actor_count, connect_ray
 from bge_ray.config.finetune import check_local_models
 from bge_ray.console import ProgressLine, log
 from bge_ray.errors import ConfigError
@@ -116,8 +116,7 @@ def evaluate(models: list[str] | str, data: str, split: str = "test", ks: tuple[
     n_docs = check_corpus(corpus, dataset)
     log(f"eval: {len(dataset.eval_queries):,} queries, {n_docs:,} documents in {data} ({split})")
     if concurrency is None:
-        resources = capacity().limit if use_gpu else ray.cluster_resources()  # GPUs: what an autoscaler can add
-        concurrency = max(1, int(resources.get("GPU", 0))) if use_gpu else max(1, int(resources.get("CPU", 1)))
+        concurrency = actor_count(None, use_gpu, streaming=False)
     rows = []
     for model in models:
         spec = encoder_spec_for(model, **overrides)

@@ -28,7 +28,7 @@ import ray
 import ray.data
 import torch
 
-from bge_ray.cluster import connect_ray
+from bge_ray.cluster import actor_count, connect_ray
 from bge_ray.config.parse import resolve_config
 from bge_ray.console import ProgressCounter, ProgressLine, counter_progress, log
 from bge_ray.data.jsonl import JsonLinesDatasource, decode_json_line, expand_paths
@@ -37,7 +37,7 @@ from bge_ray.retrieval.encode import EncoderSpec, TextEncoder, encode_dataset
 from bge_ray.retrieval.search import search
 from bge_ray.seeds import negatives_rng
 from bge_ray.tools.config import MineConfig, parse_range
-from bge_ray.tools.rows import JsonlShardSink, actor_count, choose_devices, encoder_spec, read_rows, write_report
+from bge_ray.tools.rows import JsonlShardSink, choose_devices, encoder_spec, read_rows, write_report
 
 POOL_SCHEMA = pa.schema([("text", pa.string()), ("source", pa.string()), ("error", pa.string())])
 

@@ -101,20 +101,6 @@ def choose_devices(cfg: Any) -> Any:
     return chosen
 
 
-def actor_count(requested: int | None, use_gpu: bool, streaming: bool = True) -> int:
-    """Encoder actors for one stage. A ``streaming`` stage also runs read and write tasks, so on CPU
-    one CPU stays free for them (actors holding every CPU stall the pipeline)."""
-    res = ray.cluster_resources()
-    if use_gpu:  # one actor per GPU the cluster can grow to: an autoscaler adds nodes for the actors asked for
-        return requested or max(1, int(capacity().limit.get("GPU", 0)))
-    cpus = int(res.get("CPU", 1))
-    room = max(1, cpus - 1) if streaming else max(1, cpus)
-    if requested and requested > room:
-        log(f"concurrency {requested} leaves no CPU for this stage's read/write tasks on a {cpus}-CPU cluster; "
-             f"using {room}")
-    return min(requested, room) if requested else room
-
-
 def write_report(cfg: RowJobConfig, lines: list[str]) -> None:
     """``report.txt`` in the output folder, and the same lines on the console; with ``output_file``, the
     shards joined into that one file (in shard order) and the report beside it."""

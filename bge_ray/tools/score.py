@@ -18,7 +18,7 @@ import ray.data
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from bge_ray.cluster import connect_ray
+from bge_ray.cluster import actor_count, connect_ray
 from bge_ray.config.parse import resolve_config
 from bge_ray.console import ProgressCounter, counter_progress, log
 from bge_ray.data.text import apply_instruction
@@ -26,7 +26,7 @@ from bge_ray.errors import ConfigError
 from bge_ray.model.tokenizer import load_tokenizer
 from bge_ray.retrieval.encode import TextEncoder
 from bge_ray.tools.config import ScoreConfig
-from bge_ray.tools.rows import JsonlShardSink, actor_count, choose_devices, encoder_spec, read_rows, write_report
+from bge_ray.tools.rows import JsonlShardSink, choose_devices, encoder_spec, read_rows, write_report
 
 
 @dataclass
