@@ -115,6 +115,12 @@ def test_matryoshka_flags_as_flagembedding_and_sentence_transformers_weights(bas
     (["--use_mrl", "--mrl_dims", "64", "32", "--mrl_weights", "1"], "one weight >= 0 per mrl_dims entry"),
     (["--use_mrl", "--mrl_dims", "64", "--metric_for_best_model", "ndcg@10_dim32"], "picks one of mrl_dims"),
     (["--metric_for_best_model", "ndcg@10_dim32"], "use_mrl is off"),
+    (["--fix_encoder"], "fix_encoder: BGE-M3 settings without unified_finetuning"),
+    (["--m3_loss_weights", "1", "1", "1"], "m3_loss_weights: BGE-M3 settings without unified_finetuning"),
+    (["--unified_finetuning", "--use_mrl", "--mrl_dims", "8"], "FlagEmbedding's M3 model has no Matryoshka loss"),
+    (["--unified_finetuning", "--colbert_dim", "0"], "colbert_dim must be a positive size or -1"),
+    (["--unified_finetuning", "--self_distill_start_step", "-2"], "self_distill_start_step must be >= -1"),
+    (["--unified_finetuning", "--m3_score_weights", "1", "0.3"], "three weights >= 0"),
 ])
 def test_impossible_values_say_what_to_change(base, argv, match):
     with pytest.raises(ConfigError, match=match):

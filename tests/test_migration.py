@@ -147,18 +147,21 @@ def test_encoder_only_base_script_parses_unchanged(tiny_model, tmp_path, capsys)
         cfg.with_devices(False)
 
 
-def test_decoder_only_and_m3_scripts_are_refused_with_the_reason(tiny_model, tmp_path):
+def test_decoder_only_scripts_are_refused_with_the_reason_and_m3_flags_work(tiny_model, tmp_path):
     with pytest.raises(ConfigError, match=r"--use_lora .*decoder-only \(LLM\) embedders with LoRA"):
         load_config(None, decoder_base_args(tiny_model, str(tmp_path / "out"), str(tmp_path / "cache")))
     m3 = encoder_base_args(tiny_model, str(tmp_path / "out"), str(tmp_path / "cache"))
     m3 += shlex.split("--kd_loss_type m3_kd_loss --unified_finetuning True --use_self_distill True "
-                      "--fix_encoder False --self_distill_start_step 0")
-    with pytest.raises(ConfigError, match=r"--unified_finetuning .*BGE-M3's unified fine-tuning"):
-        load_config(None, m3)
-    # its settings at the values that train what bge-ray trains: accepted
-    off = load_config(None, m3[:-8] + shlex.split("--unified_finetuning False --use_self_distill False "
-                                                  "--fix_encoder False --self_distill_start_step -1"))
-    assert off.kd_loss_type == "m3_kd_loss"
+                      "--fix_encoder False --self_distill_start_step 0 --colbert_dim 64")
+    cfg = load_config(None, m3)
+    assert (cfg.unified_finetuning, cfg.use_self_distill, cfg.fix_encoder) == (True, True, False)
+    assert (cfg.self_distill_start_step, cfg.colbert_dim, cfg.kd_loss_type) == (0, 64, "m3_kd_loss")
+    # M3's settings without unified fine-tuning would do nothing in FlagEmbedding: refused, not ignored
+    with pytest.raises(ConfigError, match="use_self_distill, colbert_dim: BGE-M3 settings without unified_finetuning"):
+        load_config(None, m3 + ["--unified_finetuning", "False", "--self_distill_start_step", "-1"])
+    off = load_config(None, m3[:-10] + shlex.split("--unified_finetuning False --use_self_distill False "
+                                                   "--fix_encoder False --self_distill_start_step -1"))
+    assert off.kd_loss_type == "m3_kd_loss" and not off.unified_finetuning
 
 
 def test_decoder_instruction_format_is_unescaped_and_m3_kd_loss_needs_no_distillation(tiny_model, tmp_path):

@@ -24,8 +24,6 @@ _DDP = "each worker is a DeepSpeed engine, not DDP"
 _LOGS = "bge-ray's console, metrics.jsonl and trackers replace HF's logging"
 _HUB = "bge-ray does not upload models: push output_dir with `hf upload`"
 _EVAL = "bge-ray validates retrieval on eval_data (eval_strategy, eval_steps, metric_for_best_model)"
-_M3 = ("BGE-M3's unified fine-tuning (sparse and ColBERT heads) is not supported yet: bge-ray trains the dense "
-       "embedding only")
 _DECODER = "decoder-only (LLM) embedders with LoRA and their extra tokens are not supported yet"
 _HF_ONLY = "an HF Trainer feature bge-ray does not have"
 
@@ -99,9 +97,7 @@ AT_DEFAULT: dict[str, tuple[tuple[Any, ...], str]] = {
     "jit_mode_eval": ((False,), _HF_ONLY), "use_ipex": ((False,), _HF_ONLY), "use_mps_device": ((False,), _HF_ONLY),
     "fp16_opt_level": (("O1",), "DeepSpeed runs fp16, not apex"), "half_precision_backend": (("auto",), "DeepSpeed runs fp16"),
     "past_index": ((-1,), _HF_ONLY), "tpu_num_cores": ((None,), _HF_ONLY),
-    # FlagEmbedding's other runners: BGE-M3, Matryoshka, decoder-only embedders
-    "unified_finetuning": ((False,), _M3), "use_self_distill": ((False,), _M3), "fix_encoder": ((False,), _M3),
-    "self_distill_start_step": ((-1,), _M3), "colbert_dim": ((-1,), _M3),
+    # FlagEmbedding's decoder-only embedder runners
     "use_lora": ((False,), _DECODER), "lora_rank": ((), _DECODER), "lora_alpha": ((), _DECODER),
     "lora_dropout": ((), _DECODER), "target_modules": ((), _DECODER), "modules_to_save": ((None,), _DECODER),
     "save_merged_lora_model": ((False,), _DECODER), "additional_special_tokens": ((None,), _DECODER),

@@ -109,6 +109,20 @@ class FinetuneConfig:
                                "when listed)", factory=list)
     mrl_weights: list[float] | None = knob(None, "one weight per mrl_dims entry: the loss is their weighted sum "
                                            "(sentence-transformers' MatryoshkaLoss) instead of the mean")
+    unified_finetuning: bool = knob(False, "BGE-M3: also train a sparse (lexical) and a ColBERT (multi-vector) head; "
+                                    "the loss joins dense, sparse, ColBERT and their ensemble, as FlagEmbedding's "
+                                    "m3 runner")
+    colbert_dim: int = knob(-1, "BGE-M3: the ColBERT head's output size (-1: the model's hidden size; a model "
+                            "that has colbert_linear.pt keeps its size)")
+    use_self_distill: bool = knob(False, "BGE-M3: each head also learns from the ensemble's scores (KL), after "
+                                  "self_distill_start_step")
+    self_distill_start_step: int = knob(-1, "BGE-M3: self-distillation starts after this many micro-batches "
+                                        "(forward passes, as FlagEmbedding counts; -1: from the start)")
+    fix_encoder: bool = knob(False, "BGE-M3: train only the sparse and ColBERT heads (the encoder is frozen)")
+    m3_score_weights: list[float] = knob(help="BGE-M3: dense, sparse and ColBERT weights of the ensemble score "
+                                         "(FlagEmbedding's 1 0.3 1)", factory=lambda: [1.0, 0.3, 1.0])
+    m3_loss_weights: list[float] = knob(help="BGE-M3: dense, sparse and ColBERT weights of their losses beside the "
+                                        "ensemble's (FlagEmbedding's 1 0.1 1)", factory=lambda: [1.0, 0.1, 1.0])
     fix_position_embedding: bool = knob(False, "freeze the position embeddings")
     learning_rate: float = knob(5e-5, "peak learning rate (AdamW)")
     lr_scheduler_type: str = knob("linear", "the learning-rate schedule after warm-up, by transformers' name: "
@@ -273,6 +287,7 @@ class FinetuneConfig:
         _check_model_and_data(self)
         _check_training(self)
         _check_matryoshka(self)
+        _check_m3(self)
         _check_validation(self)
         _check_report_to(self)
         _check_precision_and_deepspeed(self)
@@ -460,6 +475,28 @@ def _check_matryoshka(cfg: FinetuneConfig) -> None:
     if cfg.mrl_weights is not None and (len(cfg.mrl_weights) != len(cfg.mrl_dims) or min(cfg.mrl_weights) < 0):
         raise ConfigError(f"mrl_weights needs one weight >= 0 per mrl_dims entry ({len(cfg.mrl_dims)}), "
                           f"got {cfg.mrl_weights}")
+
+
+def _check_m3(cfg: FinetuneConfig) -> None:
+    if not cfg.unified_finetuning:
+        given = [n for n, default in (("use_self_distill", False), ("fix_encoder", False), ("colbert_dim", -1),
+                                      ("self_distill_start_step", -1), ("m3_score_weights", [1.0, 0.3, 1.0]),
+                                      ("m3_loss_weights", [1.0, 0.1, 1.0])) if getattr(cfg, n) != default]
+        if given:
+            raise ConfigError(f"{', '.join(given)}: BGE-M3 settings without unified_finetuning (FlagEmbedding trains "
+                              "the dense embedding only then): add unified_finetuning: true, or drop them")
+        return
+    if cfg.use_mrl:
+        raise ConfigError("use_mrl with unified_finetuning: FlagEmbedding's M3 model has no Matryoshka loss "
+                          "(it raises NotImplementedError); train one or the other")
+    if cfg.colbert_dim == 0 or cfg.colbert_dim < -1:
+        raise ConfigError(f"colbert_dim must be a positive size or -1 (the hidden size), got {cfg.colbert_dim}")
+    if cfg.self_distill_start_step < -1:
+        raise ConfigError(f"self_distill_start_step must be >= -1, got {cfg.self_distill_start_step}")
+    for name in ("m3_score_weights", "m3_loss_weights"):
+        weights = getattr(cfg, name)
+        if len(weights) != 3 or min(weights) < 0:
+            raise ConfigError(f"{name} needs three weights >= 0 (dense, sparse, ColBERT), got {weights}")
 
 
 def _check_report_to(cfg: FinetuneConfig) -> None:

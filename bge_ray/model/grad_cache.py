@@ -33,8 +33,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Reps = torch.Tensor | tuple[torch.Tensor, ...]  # one side's embeddings: a tensor, or BGE-M3's (dense, sparse, ColBERT)
+LossFn = Callable[[Reps, Reps], torch.Tensor]
 
 
 class RngState:
@@ -55,9 +57,36 @@ class RngState:
             yield
 
 
-def _upcast(t: torch.Tensor) -> torch.Tensor:
+def _upcast(reps: Reps) -> Reps:
     """fp16/bf16 embeddings to fp32 for the loss; fp32 and fp64 as they are."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+    if isinstance(reps, tuple):
+        return tuple(_upcast(t) for t in reps)
+    return reps.float() if reps.dtype in (torch.float16, torch.bfloat16) else reps
+
+
+def _parts(reps: Reps) -> tuple[torch.Tensor, ...]:
+    return reps if isinstance(reps, tuple) else (reps,)
+
+
+def _join(chunks: list[tuple[torch.Tensor, ...]], trimmed: list[int], width: int) -> list[torch.Tensor]:
+    """Each part of the chunks' embeddings concatenated into a leaf tensor. Per-token parts (3-D: ColBERT
+    vectors) are padded with zeros to the batch's ``width`` tokens, as if their chunk had not been trimmed
+    (``trimmed``: each chunk's token width), so the loss sees the padded batch it would see without GradCache."""
+    joined = []
+    for parts in zip(*chunks, strict=True):
+        if parts[0].dim() == 3:
+            parts = tuple(F.pad(t, (0, 0, 0, width - w)) for t, w in zip(parts, trimmed, strict=True))
+        joined.append(torch.cat(parts).detach().requires_grad_())
+    return joined
+
+
+def _cached_backward(emb: Reps, grads: list[torch.Tensor]) -> torch.Tensor:
+    """``sum(embedding * cached gradient)`` over a chunk's parts (per-token parts cut to the chunk's tokens)."""
+    total = None
+    for t, g in zip(_parts(_upcast(emb)), grads, strict=True):
+        g = g[:, :t.size(1)] if t.dim() == 3 else g
+        total = (t * g).sum() if total is None else total + (t * g).sum()
+    return total
 
 
 def _chunks(n: int, size: int) -> list[slice]:
@@ -116,32 +145,44 @@ def train_micro_batch(engine: Any, inputs: dict[str, torch.Tensor], loss_fn: Los
         raise ValueError(f"GradCache with sub_batch_size {sub_batch_size} takes {steps} micro-steps per batch; the "
                          f"engine's gradient_accumulation_steps ({engine.gradient_accumulation_steps()}) must be a "
                          "multiple (bge_ray.config.deepspeed.engine_config sets it)")
+    return _grad_cache(engine, (q_ids, q_mask), (p_ids, p_mask), loss_fn, sub_batch_size, steps)
 
-    def encode(side: str, rows: slice) -> torch.Tensor:
-        if side == "q":
-            return engine(*trim_right_padding(q_ids[rows], q_mask[rows]), None, None)[0]
-        return engine(None, None, *trim_right_padding(p_ids[rows], p_mask[rows]))[1]
 
-    pieces = [("q", s) for s in _chunks(q_ids.size(0), sub_batch_size)]
-    pieces += [("p", s) for s in _chunks(p_ids.size(0), sub_batch_size)]
+def _grad_cache(engine: Any, queries: tuple[torch.Tensor, torch.Tensor], passages: tuple[torch.Tensor, torch.Tensor],
+                loss_fn: LossFn, sub_batch_size: int, steps: int) -> torch.Tensor:
+    """The three GradCache passes of the module docstring over chunks of ``sub_batch_size`` texts."""
+    inputs = {"q": queries, "p": passages}
+
+    def encode(side: str, rows: slice) -> tuple[Reps, int]:
+        ids, mask = trim_right_padding(inputs[side][0][rows], inputs[side][1][rows])
+        out = engine(ids, mask, None, None)[0] if side == "q" else engine(None, None, ids, mask)[1]
+        return out, ids.size(1)
+
+    pieces = [(side, rows) for side in ("q", "p") for rows in _chunks(inputs[side][0].size(0), sub_batch_size)]
     # 1. embeddings without autograd, each chunk's random state kept
     states: list[RngState] = []
-    reps: dict[str, list[torch.Tensor]] = {"q": [], "p": []}
+    widths: dict[str, list[int]] = {"q": [], "p": []}
+    reps: dict[str, list[tuple[torch.Tensor, ...]]] = {"q": [], "p": []}
     with torch.no_grad():
         for side, rows in pieces:
-            states.append(RngState(q_ids.device))
-            reps[side].append(_upcast(encode(side, rows)))
+            states.append(RngState(queries[0].device))
+            out, width = encode(side, rows)
+            multi = isinstance(out, tuple)
+            reps[side].append(_parts(_upcast(out)))
+            widths[side].append(width)
     # 2. the loss on the cached embeddings, and its gradient with respect to them
-    q = torch.cat(reps["q"]).requires_grad_()
-    p = torch.cat(reps["p"]).requires_grad_()
+    leaves = {side: _join(reps[side], widths[side], inputs[side][0].size(1)) for side in ("q", "p")}
+    q, p = (tuple(leaves["q"]), tuple(leaves["p"])) if multi else (leaves["q"][0], leaves["p"][0])
     loss = loss_fn(q, p)
-    q_grad, p_grad = torch.autograd.grad(loss, [q, p])
-    grads = {"q": q_grad, "p": p_grad}
+    flat = leaves["q"] + leaves["p"]
+    found = torch.autograd.grad(loss, flat, allow_unused=True)
+    found = [torch.zeros_like(t) if g is None else g for t, g in zip(flat, found, strict=True)]
+    grads = {"q": found[:len(leaves["q"])], "p": found[len(leaves["q"]):]}
     # 3. each chunk again, with autograd and the same dropout, backpropagating its cached gradient; the
     #    engine divides each by its micro-steps per optimizer step, the sum over chunks is multiplied back
     for (side, rows), state in zip(pieces, states, strict=True):
         with state.replay():
-            emb = encode(side, rows)
-        engine.backward((_upcast(emb) * grads[side][rows]).sum() * steps)
+            emb, _ = encode(side, rows)
+        engine.backward(_cached_backward(emb, [g[rows] for g in grads[side]]) * steps)
         engine.step()
     return loss.detach()

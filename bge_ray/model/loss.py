@@ -131,41 +131,48 @@ def contrastive_loss(
         raise ValueError(f"passages ({p.size(0)}) must be a whole number of groups per query ({q.size(0)})")
     group_size = p.size(0) // q.size(0)
     local_b = q.size(0)
+    teacher_targets = None if teacher_scores is None else teacher_distribution(teacher_scores, local_b, q.dtype)
     if not in_batch_negatives:
-        return _own_group_loss(q, p, temperature, teacher_scores, kd_loss_type)
-    if cross_device:
-        q, p = gather_with_grad(q), gather_with_grad(p)
+        return scores_loss(own_group_scores(q, p) / temperature, group_size, teacher_targets, kd_loss_type)
+    if not cross_device:
+        return scores_loss(q @ p.T / temperature, group_size, teacher_targets, kd_loss_type)
+    q, p = gather_with_grad(q), gather_with_grad(p)
     scores = q @ p.T / temperature
     targets = torch.arange(q.size(0), device=q.device) * group_size
-    if teacher_scores is None:
-        hard = F.cross_entropy(scores, targets)
-        return _global_grad(hard) if cross_device else hard
-    teacher_targets = F.softmax(teacher_scores.detach().to(scores.dtype).view(local_b, group_size), dim=-1)
+    if teacher_targets is None:
+        return _global_grad(F.cross_entropy(scores, targets))
     if kd_loss_type == "m3_kd_loss":
-        if cross_device:
-            teacher_targets = gather_with_grad(teacher_targets)
-        kd = m3_kd_loss(scores, teacher_targets, group_size)
-        return _global_grad(kd) if cross_device else kd
+        return _global_grad(m3_kd_loss(scores, gather_with_grad(teacher_targets), group_size))
     student = group_scores(scores, group_size)
-    if cross_device and q.size(0) != local_b:
+    if q.size(0) != local_b:
         rank = dist.get_rank()
         student = student[rank * local_b:(rank + 1) * local_b]
-    hard = F.cross_entropy(scores, targets)
-    return kl_div_loss(student, teacher_targets) + (_global_grad(hard) if cross_device else hard)
+    return kl_div_loss(student, teacher_targets) + _global_grad(F.cross_entropy(scores, targets))
 
 
-def _own_group_loss(q: torch.Tensor, p: torch.Tensor, temperature: float, teacher_scores: torch.Tensor | None,
-                    kd_loss_type: str) -> torch.Tensor:
-    """Each query against its own group only: (B, G) scores, the positive first."""
-    b, g = q.size(0), p.size(0) // q.size(0)
-    scores = torch.einsum("bd,bgd->bg", q, p.view(b, g, -1)) / temperature
-    targets = torch.zeros(b, dtype=torch.long, device=q.device)
-    if teacher_scores is None:
+def teacher_distribution(teacher_scores: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B, G) softmax of the teacher's scores of each query's group (no gradient)."""
+    return F.softmax(teacher_scores.detach().to(dtype).view(batch, -1), dim=-1)
+
+
+def own_group_scores(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """(B, G) scores of each query against its own group only."""
+    b = q.size(0)
+    return torch.einsum("bd,bgd->bg", q, p.view(b, p.size(0) // b, -1))
+
+
+def scores_loss(scores: torch.Tensor, group_size: int, teacher_targets: torch.Tensor | None = None,
+                kd_loss_type: str = "kl_div") -> torch.Tensor:
+    """The loss of one process's scores: (B, B*G) in-batch, or (B, G) of each query's own group (the
+    positive first in both). ``teacher_targets``: (B, G) teacher distribution, or None."""
+    own = scores.size(1) == group_size
+    targets = torch.arange(scores.size(0), device=scores.device) * (0 if own else group_size)
+    if teacher_targets is None:
         return F.cross_entropy(scores, targets)
-    teacher_targets = F.softmax(teacher_scores.detach().to(scores.dtype).view(b, g), dim=-1)
     if kd_loss_type == "m3_kd_loss":
-        return m3_kd_loss(scores, teacher_targets, g)
-    return kl_div_loss(scores, teacher_targets) + F.cross_entropy(scores, targets)
+        return m3_kd_loss(scores, teacher_targets, group_size)
+    student = scores if own else group_scores(scores, group_size)
+    return kl_div_loss(student, teacher_targets) + F.cross_entropy(scores, targets)
 
 
 def matryoshka_loss(q: torch.Tensor, p: torch.Tensor, dims: list[int] | tuple[int, ...],
@@ -189,3 +196,50 @@ def matryoshka_loss(q: torch.Tensor, p: torch.Tensor, dims: list[int] | tuple[in
     if weights is None:
         return torch.stack(losses).mean()
     return sum((w * loss for w, loss in zip(weights, losses, strict=True)), q.new_zeros(()))
+
+
+def colbert_scores(q: torch.Tensor, p: torch.Tensor, q_mask: torch.Tensor) -> torch.Tensor:
+    """(Q, P) ColBERT scores of (Q, Lq, C) query and (P, Lp, C) passage token vectors: each query token's best
+    match among the passage's tokens, summed over the query's and divided by ``q_mask[:, 1:]``'s count (its
+    tokens after the first, as the vectors are). Padding vectors are zero, so they score 0, as in
+    FlagEmbedding's training."""
+    best = torch.einsum("qin,pjn->qipj", q, p).max(dim=-1).values
+    return best.sum(dim=1) / q_mask[:, 1:].sum(dim=-1, keepdim=True).to(best.dtype)
+
+
+def m3_loss(q: tuple[torch.Tensor, ...], p: tuple[torch.Tensor, ...], q_mask: torch.Tensor, temperature: float,
+            teacher_scores: torch.Tensor | None = None, kd_loss_type: str = "kl_div", cross_device: bool = False,
+            in_batch_negatives: bool = True, self_distill: bool = False,
+            score_weights: tuple[float, float, float] = (1.0, 0.3, 1.0),
+            loss_weights: tuple[float, float, float] = (1.0, 0.1, 1.0)) -> torch.Tensor:
+    """BGE-M3's unified loss (FlagEmbedding's ``EncoderOnlyEmbedderM3Model`` with ``unified_finetuning``).
+
+    ``q`` and ``p`` are (dense, sparse, ColBERT) representations (:data:`bge_ray.model.m3.M3Reps`). The
+    dense loss is :func:`contrastive_loss` (cross-device negatives where asked); the sparse, ColBERT and
+    ensemble (``score_weights`` · (dense, sparse, ColBERT) scores) losses use this worker's batch only, as
+    FlagEmbedding's do. With ``loss_weights`` (w_d, w_s, w_c)::
+
+        loss = (w_d * dense + ensemble + w_s * sparse + w_c * colbert) / 4
+        self_distill: loss = (loss + (w_d * kl(dense) + w_s * kl(sparse) + w_c * kl(colbert)) / 3) / 2
+
+    where ``kl(x)`` is the soft cross-entropy of x's scores against softmax(ensemble scores), detached.
+    FlagEmbedding's values are the defaults. Without in-batch negatives each query's own group is scored
+    (FlagEmbedding 1.4.2 indexes its ensemble scores wrongly there; this is the loss it means).
+    """
+    (q_dense, q_sparse, q_colbert), (p_dense, p_sparse, p_colbert) = q, p
+    dense_loss = contrastive_loss(q_dense, p_dense, temperature, teacher_scores, kd_loss_type, cross_device,
+                                  in_batch_negatives)
+    group_size = p_dense.size(0) // q_dense.size(0)
+    scores = [q_dense @ p_dense.T, q_sparse @ p_sparse.T, colbert_scores(q_colbert, p_colbert, q_mask)]
+    scores = [s / temperature if in_batch_negatives else group_scores(s, group_size) / temperature for s in scores]
+    ensemble = sum((w * s for w, s in zip(score_weights, scores, strict=True)), scores[0].new_zeros(()))
+    teacher = None if teacher_scores is None else teacher_distribution(teacher_scores, q_dense.size(0), scores[0].dtype)
+    sparse_loss, colbert_loss, ensemble_loss = (scores_loss(s, group_size, teacher, kd_loss_type)
+                                                for s in (scores[1], scores[2], ensemble))
+    w_dense, w_sparse, w_colbert = loss_weights
+    loss = (w_dense * dense_loss + ensemble_loss + w_sparse * sparse_loss + w_colbert * colbert_loss) / 4
+    if not self_distill:
+        return loss
+    targets = F.softmax(ensemble.detach(), dim=-1)
+    distilled = [kl_div_loss(s, targets) for s in scores]
+    return (loss + (w_dense * distilled[0] + w_sparse * distilled[1] + w_colbert * distilled[2]) / 3) / 2

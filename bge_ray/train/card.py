@@ -20,7 +20,8 @@ HYPERPARAMETERS = ("learning_rate", "num_train_epochs", "max_steps", "per_device
                    "normalize_embeddings", "query_max_len", "passage_max_len", "query_instruction_for_retrieval",
                    "passage_instruction_for_retrieval", "negatives_cross_device", "knowledge_distillation",
                    "kd_loss_type", "warmup_ratio", "warmup_steps", "weight_decay", "deepspeed", "bf16", "fp16",
-                   "sub_batch_size", "attention_dropout", "seed", "mrl_dims", "mrl_weights")
+                   "sub_batch_size", "attention_dropout", "seed", "mrl_dims", "mrl_weights", "unified_finetuning",
+                   "use_self_distill", "colbert_dim")
 LIBRARIES = ("torch", "transformers", "ray", "deepspeed", "sentence-transformers", "FlagEmbedding")
 
 
@@ -118,6 +119,12 @@ def model_card(model_dir: str, cfg: dict[str, Any], data: dict[str, int] | None 
                   f"first d values of an embedding (and normalise again) for smaller vectors, e.g. "
                   f"`SentenceTransformer(path, truncate_dim={min(dims)})`; `bge-ray eval --truncate_dim "
                   f"{' '.join(map(str, dims))}` scores each."]
+    if cfg.get("unified_finetuning"):
+        lines += ["", "## BGE-M3", "", "Trained with unified fine-tuning: dense, sparse (lexical) and ColBERT "
+                  "(multi-vector) outputs; `colbert_linear.pt` and `sparse_linear.pt` hold the heads. Load all three "
+                  "with FlagEmbedding's `BGEM3FlagModel(path, pooling_method=\"" + cfg["sentence_pooling_method"]
+                  + "\"" + (f", colbert_dim={cfg['colbert_dim']}" if cfg.get("colbert_dim", -1) > 0 else "")
+                  + ")`; transformers and sentence-transformers load the dense model."]
     lines += ["", "## Usage", "", *_usage(model_dir, cfg), "", "## Framework versions", "",
               *(f"- {v}" for v in _versions()), ""]
     return "\n".join(lines)

@@ -9,6 +9,7 @@ Layout::
       1_Pooling/config.json                   # the pooling that was trained (cls / mean / last_token)
       2_Normalize/                            # only when normalize_embeddings
       config_sentence_transformers.json       # the query instruction as the "query" prompt; Matryoshka dims
+      colbert_linear.pt, sparse_linear.pt     # BGE-M3's heads (unified_finetuning), where BGEM3FlagModel reads them
       bge_ray.json                            # pooling, normalisation, instructions, the resolved config
 """
 
@@ -22,6 +23,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.utils import safe_get_full_fp32_param
 
+from bge_ray.model.m3 import save_heads
 from bge_ray.storage import strip_credentials
 from bge_ray.version import __version__
 
@@ -81,9 +83,13 @@ def _write_json(path: str, obj: Any) -> None:
         f.write("\n")
 
 
-def export_model(hf_model: Any, tokenizer: Any, state_dict: dict, out_dir: str, cfg_dict: dict[str, Any]) -> str:
-    """Save weights (safetensors), tokenizer, sentence-transformers files and bge-ray metadata."""
+def export_model(hf_model: Any, tokenizer: Any, state_dict: dict, out_dir: str, cfg_dict: dict[str, Any],
+                 heads: dict | None = None) -> str:
+    """Save weights (safetensors), tokenizer, sentence-transformers files and bge-ray metadata; with
+    ``heads`` (a state dict with ``colbert_linear.*`` and ``sparse_linear.*``) BGE-M3's head files too."""
     os.makedirs(out_dir, exist_ok=True)
+    if heads is not None:
+        save_heads(heads, out_dir)
     hf_model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
     if {v.dtype for v in state_dict.values() if v.is_floating_point()} == {torch.float32}:
         # the fp32 master weights of a bf16/fp16 run: the config must not tell loaders to cast them down
@@ -115,20 +121,21 @@ def export_model(hf_model: Any, tokenizer: Any, state_dict: dict, out_dir: str, 
         "query_max_len": cfg_dict["query_max_len"],
         "passage_max_len": cfg_dict["passage_max_len"],
         "matryoshka_dims": matryoshka,
+        "unified_finetuning": heads is not None,  # BGE-M3's sparse and ColBERT heads beside the transformer
         "training_config": strip_credentials(cfg_dict),
     })
     return out_dir
 
 
 def consolidated_state_dict(engine: Any, zero_stage: int, mixed_precision: bool) -> dict | None:
-    """The full weights on rank 0 (None elsewhere), keyed as the inner transformers model's.
+    """The full weights on rank 0 (None elsewhere), keyed as ``engine.module``'s (``model.*`` the
+    transformer's, ``colbert_linear.*`` / ``sparse_linear.*`` BGE-M3's heads).
 
     A collective under ZeRO-3 and under mixed precision: every rank must call it. With bf16/fp16
     under ZeRO 0-2 these are the fp32 master weights, not their 16-bit copies, so the exported
     model is as precise as the optimizer's.
     """
     rank = dist.get_rank() if dist.is_initialized() else 0
-    prefix = "model."
     if mixed_precision and zero_stage < 3:
         full = {name: safe_get_full_fp32_param(param) for name, param in engine.module.named_parameters()}
         if rank != 0:
@@ -141,4 +148,9 @@ def consolidated_state_dict(engine: Any, zero_stage: int, mixed_precision: bool)
         sd = engine.module.state_dict() if rank == 0 else None
     if rank != 0 or sd is None:
         return None
-    return {k[len(prefix):]: v.detach().cpu().contiguous() for k, v in sd.items() if k.startswith(prefix)}
+    return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+
+
+def transformer_state(state_dict: dict) -> dict:
+    """The transformer's part of :func:`consolidated_state_dict`, keyed as its own ``state_dict``."""
+    return {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}

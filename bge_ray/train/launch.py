@@ -33,6 +33,7 @@ from bge_ray.data.pipeline import start_router
 from bge_ray.data.scan import load_training_data
 from bge_ray.errors import ConfigError
 from bge_ray.model.embedder import check_matryoshka_dims
+from bge_ray.model.m3 import colbert_size
 from bge_ray.retrieval.datasets import load_validation_set
 from bge_ray.storage import filesystem, publish_model, storage_root
 from bge_ray.train.card import write_model_card
@@ -248,11 +249,13 @@ def finetune(config: FinetuneConfig | dict[str, Any] | str, callbacks: list[Any]
     check_survives_job(cfg.output_dir, "output_dir")
     if publish:
         check_output_dir(cfg)
-    if cfg.use_mrl:
-        try:
+    try:
+        if cfg.use_mrl:
             check_matryoshka_dims(cfg.model_name_or_path, cfg.mrl_dims, cfg.cache_dir, cfg.trust_remote_code)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        if cfg.unified_finetuning:
+            colbert_size(cfg.model_name_or_path, cfg.colbert_dim, cfg.cache_dir, cfg.trust_remote_code)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     launch = time.time()
     vset = load_validation_set(cfg.eval_data, cfg.eval_split) if cfg.eval_data else None  # fails before Ray starts
     if vset is not None:

@@ -48,7 +48,8 @@ from bge_ray.data.text import TextSpec
 from bge_ray.errors import CheckpointError
 from bge_ray.model.embedder import Embedder
 from bge_ray.model.grad_cache import micro_steps, train_micro_batch
-from bge_ray.model.loss import contrastive_loss, matryoshka_loss
+from bge_ray.model.loss import contrastive_loss, m3_loss, matryoshka_loss
+from bge_ray.model.m3 import M3Embedder
 from bge_ray.model.optim import build_optimizer, build_scheduler
 from bge_ray.model.tokenizer import load_tokenizer
 from bge_ray.retrieval.encode import EncoderSpec
@@ -66,7 +67,7 @@ from bge_ray.train.checkpointing import (
     trained_rows_name,
     write_manifest,
 )
-from bge_ray.train.export import consolidated_state_dict, export_model
+from bge_ray.train.export import consolidated_state_dict, export_model, transformer_state
 from bge_ray.train.plan import TrainPlan
 from bge_ray.train.progress import ReportBuffer
 
@@ -293,9 +294,16 @@ class EmbedderRecipe:
                                         pad_to_multiple_of=cfg.pad_to_multiple_of,
                                         knowledge_distillation=cfg.knowledge_distillation and ds.has_scores)
                           for ds in self.datasets]
-        model = Embedder.from_pretrained(cfg.model_name_or_path, pooling=cfg.sentence_pooling_method,
-                                         normalize=cfg.normalize_embeddings, cache_dir=cfg.cache_dir,
-                                         trust_remote_code=cfg.trust_remote_code, attention_dropout=cfg.attention_dropout)
+        loading = {"pooling": cfg.sentence_pooling_method, "normalize": cfg.normalize_embeddings,
+                   "cache_dir": cfg.cache_dir, "trust_remote_code": cfg.trust_remote_code,
+                   "attention_dropout": cfg.attention_dropout}
+        if cfg.unified_finetuning:  # BGE-M3: its sparse and ColBERT heads too, alike on every worker
+            model = M3Embedder.from_pretrained(cfg.model_name_or_path, tokenizer=self.tokenizer,
+                                               colbert_dim=cfg.colbert_dim, seed=cfg.seed, **loading)
+            if cfg.fix_encoder:
+                model.freeze_encoder()
+        else:
+            model = Embedder.from_pretrained(cfg.model_name_or_path, **loading)
         if cfg.gradient_checkpointing:
             model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.model.config.use_cache = False
@@ -386,7 +394,7 @@ class EmbedderRecipe:
             if self.global_step >= self.plan.total_steps:
                 break
             for micro, raw, waited, progress in self._epoch_batches(epoch):
-                self.train_step(raw, waited)
+                self.train_step(raw, waited, epoch * self.plan.micro_batches_per_epoch + micro)
                 if (micro + 1) % self.cfg.gradient_accumulation_steps:
                     continue
                 self.global_step += 1
@@ -395,9 +403,10 @@ class EmbedderRecipe:
                     break
         self.save_final()
 
-    def train_step(self, item: tuple[int, dict[str, Any]], waited: float) -> None:
+    def train_step(self, item: tuple[int, dict[str, Any]], waited: float, forward: int = 0) -> None:
         """One micro-batch of one data set: collate, forward, contrastive loss (in-batch and cross-device
-        negatives unless the data set has none), backward, DeepSpeed step."""
+        negatives unless the data set has none), backward, DeepSpeed step. ``forward``: the micro-batches the
+        run trained before this one (FlagEmbedding's count for ``self_distill_start_step``)."""
         if self.first_batch_s is None:
             self.first_batch_s = time.time() - self.t_start
         d, raw = item
@@ -407,7 +416,14 @@ class EmbedderRecipe:
         teacher, cfg, in_batch = inputs.get("teacher_scores"), self.cfg, self.datasets[d].in_batch_negatives
         settings = {"temperature": cfg.temperature, "teacher_scores": teacher, "kd_loss_type": cfg.kd_loss_type,
                     "cross_device": cfg.negatives_cross_device and in_batch, "in_batch_negatives": in_batch}
-        if cfg.use_mrl:
+        if cfg.unified_finetuning:
+            distill = cfg.use_self_distill and forward > cfg.self_distill_start_step
+
+            def loss_fn(q: Any, p: Any) -> torch.Tensor:
+                return m3_loss(q, p, inputs["q_attention_mask"], self_distill=distill,
+                               score_weights=tuple(cfg.m3_score_weights), loss_weights=tuple(cfg.m3_loss_weights),
+                               **settings)
+        elif cfg.use_mrl:
             def loss_fn(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
                 return matryoshka_loss(q, p, cfg.mrl_dims, cfg.mrl_weights, cfg.normalize_embeddings, **settings)
         else:
@@ -522,7 +538,8 @@ class EmbedderRecipe:
         sd = consolidated_state_dict(self.engine, self.zero_stage, self.cfg.bf16 or self.cfg.fp16)
         if self.rank != 0:
             return
-        export_model(self.engine.module.model, self.tokenizer, sd, out_dir, self.cfg.to_dict())
+        export_model(self.engine.module.model, self.tokenizer, transformer_state(sd), out_dir, self.cfg.to_dict(),
+                     heads=sd if self.cfg.unified_finetuning else None)
         evals = {"zero-shot": {"step": 0, **self.zero_shot} if self.zero_shot else None}
         if "eval_s" in metrics:
             evals["this checkpoint"] = {"step": self.global_step,
