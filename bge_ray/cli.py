@@ -186,6 +186,12 @@ def eval_parser() -> argparse.ArgumentParser:
     ap.add_argument("--truncate_dim", dest="truncate_dim", nargs="+", default=[],
                     help="Matryoshka: also score the embeddings cut to their first d values, one row per d "
                     "(comma- or space-separated)")
+    ap.add_argument("--modes", nargs="+", default=None,
+                    help="BGE-M3 retrieval modes, one row each: dense, sparse, colbert, hybrid (default: all four "
+                    "for a model with colbert_linear.pt and sparse_linear.pt, else dense)")
+    ap.add_argument("--weights_for_different_modes", nargs="+", default=None,
+                    help="the hybrid's dense, sparse and ColBERT weights (default: those the model's ensemble was "
+                    "trained with, else 1 0.3 1)")
     ap.add_argument("--ray_address", default=None, help="cluster to join (default: RAY_ADDRESS, the cluster `ray "
                     "start` made here, or a local Ray)")
     return ap
@@ -241,14 +247,24 @@ def cmd_eval(argv: list[str]) -> int:
     dims = tuple(sorted(whole_numbers(args.truncate_dim, "--truncate_dim"), reverse=True))
     if dims and min(dims) < 1:
         raise ConfigError("--truncate_dim sizes must be >= 1")
+    modes = tuple(m for part in args.modes for m in part.replace(",", " ").split()) if args.modes else None
+    weights = None
+    if args.weights_for_different_modes:
+        try:
+            weights = tuple(float(w) for part in args.weights_for_different_modes for w in part.replace(",", " ").split())
+        except ValueError:
+            raise ConfigError(f"--weights_for_different_modes must be numbers, got {args.weights_for_different_modes}") from None
     output = args.output or default_eval_output(args.data)
     check_survives_job(output, "--output")
     evaluation = command_module("bge_ray.retrieval.evaluate")
+    for model in args.model:  # before any cluster work
+        evaluation.check_modes(model, modes, dims, weights)
     rows = evaluation.evaluate(args.model, args.data, split=args.split, ks=ks, use_gpu=args.use_gpu,
                     concurrency=args.concurrency, ignore_identical_ids=args.ignore_identical_ids, output_dir=output,
                     ray_address=args.ray_address, pooling=args.pooling, query_instruction=args.query_instruction,
                     passage_instruction=args.passage_instruction, query_max_len=args.query_max_len,
-                    passage_max_len=args.passage_max_len, batch_size=args.batch_size, truncate_dims=dims)
+                    passage_max_len=args.passage_max_len, batch_size=args.batch_size, truncate_dims=dims,
+                    modes=modes, weights=weights)
     print(evaluation.format_table(rows, ks))
     print(f"results: {os.path.join(output, 'results.json')} and results.md")
     return 0

@@ -94,6 +94,15 @@ def test_eval_rejects_bad_cutoffs(tmp_path):
     assert proc.returncode == 2 and "--truncate_dim must be integers" in proc.stderr
 
 
+def test_eval_refuses_m3_modes_for_a_model_without_the_heads_before_ray(tiny_model, tmp_path):
+    proc = _run(["bge-ray", "eval", "--model", tiny_model, "--data", str(tmp_path), "--modes", "dense,sparse"])
+    assert proc.returncode == 2 and "has no BGE-M3 heads" in proc.stderr
+    assert "Ray" not in proc.stderr.replace("bge-ray", "")
+    proc = _run(["bge-ray", "eval", "--model", tiny_model, "--data", str(tmp_path),
+                 "--weights_for_different_modes", "1", "x", "1"])
+    assert proc.returncode == 2 and "--weights_for_different_modes must be numbers" in proc.stderr
+
+
 def test_cloud_models_and_output_dirs_are_refused_before_ray_starts(tmp_path):
     proc = _run(["bge-ray", "eval", "--model", "s3://bucket/model", "--data", str(tmp_path)])
     assert proc.returncode == 2 and "models are read from a local folder" in proc.stderr

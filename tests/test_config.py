@@ -116,6 +116,8 @@ def test_matryoshka_flags_as_flagembedding_and_sentence_transformers_weights(bas
     (["--use_mrl", "--mrl_dims", "64", "--metric_for_best_model", "ndcg@10_dim32"], "picks one of mrl_dims"),
     (["--metric_for_best_model", "ndcg@10_dim32"], "use_mrl is off"),
     (["--fix_encoder"], "fix_encoder: BGE-M3 settings without unified_finetuning"),
+    (["--metric_for_best_model", "ndcg@10_sparse"], "needs unified_finetuning"),
+    (["--unified_finetuning", "--metric_for_best_model", "ndcg@10_lexical"], "_sparse|_colbert|_hybrid"),
     (["--m3_loss_weights", "1", "1", "1"], "m3_loss_weights: BGE-M3 settings without unified_finetuning"),
     (["--unified_finetuning", "--use_mrl", "--mrl_dims", "8"], "FlagEmbedding's M3 model has no Matryoshka loss"),
     (["--unified_finetuning", "--colbert_dim", "0"], "colbert_dim must be a positive size or -1"),

@@ -273,13 +273,140 @@ def test_export_loads_in_bgem3flagmodel_with_the_same_outputs(tiny_model, tmp_pa
         assert all(abs(theirs[k] - mine[k]) < 1e-5 for k in mine)
 
 
+# ---- retrieval in every mode --------------------------------------------------------------------
+
+M3_CFG = {"sentence_pooling_method": "cls", "normalize_embeddings": True, "query_instruction_format": "{}{}",
+          "query_instruction_for_retrieval": None, "passage_instruction_format": "{}{}",
+          "passage_instruction_for_retrieval": None, "query_max_len": 32, "passage_max_len": 64}
+
+
+@pytest.fixture(scope="module")
+def m3_model(tiny_model, tmp_path_factory) -> str:
+    """An exported BGE-M3-shaped model whose sparse head gives most tokens a weight."""
+    tokenizer = load_tokenizer(tiny_model)
+    model = M3Embedder.from_pretrained(tiny_model, tokenizer=tokenizer, seed=2)
+    with torch.no_grad():
+        model.sparse_linear.bias.fill_(0.3)
+    out = str(tmp_path_factory.mktemp("m3") / "model")
+    export_model(model.model, tokenizer, model.model.state_dict(), out, {**M3_CFG, "unified_finetuning": True,
+                                                                         "m3_score_weights": [1.0, 0.3, 1.0]},
+                 heads=model.state_dict())
+    return out
+
+
+def _flag_m3_model(path):
+    import_flag_model()
+    from FlagEmbedding import BGEM3FlagModel
+
+    return BGEM3FlagModel(path, use_fp16=False, devices="cpu", pooling_method="cls", normalize_embeddings=True)
+
+
+def test_texts_embed_and_score_as_bgem3flagmodel_does(m3_model):
+    from bge_ray.retrieval.m3 import colbert_scores, encode_m3_texts, lexical_scores
+
+    tokenizer = load_tokenizer(m3_model)
+    model = M3Embedder.from_pretrained(m3_model, tokenizer=tokenizer).eval()
+    queries = ["what causes rain", "why is the sky blue blue"]
+    docs = ["rain comes from clouds", "the sky is blue because of scattering of light", "a", "clouds clouds rain"]
+    ours_q = encode_m3_texts(model, tokenizer, queries, 32, 3, torch.device("cpu"))
+    ours_d = encode_m3_texts(model, tokenizer, docs, 64, 3, torch.device("cpu"))
+    fe = _flag_m3_model(m3_model)
+    fe_q, fe_d = (fe.encode(t, return_dense=True, return_sparse=True, return_colbert_vecs=True, max_length=n)
+                  for t, n in ((queries, 32), (docs, 64)))
+    np.testing.assert_allclose(ours_d["dense"], fe_d["dense_vecs"], rtol=1e-5, atol=1e-6)
+    for i in range(len(docs)):
+        np.testing.assert_allclose(ours_d["colbert"][i], fe_d["colbert_vecs"][i], rtol=1e-5, atol=1e-6)
+        assert dict(zip(ours_d["sparse_ids"][i].tolist(), ours_d["sparse_weights"][i].tolist(), strict=True)) == \
+            pytest.approx({int(k): float(v) for k, v in fe_d["lexical_weights"][i].items()}, rel=1e-5)
+    sparse = lexical_scores(ours_q["sparse_ids"], ours_q["sparse_weights"], ours_d["sparse_ids"], ours_d["sparse_weights"])
+    colbert = colbert_scores(ours_q["colbert"], ours_d["colbert"])
+    for i in range(len(queries)):
+        for j in range(len(docs)):
+            want = fe.compute_lexical_matching_score(fe_q["lexical_weights"][i], fe_d["lexical_weights"][j])
+            assert float(sparse[i, j]) == pytest.approx(float(want), rel=1e-5, abs=1e-7)
+            want = fe.colbert_score(fe_q["colbert_vecs"][i], fe_d["colbert_vecs"][j])
+            assert float(colbert[i, j]) == pytest.approx(float(want), rel=1e-5)
+    assert float(sparse.max()) > 0
+
+
+def test_search_in_chunks_equals_scoring_every_pair(m3_model):
+    from bge_ray.retrieval.m3 import COLBERT_BUDGET, M3Search, colbert_scores, encode_m3_texts, lexical_scores
+
+    tokenizer = load_tokenizer(m3_model)
+    model = M3Embedder.from_pretrained(m3_model, tokenizer=tokenizer).eval()
+    texts = [f"passage {i} about {'rain ' * (i % 4)}clouds and {'light ' * (i % 3)}" for i in range(23)]
+    q = encode_m3_texts(model, tokenizer, ["rain clouds", "light"], 32, 8, torch.device("cpu"))
+    d = encode_m3_texts(model, tokenizer, texts, 64, 8, torch.device("cpu"))
+    ids = [f"d{i}" for i in range(len(texts))]
+    search = M3Search(q, ("dense", "sparse", "colbert", "hybrid"), (1.0, 0.3, 1.0), k=5)
+    for start in range(0, len(texts), 6):
+        search.add({key: d[key][start:start + 6] for key in d}, ids[start:start + 6])
+    runs = search.runs(["q0", "q1"])
+    dense = torch.as_tensor(q["dense"]) @ torch.as_tensor(d["dense"]).T
+    sparse = lexical_scores(q["sparse_ids"], q["sparse_weights"], d["sparse_ids"], d["sparse_weights"])
+    colbert = colbert_scores(q["colbert"], d["colbert"])
+    hybrid = (dense + 0.3 * sparse + colbert) / 2.3
+    for mode, scores in (("dense", dense), ("sparse", sparse), ("colbert", colbert), ("hybrid", hybrid)):
+        top = torch.topk(scores, 5, dim=1)
+        for row, qid in enumerate(["q0", "q1"]):
+            want = {ids[j]: float(v) for j, v in zip(top.indices[row].tolist(), top.values[row].tolist(), strict=True)}
+            assert runs[mode][qid] == pytest.approx(want, rel=1e-5), mode
+    assert COLBERT_BUDGET > 0 and runs["sparse"] != runs["dense"]
+
+
+def test_eval_scores_every_mode_of_an_m3_model(ray_cluster, m3_model, tmp_path):
+    """bge-ray eval on Ray Data: one row per mode, each equal to scoring every pair in process."""
+    from bge_ray.retrieval.datasets import load_dataset
+    from bge_ray.retrieval.evaluate import evaluate, format_table
+    from bge_ray.retrieval.m3 import colbert_scores, encode_m3_texts, lexical_scores
+    from bge_ray.retrieval.metrics import evaluate_run
+    from tests.helpers import make_beir_subset
+
+    beir = make_beir_subset(str(tmp_path / "beir"), n_queries=8, n_extra_docs=20)
+    rows = evaluate([m3_model], beir, ks=(1, 10), concurrency=2, output_dir=str(tmp_path / "out"))
+    assert [r["mode"] for r in rows] == ["dense", "sparse", "colbert", "hybrid"]
+    assert "| model | mode | queries |" in format_table(rows, (1, 10), markdown=True)
+    ds = load_dataset(beir)
+    with open(os.path.join(beir, "corpus.jsonl")) as f:
+        corpus = [__import__("json").loads(line) for line in f]
+    doc_ids = [str(c["_id"]) for c in corpus]
+    texts = [(c.get("title", "") + " " + c["text"]).strip() for c in corpus]
+    qids = list(ds.eval_queries)
+    tokenizer = load_tokenizer(m3_model)
+    model = M3Embedder.from_pretrained(m3_model, tokenizer=tokenizer).eval()
+    q = encode_m3_texts(model, tokenizer, [ds.eval_queries[i] for i in qids], 64, 16, torch.device("cpu"))
+    d = encode_m3_texts(model, tokenizer, texts, 256, 16, torch.device("cpu"))
+    dense = torch.as_tensor(q["dense"]) @ torch.as_tensor(d["dense"]).T
+    sparse = lexical_scores(q["sparse_ids"], q["sparse_weights"], d["sparse_ids"], d["sparse_weights"])
+    colbert = colbert_scores(q["colbert"], d["colbert"])
+    for row, scores in zip(rows, (dense, sparse, colbert, (dense + 0.3 * sparse + colbert) / 2.3), strict=True):
+        run = {qid: {doc_ids[j]: float(scores[i, j]) for j in range(len(doc_ids))} for i, qid in enumerate(qids)}
+        want = evaluate_run(ds.qrels, run, (1, 10))
+        assert row["ndcg@10"] == pytest.approx(want["ndcg@10"], abs=1e-6), row["mode"]
+    assert len({round(r["ndcg@10"], 6) for r in rows}) > 1
+
+
+def test_modes_a_model_cannot_score_are_refused_before_ray(tiny_model):
+    from bge_ray.errors import ConfigError
+    from bge_ray.retrieval.evaluate import check_modes
+
+    with pytest.raises(ConfigError, match="has no BGE-M3 heads"):
+        check_modes(tiny_model, ("sparse",))
+    with pytest.raises(ConfigError, match="unknown"):
+        check_modes(tiny_model, ("lexical",))
+    with pytest.raises(ConfigError, match="three numbers|dense, sparse and ColBERT weights"):
+        check_modes(tiny_model, None, weights=(1.0, 0.3))
+    assert check_modes(tiny_model, None) == ("dense",)
+
+
 # ---- a unified fine-tune through Ray Train + DeepSpeed ------------------------------------------
 
 def test_unified_finetune_under_zero3_exports_a_model_bgem3flagmodel_loads(ray_cluster, tiny_model, tmp_path):
     """Two workers, ZeRO-3, cross-device negatives, GradCache, gradient checkpointing and self-distillation
-    from the second micro-batch: the heads train with the encoder and come out where BGEM3FlagModel reads them."""
+    from the second micro-batch: the heads train with the encoder and come out where BGEM3FlagModel reads them;
+    validation scores every mode and the best checkpoint is picked by the hybrid's."""
     import bge_ray
-    from tests.helpers import FE_EXAMPLES
+    from tests.helpers import FE_EXAMPLES, make_beir_subset
 
     result = bge_ray.finetune({
         "model_name_or_path": tiny_model, "train_data": [FE_EXAMPLES], "output_dir": str(tmp_path / "model"),
@@ -288,8 +415,14 @@ def test_unified_finetune_under_zero3_exports_a_model_bgem3flagmodel_loads(ray_c
         "negatives_cross_device": True, "gradient_checkpointing": True, "sub_batch_size": 5,
         "unified_finetuning": True, "use_self_distill": True, "self_distill_start_step": 0, "colbert_dim": 8,
         "learning_rate": 1e-3, "max_steps": 3, "logging_steps": 1, "save_steps": 100, "seed": 4,
+        "eval_data": make_beir_subset(str(tmp_path / "eval"), n_queries=6, n_extra_docs=10), "eval_steps": 2,
+        "metric_for_best_model": "ndcg@10_hybrid",
     })
     assert result.metrics["step"] == 3
+    for e in result.evals:
+        assert {"eval_ndcg@10", "eval_ndcg@10_sparse", "eval_ndcg@10_colbert", "eval_ndcg@10_hybrid"} <= set(e), e
+    best = max((e for e in result.evals if e["step"] > 0), key=lambda e: e["eval_ndcg@10_hybrid"])
+    assert result.metrics["best_eval_ndcg@10_hybrid"] == best["eval_ndcg@10_hybrid"]
     assert all(math.isfinite(r["loss"]) for r in result.history if r.get("kind") == "train")
     tokenizer = load_tokenizer(tiny_model)
     start = M3Embedder.from_pretrained(tiny_model, tokenizer=tokenizer, colbert_dim=8, seed=4)

@@ -189,6 +189,15 @@ def test_search_space_becomes_tunes_domains(tmp_path, tiny_model, memorize_eval)
     with pytest.raises(ConfigError, match=r"search_space.mrl_weights = \[1.0\] .*one weight >= 0 per mrl_dims"):
         load_sweep(sweep_file(tmp_path, tiny_model, memorize_eval, use_mrl=True, mrl_dims=[32, 16],
                               search_space={"mrl_weights": {"choice": [[1]]}}))
+    m3 = load_sweep(sweep_file(tmp_path, tiny_model, memorize_eval, unified_finetuning=True,
+                               metric_for_best_model="ndcg@10_hybrid",
+                               search_space={"m3_loss_weights": {"grid": [[1, 0.1, 1], [1, 1, 1]]},
+                                             "m3_score_weights": {"choice": [[1, 0.3, 1], [0.4, 0.2, 0.4]]}}))
+    assert m3.space["m3_loss_weights"].args == [[1.0, 0.1, 1.0], [1.0, 1.0, 1.0]]
+    assert tune_domain(m3.space["m3_score_weights"]).categories == [[1.0, 0.3, 1.0], [0.4, 0.2, 0.4]]
+    with pytest.raises(ConfigError, match=r"search_space.m3_loss_weights = \[1.0, 1.0\] .*three weights >= 0"):
+        load_sweep(sweep_file(tmp_path, tiny_model, memorize_eval, unified_finetuning=True,
+                              search_space={"m3_loss_weights": {"choice": [[1, 1]]}}))
     settings = tune_config(sweep, concurrency=2)
     assert settings.metric == "eval_ndcg@10" and settings.mode == "max" and settings.num_samples == 1
     assert settings.scheduler._time_attr == "validations"

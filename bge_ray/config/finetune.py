@@ -193,7 +193,8 @@ class FinetuneConfig:
                                   shown="save_steps")
     eval_batch_size: int = knob(64, "texts per encoder batch when measuring")
     metric_for_best_model: str = knob("ndcg@10", "the metric that ranks checkpoints: ndcg, recall, mrr, map or "
-                                      "precision @ 1, 3, 5, 10 or 100")
+                                      "precision @ 1, 3, 5, 10 or 100 (BGE-M3: add _sparse, _colbert or _hybrid to "
+                                      "rank by that mode)")
     final_model: str = knob("best", "which checkpoint's model is exported: best (by metric_for_best_model) or "
                             "last")
 
@@ -514,6 +515,9 @@ def _check_report_to(cfg: FinetuneConfig) -> None:
         raise ConfigError(f"report_to: none cannot be combined with other trackers, got {cfg.report_to}")
 
 
+M3_MODES = ("sparse", "colbert", "hybrid")  # validated beside dense with unified_finetuning
+
+
 def _check_validation(cfg: FinetuneConfig) -> None:
     if cfg.eval_data is not None and "://" not in cfg.eval_data and not os.path.isdir(cfg.eval_data):
         raise ConfigError(f"eval_data: {cfg.eval_data!r} is not a folder (BEIR or FlagEmbedding evaluation layout)")
@@ -526,10 +530,14 @@ def _check_validation(cfg: FinetuneConfig) -> None:
         raise ConfigError(f"eval_steps must be >= 1 or unset (= save_steps), got {cfg.eval_steps}")
     _at_least(cfg, ("eval_batch_size",), 1)
     name, _, dim = cfg.metric_for_best_model.partition("_dim")
+    name, _, mode = name.partition("_")
     metric, _, k = name.partition("@")
-    if metric not in METRICS or k not in {str(x) for x in DEFAULT_KS}:
+    if metric not in METRICS or k not in {str(x) for x in DEFAULT_KS} or mode not in ("", *M3_MODES):
         raise ConfigError(f"metric_for_best_model must be <{'|'.join(METRICS)}>@<{'|'.join(map(str, DEFAULT_KS))}>"
-                          f"[_dim<d>], got {cfg.metric_for_best_model!r}")
+                          f"[_dim<d> | _{'|_'.join(M3_MODES)}], got {cfg.metric_for_best_model!r}")
+    if mode and not cfg.unified_finetuning:
+        raise ConfigError(f"metric_for_best_model {cfg.metric_for_best_model!r}: _{mode} ranks by a BGE-M3 mode; "
+                          "it needs unified_finetuning")
     if dim and (not cfg.use_mrl or not dim.isdigit() or int(dim) not in cfg.mrl_dims):
         raise ConfigError(f"metric_for_best_model {cfg.metric_for_best_model!r}: _dim<d> picks one of mrl_dims "
                           f"({cfg.mrl_dims if cfg.use_mrl else 'use_mrl is off'})")

@@ -43,6 +43,11 @@ def _head_file(name_or_path: str, filename: str, cache_dir: str | None) -> str |
     return cached_file(name_or_path, filename, cache_dir=cache_dir, _raise_exceptions_for_missing_entries=False)
 
 
+def has_heads(name_or_path: str, cache_dir: str | None = None) -> bool:
+    """Whether the model has BGE-M3's ``colbert_linear.pt`` and ``sparse_linear.pt``."""
+    return all(_head_file(name_or_path, f, cache_dir) is not None for f in (COLBERT_FILE, SPARSE_FILE))
+
+
 def saved_heads(name_or_path: str, cache_dir: str | None = None) -> dict[str, dict[str, torch.Tensor]] | None:
     """The model's own ``colbert_linear`` and ``sparse_linear`` state dicts, or None unless it has both
     (FlagEmbedding's rule: one alone is not loaded)."""

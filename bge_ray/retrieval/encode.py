@@ -17,9 +17,20 @@ from transformers.utils import cached_file
 from bge_ray.config.finetune import resolve_model_path
 from bge_ray.data.text import TextSpec
 from bge_ray.model.embedder import Embedder
+from bge_ray.model.m3 import M3Embedder
 from bge_ray.model.tokenizer import load_tokenizer
+from bge_ray.retrieval.m3 import encode_m3_texts
 
 _TEXT_FIELDS = {f.name for f in dataclasses.fields(TextSpec)}
+M3_COLUMNS = ("sparse_ids", "sparse_weights", "colbert")  # TextEncoder's extra columns for a BGE-M3 spec
+
+
+def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
+    """Arrays of different lengths as one object column (Ray Data keeps them as variable-shaped tensors)."""
+    out = np.empty(len(arrays), dtype=object)
+    for i, a in enumerate(arrays):  # one by one: numpy would stack arrays of equal shape
+        out[i] = a
+    return out
 
 
 @dataclass(frozen=True)
@@ -32,6 +43,8 @@ class EncoderSpec:
     normalize: bool = True
     batch_size: int = 64
     dtype: str = "auto"
+    m3: bool = False  # also BGE-M3's sparse and ColBERT outputs (the model has their heads)
+    m3_weights: tuple[float, float, float] = (1.0, 0.3, 1.0)  # the hybrid's dense, sparse, ColBERT weights
 
     @property
     def model(self) -> str:
@@ -85,6 +98,9 @@ def encoder_spec_for(model: str, **overrides: Any) -> EncoderSpec:
                  "query_instruction_format": meta.get("query_instruction_format", "{}{}"),
                  "passage_instruction": meta.get("passage_instruction_for_retrieval"),
                  "passage_instruction_format": meta.get("passage_instruction_format", "{}{}")}
+        trained = (meta.get("training_config") or {}).get("m3_score_weights")
+        if meta.get("unified_finetuning") and trained:
+            found["m3_weights"] = tuple(float(w) for w in trained)  # what its ensemble was trained with
     else:
         found = _sentence_transformers_spec(path)
     found.update({k: v for k, v in overrides.items() if v is not None})
@@ -101,12 +117,19 @@ class TextEncoder:
         if self.device.type == "cuda" and spec.dtype in ("auto", "bf16", "fp16"):
             dtype = torch.float16 if spec.dtype == "fp16" or not torch.cuda.is_bf16_supported() else torch.bfloat16
         self.tokenizer = load_tokenizer(spec.model, None, spec.text.trust_remote_code)
-        self.model = Embedder.from_pretrained(spec.model, pooling=spec.pooling, normalize=spec.normalize,
-                                              trust_remote_code=spec.text.trust_remote_code, dtype=dtype)
+        loading = {"pooling": spec.pooling, "normalize": spec.normalize, "trust_remote_code": spec.text.trust_remote_code,
+                   "dtype": dtype}
+        self.model = (M3Embedder.from_pretrained(spec.model, tokenizer=self.tokenizer, **loading) if spec.m3
+                      else Embedder.from_pretrained(spec.model, **loading))
         self.model.to(self.device).eval()
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {"_id": batch["_id"], "emb": self.embed(list(batch["text"]), self.kind)}
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        if not self.spec.m3:
+            return {"_id": batch["_id"], "emb": self.embed(list(batch["text"]), self.kind)}
+        formatted = self.spec.text.format(list(batch["text"]), self.kind)
+        reps = encode_m3_texts(self.model, self.tokenizer, formatted, self.spec.text.max_len(self.kind),
+                               self.spec.batch_size, self.device)
+        return {"_id": batch["_id"], "emb": reps["dense"], **{k: _ragged(reps[k]) for k in M3_COLUMNS}}
 
     def embed(self, texts: list[str], kind: str, instructions: list[str | None] | None = None) -> np.ndarray:
         """Embed ``texts`` as queries or passages; ``instructions`` (per query) override the spec's."""

@@ -16,59 +16,83 @@ import torch
 import torch.distributed as dist
 
 from bge_ray.cluster import actor_count, connect_ray
-from bge_ray.config.finetune import check_local_models
+from bge_ray.config.finetune import check_local_models, resolve_model_path
 from bge_ray.console import ProgressLine, log
 from bge_ray.errors import ConfigError
 from bge_ray.model.embedder import check_matryoshka_dims
+from bge_ray.model.m3 import has_heads
 from bge_ray.retrieval.datasets import RetrievalDataset, ValidationSet, check_corpus, load_dataset, read_corpus
-from bge_ray.retrieval.encode import EncoderSpec, encode_dataset, encode_texts, encoder_spec_for
+from bge_ray.retrieval.encode import M3_COLUMNS, EncoderSpec, encode_dataset, encode_texts, encoder_spec_for
+from bge_ray.retrieval.m3 import MODES, M3Search, encode_m3_texts
 from bge_ray.retrieval.metrics import DEFAULT_KS, METRICS, evaluate_run
 from bge_ray.retrieval.search import TopK, truncate
 
 
-def evaluate_model(dataset: RetrievalDataset, spec: EncoderSpec, ks: tuple[int, ...] = DEFAULT_KS,
-                   use_gpu: bool = False, concurrency: int = 1, ignore_identical_ids: bool = False,
-                   corpus: Any = None, corpus_size: int | None = None,
-                   dims: tuple[int, ...] = ()) -> list[dict[str, Any]]:
-    """Embed, search and score one model on one data set: one result (metrics, ``dim``, timings) for
-    the whole embeddings, then one per Matryoshka cut in ``dims`` (searched beside it, embedded once).
-    Prints progress (done / total, rate, ETA) while it embeds.
-
-    Raises:
-        ValueError: a cut larger than the model's embeddings.
-    """
-    t0 = time.time()
-    corpus = corpus if corpus is not None else read_corpus(dataset)
+def _embed_queries(dataset: RetrievalDataset, spec: EncoderSpec, use_gpu: bool, concurrency: int,
+                   name: str) -> dict[str, Any]:
+    """The evaluation queries' embeddings in ``eval_queries`` order: ``dense`` (Q, D) and, for a BGE-M3 spec,
+    the per-query sparse and ColBERT columns."""
     queries = dataset.eval_queries
     qids = list(queries)
-    name = os.path.basename(os.path.normpath(spec.model))
     q_ds = ray.data.from_items([{"_id": q, "text": queries[q]} for q in qids])
-    q_emb: dict[str, np.ndarray] = {}
+    columns = ("emb", *(M3_COLUMNS if spec.m3 else ()))
+    got: dict[str, dict[str, Any]] = {c: {} for c in columns}
     with ProgressLine(f"eval {name}: queries", len(qids), "queries") as progress:
         for batch in encode_dataset(q_ds, spec, "query", use_gpu, concurrency).iter_batches(batch_size=None,
                                                                                            batch_format="numpy"):
-            q_emb.update(zip(batch["_id"], batch["emb"], strict=True))
+            for c in columns:
+                got[c].update(zip(batch["_id"], batch[c], strict=True))
             progress.add(len(batch["_id"]))
-    q_all = torch.from_numpy(np.stack([q_emb[q] for q in qids]))
-    cuts = (None, *dims)
+    reps = {c: [got[c][q] for q in qids] for c in columns if c != "emb"}
+    return {"dense": torch.from_numpy(np.stack([got["emb"][q] for q in qids])), **reps}
+
+
+def evaluate_model(dataset: RetrievalDataset, spec: EncoderSpec, ks: tuple[int, ...] = DEFAULT_KS,
+                   use_gpu: bool = False, concurrency: int = 1, ignore_identical_ids: bool = False,
+                   corpus: Any = None, corpus_size: int | None = None, dims: tuple[int, ...] = (),
+                   modes: tuple[str, ...] = ("dense",),
+                   weights: tuple[float, float, float] = (1.0, 0.3, 1.0)) -> list[dict[str, Any]]:
+    """Embed, search and score one model on one data set: one result (metrics, ``mode``, ``dim``, timings)
+    for the whole embeddings, then one per Matryoshka cut in ``dims`` (searched beside it, embedded once), or,
+    for a BGE-M3 model, one per retrieval mode in ``modes`` (``weights``: the hybrid's dense, sparse and
+    ColBERT weights). Prints progress (done / total, rate, ETA) while it embeds.
+
+    Raises:
+        ValueError: a cut larger than the model's embeddings, an unknown mode.
+    """
+    t0 = time.time()
+    corpus = corpus if corpus is not None else read_corpus(dataset)
+    qids = list(dataset.eval_queries)
+    name = os.path.basename(os.path.normpath(spec.model))
+    spec = spec.replace(m3=tuple(modes) != ("dense",))
+    q_reps = _embed_queries(dataset, spec, use_gpu, concurrency, name)
     k = max(ks) + (1 if ignore_identical_ids else 0)
-    tops = [TopK(truncate(q_all, d, spec.normalize), k=k) for d in cuts]
+    search = M3Search(q_reps, tuple(modes), weights, k) if spec.m3 else None
+    cuts = (None, *dims)
+    tops = [TopK(truncate(q_reps["dense"], d, spec.normalize), k=k) for d in cuts]
     p_ds = encode_dataset(corpus.select_columns(["_id", "text"]), spec, "passage", use_gpu, concurrency)
     with ProgressLine(f"eval {name}: passages embedded and searched", corpus_size, "passages") as progress:
         for batch in p_ds.iter_batches(batch_size=None, batch_format="numpy"):
             docs, ids = torch.tensor(np.asarray(batch["emb"], dtype=np.float32)), [str(x) for x in batch["_id"]]
-            for d, top in zip(cuts, tops, strict=True):
-                top.add(truncate(docs, d, spec.normalize), ids)
+            if search is not None:
+                search.add({"dense": docs, **{c: batch[c] for c in M3_COLUMNS}}, ids)
+            else:
+                for d, top in zip(cuts, tops, strict=True):
+                    top.add(truncate(docs, d, spec.normalize), ids)
             progress.add(len(batch["_id"]))
     elapsed = time.time() - t0
     timings = {"num_docs": progress.count, "eval_s": elapsed, "passages_per_s": progress.count / elapsed}
-    return [{**evaluate_run(dataset.qrels, top.run(qids), ks, ignore_identical_ids=ignore_identical_ids),
-             "dim": d or q_all.shape[1], **timings} for d, top in zip(cuts, tops, strict=True)]
+    full = q_reps["dense"].shape[1]
+    runs = ([(mode, full, run) for mode, run in search.runs(qids).items()] if search is not None
+            else [("dense", d or full, top.run(qids)) for d, top in zip(cuts, tops, strict=True)])
+    return [{**evaluate_run(dataset.qrels, run, ks, ignore_identical_ids=ignore_identical_ids), "mode": mode,
+             "dim": dim, **timings} for mode, dim, run in runs]
 
 
 def evaluate(models: list[str] | str, data: str, split: str = "test", ks: tuple[int, ...] = DEFAULT_KS,
              use_gpu: bool = False, concurrency: int | None = None, ignore_identical_ids: bool = False,
              output_dir: str | None = None, ray_address: str | None = None, truncate_dims: tuple[int, ...] = (),
+             modes: tuple[str, ...] | None = None, weights: tuple[float, float, float] | None = None,
              **overrides: Any) -> list[dict[str, Any]]:
     """Evaluate one or more models on one retrieval data set.
 
@@ -86,17 +110,22 @@ def evaluate(models: list[str] | str, data: str, split: str = "test", ks: tuple[
             a local Ray).
         truncate_dims: Matryoshka cuts: each model is also scored on its embeddings' first ``d`` values
             (normalised again where the model normalises), one more row per cut.
+        modes: BGE-M3 retrieval modes to score (dense, sparse, colbert, hybrid), one row each; default all
+            four for a model with BGE-M3's heads (``colbert_linear.pt``, ``sparse_linear.pt``), dense for others.
+        weights: the hybrid's dense, sparse and ColBERT weights (FlagEmbedding's
+            ``weights_for_different_modes``); default the ones the model's ensemble was trained with, else
+            FlagEmbedding's training ensemble (1, 0.3, 1).
         **overrides: :class:`EncoderSpec` or text fields set for every model (``pooling``,
             ``query_instruction``, ``passage_max_len``...).
 
     Returns:
-        One row per model (and cut): ``model``, ``data``, ``split``, ``pooling``, ``dim``, ``corpus_size``,
+        One row per model (and cut or mode): ``model``, ``data``, ``split``, ``pooling``, ``mode``, ``dim``, ``corpus_size``,
         the metrics (``ndcg@10``...), ``num_queries`` and timings (``eval_s``, ``passages_per_s``).
 
     Raises:
         DataValidationError: the data set is malformed (file and line named) or its qrels name
             unknown queries or documents.
-        ConfigError: a cut is larger than a model's embeddings.
+        ConfigError: a cut is larger than a model's embeddings; a mode a model cannot score.
         ValueError: no model was given.
     """
     if isinstance(models, str):
@@ -104,6 +133,7 @@ def evaluate(models: list[str] | str, data: str, split: str = "test", ks: tuple[
     if not models:
         raise ValueError("give at least one model to evaluate")
     check_local_models(models)
+    model_modes = {model: check_modes(model, modes, truncate_dims, weights) for model in models}
     for model in models if truncate_dims else ():
         try:
             check_matryoshka_dims(model, list(truncate_dims))
@@ -122,7 +152,8 @@ def evaluate(models: list[str] | str, data: str, split: str = "test", ks: tuple[
         spec = encoder_spec_for(model, **overrides)
         results = evaluate_model(dataset, spec, ks, use_gpu=use_gpu, concurrency=concurrency,
                                  ignore_identical_ids=ignore_identical_ids, corpus=corpus, corpus_size=n_docs,
-                                 dims=tuple(truncate_dims))
+                                 dims=tuple(truncate_dims), modes=model_modes[model],
+                                 weights=tuple(weights) if weights else spec.m3_weights)
         rows += [{"model": model, "data": dataset.name, "split": split, "pooling": spec.pooling,
                   "corpus_size": n_docs, **metrics} for metrics in results]
     if output_dir:
@@ -130,14 +161,38 @@ def evaluate(models: list[str] | str, data: str, split: str = "test", ks: tuple[
     return rows
 
 
+def check_modes(model: str, modes: tuple[str, ...] | None, truncate_dims: tuple[int, ...] = (),
+                weights: tuple[float, ...] | None = None) -> tuple[str, ...]:
+    """The retrieval modes to score ``model`` in (see :func:`evaluate`), checked before any cluster work.
+
+    Raises:
+        ConfigError: an unknown mode, sparse / ColBERT / hybrid for a model without BGE-M3's heads, modes
+            beside Matryoshka cuts, or weights that are not three numbers >= 0.
+    """
+    if weights is not None and (len(weights) != 3 or min(weights) < 0 or not sum(weights)):
+        raise ConfigError(f"--weights_for_different_modes takes dense, sparse and ColBERT weights >= 0, got {list(weights)}")
+    if modes is None:
+        return MODES if has_heads(resolve_model_path(model)) and not truncate_dims else ("dense",)
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        raise ConfigError(f"--modes: unknown {unknown or 'empty'}; use {', '.join(MODES)}")
+    if tuple(modes) != ("dense",) and not has_heads(resolve_model_path(model)):
+        raise ConfigError(f"--modes {' '.join(modes)}: {model} has no BGE-M3 heads (colbert_linear.pt and "
+                          "sparse_linear.pt); it scores dense only")
+    if tuple(modes) != ("dense",) and truncate_dims:
+        raise ConfigError("--truncate_dim cuts dense embeddings; score BGE-M3's other modes in a separate eval")
+    return tuple(dict.fromkeys(modes))
+
+
 def format_table(rows: list[dict[str, Any]], ks: tuple[int, ...] = DEFAULT_KS, markdown: bool = False) -> str:
-    """The results as a table: one row per model (and Matryoshka cut, with a dim column); nDCG, Recall and
-    MRR at each k, MAP and P at 10."""
+    """The results as a table: one row per model (and Matryoshka cut or BGE-M3 mode, with a dim or mode
+    column); nDCG, Recall and MRR at each k, MAP and P at 10."""
     cols = [f"{m}@{k}" for m in METRICS for k in ks]
     cols = [c for c in cols if c.split("@")[0] in ("ndcg", "recall", "mrr") or int(c.split("@")[1]) == 10]
-    cut = len({(r["model"], r.get("dim")) for r in rows}) > len({r["model"] for r in rows})  # Matryoshka rows
-    header = ["model", *(["dim"] if cut else []), "queries", *cols]
-    body = [[str(r["model"]), *([str(r["dim"])] if cut else []), str(r["num_queries"]), *(f"{r[c]:.4f}" for c in cols)]
+    extra = [c for c in ("mode", "dim")  # shown where some model has more than one row by it
+             if len({(r["model"], r.get(c)) for r in rows}) > len({r["model"] for r in rows})]
+    header = ["model", *extra, "queries", *cols]
+    body = [[str(r["model"]), *(str(r.get(c)) for c in extra), str(r["num_queries"]), *(f"{r[c]:.4f}" for c in cols)]
             for r in rows]
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -176,30 +231,73 @@ def _embed_shared(model: Any, tokenizer: Any, texts: list[str], max_len: int, ba
     return np.concatenate([g for g in gathered if len(g)], axis=0)
 
 
+def _gather_m3(model: Any, tokenizer: Any, texts: list[str], max_len: int, batch_size: int,
+               device: torch.device) -> dict[str, Any]:
+    """:func:`encode_m3_texts` with every rank embedding an equal share; all ranks get all of it, in order."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    part, real = _shard(texts, rank, world)
+    reps = encode_m3_texts(model, tokenizer, part, max_len, batch_size, device)
+    reps = {k: v[:real] for k, v in reps.items()}
+    if world == 1:
+        return reps
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, reps)
+    return {"dense": np.concatenate([g["dense"] for g in gathered if len(g["dense"])], axis=0),
+            **{k: [x for g in gathered for x in g[k]] for k in M3_COLUMNS}}
+
+
+def _validate_m3(model: Any, tokenizer: Any, vset: ValidationSet, spec: EncoderSpec, device: torch.device,
+                 ks: tuple[int, ...], modes: tuple[str, ...], weights: tuple[float, float, float]) -> dict[str, float]:
+    """The metrics of each BGE-M3 mode, ``<metric>_<mode>`` (dense without a suffix), on rank 0."""
+    qids = list(vset.dataset.eval_queries)
+    queries = spec.text.format([vset.dataset.queries[q] for q in qids], "query")
+    q = _gather_m3(model, tokenizer, queries, spec.text.query_max_len, spec.batch_size, device)
+    d = _gather_m3(model, tokenizer, spec.text.format(vset.doc_texts, "passage"), spec.text.passage_max_len,
+                   spec.batch_size, device)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return {}
+    search = M3Search(q, ("dense", *modes), weights, k=max(ks))
+    chunk = max(1, spec.batch_size * 4)
+    for start in range(0, len(vset.doc_ids), chunk):
+        search.add({k: v[start:start + chunk] for k, v in d.items()}, vset.doc_ids[start:start + chunk])
+    metrics: dict[str, float] = {}
+    for mode, run in search.runs(qids).items():
+        scores = evaluate_run(vset.dataset.qrels, run, ks)
+        metrics.update(scores if mode == "dense" else {f"{k}_{mode}": v for k, v in scores.items() if "@" in k})
+    return metrics
+
+
 @torch.inference_mode()
 def validate(model: Any, tokenizer: Any, vset: ValidationSet, spec: EncoderSpec, device: torch.device,
-             ks: tuple[int, ...] = DEFAULT_KS, dims: tuple[int, ...] = ()) -> dict[str, float]:
+             ks: tuple[int, ...] = DEFAULT_KS, dims: tuple[int, ...] = (), modes: tuple[str, ...] = (),
+             weights: tuple[float, float, float] = (1.0, 0.3, 1.0)) -> dict[str, float]:
     """Retrieval metrics of the model being trained. Every worker embeds an equal share (ZeRO-3
     needs all workers in every forward); rank 0 searches and scores; all workers get the metrics.
-    With Matryoshka ``dims``, the metrics at each cut follow as ``<metric>_dim<d>`` (``ndcg@10_dim256``)."""
+    With Matryoshka ``dims``, the metrics at each cut follow as ``<metric>_dim<d>`` (``ndcg@10_dim256``);
+    with BGE-M3 ``modes`` (sparse, colbert, hybrid; ``weights`` the hybrid's), as ``<metric>_<mode>``."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     was_training = model.training
     model.eval()
-    qids = list(vset.dataset.eval_queries)
-    queries = spec.text.format([vset.dataset.queries[q] for q in qids], "query")
-    docs = spec.text.format(vset.doc_texts, "passage")
-    q_emb = _embed_shared(model, tokenizer, queries, spec.text.query_max_len, spec.batch_size, device)
-    d_emb = _embed_shared(model, tokenizer, docs, spec.text.passage_max_len, spec.batch_size, device)
-    if was_training:
-        model.train()
     metrics: list[Any] = [None]
-    if rank == 0:
-        metrics[0] = {}
-        for dim in (None, *dims):
-            top = TopK(truncate(torch.from_numpy(q_emb), dim, spec.normalize), k=max(ks))
-            top.add(truncate(torch.from_numpy(d_emb), dim, spec.normalize), vset.doc_ids)
-            scores = evaluate_run(vset.dataset.qrels, top.run(qids), ks)
-            metrics[0].update(scores if dim is None else {f"{k}_dim{dim}": v for k, v in scores.items() if "@" in k})
+    if modes:
+        metrics[0] = _validate_m3(model, tokenizer, vset, spec, device, ks, tuple(modes), weights)
+        if was_training:
+            model.train()
+    else:
+        qids = list(vset.dataset.eval_queries)
+        queries = spec.text.format([vset.dataset.queries[q] for q in qids], "query")
+        docs = spec.text.format(vset.doc_texts, "passage")
+        q_emb = _embed_shared(model, tokenizer, queries, spec.text.query_max_len, spec.batch_size, device)
+        d_emb = _embed_shared(model, tokenizer, docs, spec.text.passage_max_len, spec.batch_size, device)
+        if was_training:
+            model.train()
+        if rank == 0:
+            metrics[0] = {}
+            for dim in (None, *dims):
+                top = TopK(truncate(torch.from_numpy(q_emb), dim, spec.normalize), k=max(ks))
+                top.add(truncate(torch.from_numpy(d_emb), dim, spec.normalize), vset.doc_ids)
+                scores = evaluate_run(vset.dataset.qrels, top.run(qids), ks)
+                metrics[0].update(scores if dim is None else {f"{k}_dim{dim}": v for k, v in scores.items() if "@" in k})
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(metrics, src=0)
     return metrics[0]

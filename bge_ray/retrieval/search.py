@@ -39,17 +39,21 @@ class TopK:
         self.seen = 0
 
     def add(self, docs: torch.Tensor, ids: list[str] | None = None) -> None:
+        """A chunk of document embeddings, scored by inner product with the queries."""
+        self.add_scores(self.queries @ docs.T, ids)
+
+    def add_scores(self, scores: torch.Tensor, ids: list[str] | None = None) -> None:
+        """A chunk's (Q, n) scores, computed by the caller (another way to score: sparse, ColBERT, hybrid)."""
         if (ids is None) != (self.ids is None) and self.seen:
             raise ValueError("give ids with every chunk or with none")
-        scores = self.queries @ docs.T
         if ids is not None:
             self.ids = self.ids if self.ids is not None else []
             base = len(self.ids)
             self.ids.extend(ids)
         else:
             base = self.seen
-        self.seen += docs.shape[0]
-        index = torch.arange(base, base + docs.shape[0], device=scores.device).expand(scores.shape[0], -1)
+        self.seen += scores.shape[1]
+        index = torch.arange(base, base + scores.shape[1], device=scores.device).expand(scores.shape[0], -1)
         merged, merged_index = torch.cat([self.scores, scores], dim=1), torch.cat([self.index, index], dim=1)
         top = torch.topk(merged, min(self.k, merged.shape[1]), dim=1)
         self.scores, self.index = top.values, torch.gather(merged_index, 1, top.indices)

@@ -119,7 +119,10 @@ def format_eval(m: dict[str, Any]) -> str:
     extra = "".join(f" | {k} {m['eval_' + k]:.4f}" for k in ("recall@100", "mrr@10") if "eval_" + k in m)
     base = f" (zero-shot {m['zero_shot_' + metric]:.4f})" if "zero_shot_" + metric in m else ""
     label = "zero-shot" if m["step"] == 0 else f"step {m['step']:>5}"
-    head = metric.partition("_dim")[0]
+    head = metric.partition("_")[0]
+    modes = [(mode, m[f"eval_{head}_{mode}"]) for mode in ("sparse", "colbert", "hybrid") if f"eval_{head}_{mode}" in m]
+    if modes:  # BGE-M3: the metric in each retrieval mode
+        extra += f" | {head} by mode dense:{m['eval_' + head]:.4f} " + " ".join(f"{k}:{v:.4f}" for k, v in modes)
     cuts = sorted(((int(k.rpartition("_dim")[2]), v) for k, v in m.items() if k.startswith(f"eval_{head}_dim")),
                   reverse=True)
     if cuts:  # Matryoshka: the metric at each cut

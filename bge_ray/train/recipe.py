@@ -497,8 +497,11 @@ class EmbedderRecipe:
                                                      f"{docs:,} passages on {self.world} worker(s)"})
         ray.train.report({"kind": "log", **self.reports.take()})
         t0 = time.time()
+        cfg = self.cfg
         metrics = retrieval_metrics(self.engine.module, self.tokenizer, self.vset, self.eval_spec, self.device,
-                                    dims=tuple(self.cfg.mrl_dims) if self.cfg.use_mrl else ())
+                                    dims=tuple(cfg.mrl_dims) if cfg.use_mrl else (),
+                                    modes=("sparse", "colbert", "hybrid") if cfg.unified_finetuning else (),
+                                    weights=tuple(cfg.m3_score_weights))
         out: dict[str, Any] = {"kind": "eval", "step": self.global_step, "metric": self.cfg.metric_for_best_model,
                                **{f"eval_{k}": v for k, v in metrics.items()}, "eval_s": time.time() - t0,
                                **{f"zero_shot_{k}": v for k, v in self.zero_shot.items()}}
