@@ -126,7 +126,7 @@ def test_eval_cli_compares_models_and_writes_files(ray_cluster, beir_dir, tiny_m
     out = tmp_path / "results"
     env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
     proc = subprocess.run(["bge-ray", "eval", "--model", tiny_model, "--model", other, "--data", beir_dir,
-                           "--k", "1,10", "--output", str(out), "--pooling", "mean"],
+                           "--k", "1,10", "--output", str(out), "--pooling", "mean", "--concurrency", "1"],
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ndcg@10" in proc.stdout and tiny_model in proc.stdout and other in proc.stdout
@@ -141,7 +141,7 @@ def test_evaluates_a_data_set_in_cloud_storage(ray_cluster, s3, beir_dir, tiny_m
     for name in ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv"):
         with open(os.path.join(beir_dir, name), "rb") as f:
             s3.put_object(Bucket="bge-ray-test", Key=f"beir/scifact_small/{name}", Body=f.read())
-    (remote,) = evaluate([tiny_model], "s3://bge-ray-test/beir/scifact_small", ks=(10,), pooling="mean")
-    (local,) = evaluate([tiny_model], beir_dir, ks=(10,), pooling="mean")
+    (remote,) = evaluate([tiny_model], "s3://bge-ray-test/beir/scifact_small", ks=(10,), pooling="mean", concurrency=1)
+    (local,) = evaluate([tiny_model], beir_dir, ks=(10,), pooling="mean", concurrency=1)
     assert remote["num_queries"] == local["num_queries"] == 12
     assert remote["ndcg@10"] == pytest.approx(local["ndcg@10"], abs=1e-6)

@@ -363,7 +363,7 @@ def test_eval_scores_every_mode_of_an_m3_model(ray_cluster, m3_model, tmp_path):
     from tests.helpers import make_beir_subset
 
     beir = make_beir_subset(str(tmp_path / "beir"), n_queries=8, n_extra_docs=20)
-    rows = evaluate([m3_model], beir, ks=(1, 10), concurrency=2, output_dir=str(tmp_path / "out"))
+    rows = evaluate([m3_model], beir, ks=(1, 10), concurrency=1, output_dir=str(tmp_path / "out"))
     assert [r["mode"] for r in rows] == ["dense", "sparse", "colbert", "hybrid"]
     assert "| model | mode | queries |" in format_table(rows, (1, 10), markdown=True)
     ds = load_dataset(beir)

@@ -58,7 +58,7 @@ def reference(model_dir: str, queries: list[str], texts: list[str]) -> np.ndarra
 def mine_args(tiny_model, pairs, pool, out, **extra):
     args = dict(input_file=[pairs], candidate_pool=[pool], output_dir=str(out), embedder_name_or_path=tiny_model,
                 pooling_method="mean", range_for_sampling=f"{START}-{END}", negative_number=NUMBER,
-                embedder_query_max_length=64, embedder_passage_max_length=64, concurrency=2)
+                embedder_query_max_length=64, embedder_passage_max_length=64, concurrency=1)
     return {**args, **extra}
 
 
@@ -103,8 +103,8 @@ def test_mined_output_is_valid_training_data(ray_cluster, mined):
 def test_mining_is_deterministic_under_a_seed(ray_cluster, mined, tiny_model, pairs_file, tmp_path):
     pairs, pool, _ = pairs_file
     _, first = mined
-    mine(mine_args(tiny_model, pairs, pool, tmp_path / "again"))
-    assert read_rows(str(tmp_path / "again")) == first
+    mine(mine_args(tiny_model, pairs, pool, tmp_path / "again", concurrency=2))
+    assert read_rows(str(tmp_path / "again")) == first  # whatever the number of encoder actors
     mine(mine_args(tiny_model, pairs, pool, tmp_path / "seed7", seed=7))
     other = read_rows(str(tmp_path / "seed7"))
     assert [r["query"] for r in other] == [r["query"] for r in first]
