@@ -83,7 +83,9 @@ def fill_model_sizes(ds: dict[str, Any], hidden_size: int | None, num_params: in
     if int(zero.get("stage", 0)) < 3:
         # one bucket never larger than the whole model: DeepSpeed's 5e8-element default allocates
         # 2 GB fp32 buffers per bucket, sized for billion-parameter models, not for small encoders
-        bucket = min(BUCKET_CAP, num_params) if num_params else BUCKET_CAP
+        # rounded up to a multiple of 8: ZeRO 1/2 require allgather_bucket_size to be even (4-byte
+        # aligned fp16 buffers), and a model with BGE-M3's heads can have an odd parameter count
+        bucket = min(BUCKET_CAP, -(-num_params // 8) * 8) if num_params else BUCKET_CAP
         for key in ("reduce_bucket_size", "allgather_bucket_size"):
             if zero.get(key) == "auto":
                 zero[key] = bucket
