@@ -58,7 +58,7 @@ def lexical_scores(q_ids: list[np.ndarray], q_weights: list[np.ndarray], d_ids: 
     vocab = np.unique(np.concatenate([*q_ids, np.zeros(0, dtype=np.int64)]))
     q = torch.zeros(len(q_ids), len(vocab))
     for row, (ids, w) in enumerate(zip(q_ids, q_weights, strict=True)):
-        q[row, np.searchsorted(vocab, ids)] = torch.as_tensor(w, dtype=torch.float32)
+        q[row, np.searchsorted(vocab, ids)] = torch.tensor(np.asarray(w, dtype=np.float32))  # a copy: Ray's are read-only
     d = torch.zeros(len(d_ids), len(vocab))
     for row, (ids, w) in enumerate(zip(d_ids, d_weights, strict=True)):
         ids, w = np.asarray(ids, dtype=np.int64), np.asarray(w, dtype=np.float32)
