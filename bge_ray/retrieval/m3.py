@@ -74,7 +74,7 @@ def _padded(vectors: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     width = next((v.shape[1] for v in vectors if v.ndim == 2), 1)
     out, mask = torch.zeros(len(vectors), size, width), torch.zeros(len(vectors), size, dtype=torch.bool)
     for i, v in enumerate(vectors):
-        out[i, :len(v)] = torch.as_tensor(np.asarray(v, dtype=np.float32)).reshape(len(v), width)
+        out[i, :len(v)] = torch.tensor(np.asarray(v, dtype=np.float32)).reshape(len(v), width)  # a copy: read-only
         mask[i, :len(v)] = True
     return out, mask
 
