@@ -225,6 +225,11 @@ def eval_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def list_items(values: list[Any]) -> list[str]:
+    """The items of a list option given comma- or space-separated (``--k 1,10 100``)."""
+    return [v for part in values for v in str(part).replace(",", " ").split()]
+
+
 def whole_numbers(values: list[Any], flag: str) -> set[int]:
     """The integers of a list option given comma- or space-separated (``--k 1,10 100``).
 
@@ -232,7 +237,7 @@ def whole_numbers(values: list[Any], flag: str) -> set[int]:
         ConfigError: an item that is not an integer.
     """
     try:
-        return {int(v) for part in values for v in str(part).replace(",", " ").split()}
+        return {int(v) for v in list_items(values)}
     except ValueError:
         raise ConfigError(f"{flag} must be integers, comma- or space-separated, got "
                           f"{' '.join(map(str, values))!r}") from None
@@ -247,18 +252,16 @@ def cmd_eval(argv: list[str]) -> int:
     dims = tuple(sorted(whole_numbers(args.truncate_dim, "--truncate_dim"), reverse=True))
     if dims and min(dims) < 1:
         raise ConfigError("--truncate_dim sizes must be >= 1")
-    modes = tuple(m for part in args.modes for m in part.replace(",", " ").split()) if args.modes else None
+    modes = tuple(list_items(args.modes)) if args.modes else None
     weights = None
     if args.weights_for_different_modes:
         try:
-            weights = tuple(float(w) for part in args.weights_for_different_modes for w in part.replace(",", " ").split())
+            weights = tuple(float(w) for w in list_items(args.weights_for_different_modes))
         except ValueError:
             raise ConfigError(f"--weights_for_different_modes must be numbers, got {args.weights_for_different_modes}") from None
     output = args.output or default_eval_output(args.data)
     check_survives_job(output, "--output")
     evaluation = command_module("bge_ray.retrieval.evaluate")
-    for model in args.model:  # before any cluster work
-        evaluation.check_modes(model, modes, dims, weights)
     rows = evaluation.evaluate(args.model, args.data, split=args.split, ks=ks, use_gpu=args.use_gpu,
                     concurrency=args.concurrency, ignore_identical_ids=args.ignore_identical_ids, output_dir=output,
                     ray_address=args.ray_address, pooling=args.pooling, query_instruction=args.query_instruction,

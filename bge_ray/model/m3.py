@@ -58,14 +58,15 @@ def saved_heads(name_or_path: str, cache_dir: str | None = None) -> dict[str, di
 
 
 def colbert_size(name_or_path: str, colbert_dim: int = -1, cache_dir: str | None = None,
-                 trust_remote_code: bool = False) -> int:
-    """The ColBERT head's output size for this model and ``colbert_dim`` (checked on the driver, before Ray).
+                 trust_remote_code: bool = False, heads: dict[str, dict[str, torch.Tensor]] | None = None) -> int:
+    """The ColBERT head's output size for this model and ``colbert_dim`` (checked on the driver, before Ray);
+    ``heads``: the model's :func:`saved_heads`, when the caller has already read them.
 
     Raises:
         ValueError: ``colbert_dim`` differs from the size of the model's own ColBERT head, or the model's
             config cannot be read.
     """
-    heads = saved_heads(name_or_path, cache_dir)
+    heads = heads if heads is not None else saved_heads(name_or_path, cache_dir)
     if heads is not None:
         size = int(heads["colbert_linear"]["weight"].shape[0])
         if colbert_dim > 0 and colbert_dim != size:
@@ -105,12 +106,13 @@ class M3Embedder(Embedder):
         or new ones of ``colbert_dim`` outputs (-1: the hidden size), initialised from ``seed``."""
         base = Embedder.from_pretrained(name_or_path, **kwargs)
         hidden = int(base.model.config.hidden_size)
-        size = colbert_size(name_or_path, colbert_dim, kwargs.get("cache_dir"), kwargs.get("trust_remote_code", False))
+        heads = saved_heads(name_or_path, kwargs.get("cache_dir"))  # read once: sized and loaded from it
+        size = colbert_size(name_or_path, colbert_dim, kwargs.get("cache_dir"), kwargs.get("trust_remote_code", False),
+                            heads=heads)
         dtype = next(base.model.parameters()).dtype
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             colbert, sparse = nn.Linear(hidden, size, dtype=dtype), nn.Linear(hidden, 1, dtype=dtype)
-        heads = saved_heads(name_or_path, kwargs.get("cache_dir"))
         if heads is not None:
             colbert.load_state_dict(heads["colbert_linear"])
             sparse.load_state_dict(heads["sparse_linear"])

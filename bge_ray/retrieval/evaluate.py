@@ -69,7 +69,7 @@ def evaluate_model(dataset: RetrievalDataset, spec: EncoderSpec, ks: tuple[int, 
     k = max(ks) + (1 if ignore_identical_ids else 0)
     search = M3Search(q_reps, tuple(modes), weights, k) if spec.m3 else None
     cuts = (None, *dims)
-    tops = [TopK(truncate(q_reps["dense"], d, spec.normalize), k=k) for d in cuts]
+    tops = [] if search is not None else [TopK(truncate(q_reps["dense"], d, spec.normalize), k=k) for d in cuts]
     p_ds = encode_dataset(corpus.select_columns(["_id", "text"]), spec, "passage", use_gpu, concurrency)
     with ProgressLine(f"eval {name}: passages embedded and searched", corpus_size, "passages") as progress:
         for batch in p_ds.iter_batches(batch_size=None, batch_format="numpy"):
