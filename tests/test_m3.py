@@ -397,6 +397,8 @@ def test_modes_a_model_cannot_score_are_refused_before_ray(tiny_model):
     with pytest.raises(ConfigError, match="three numbers|dense, sparse and ColBERT weights"):
         check_modes(tiny_model, None, weights=(1.0, 0.3))
     assert check_modes(tiny_model, None) == ("dense",)
+    with pytest.raises(ConfigError, match="weighs the hybrid mode, which .* is not scored in"):
+        check_modes(tiny_model, None, weights=(1.0, 0.3, 1.0))  # accepted and ignored would be silent
 
 
 # ---- a unified fine-tune through Ray Train + DeepSpeed ------------------------------------------

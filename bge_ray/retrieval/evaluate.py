@@ -167,12 +167,14 @@ def check_modes(model: str, modes: tuple[str, ...] | None, truncate_dims: tuple[
 
     Raises:
         ConfigError: an unknown mode, sparse / ColBERT / hybrid for a model without BGE-M3's heads, modes
-            beside Matryoshka cuts, or weights that are not three numbers >= 0.
+            beside Matryoshka cuts, or weights that are not three numbers >= 0 or weigh no hybrid.
     """
     if weights is not None and (len(weights) != 3 or min(weights) < 0 or not sum(weights)):
         raise ConfigError(f"--weights_for_different_modes takes dense, sparse and ColBERT weights >= 0, got {list(weights)}")
     if modes is None:
-        return MODES if has_heads(resolve_model_path(model)) and not truncate_dims else ("dense",)
+        modes = MODES if has_heads(resolve_model_path(model)) and not truncate_dims else ("dense",)
+        _check_hybrid_weights(model, modes, weights)
+        return modes
     unknown = [m for m in modes if m not in MODES]
     if unknown or not modes:
         raise ConfigError(f"--modes: unknown {unknown or 'empty'}; use {', '.join(MODES)}")
@@ -181,7 +183,14 @@ def check_modes(model: str, modes: tuple[str, ...] | None, truncate_dims: tuple[
                           "sparse_linear.pt); it scores dense only")
     if tuple(modes) != ("dense",) and truncate_dims:
         raise ConfigError("--truncate_dim cuts dense embeddings; score BGE-M3's other modes in a separate eval")
+    _check_hybrid_weights(model, modes, weights)
     return tuple(dict.fromkeys(modes))
+
+
+def _check_hybrid_weights(model: str, modes: tuple[str, ...], weights: tuple[float, ...] | None) -> None:
+    if weights is not None and "hybrid" not in modes:
+        raise ConfigError(f"--weights_for_different_modes weighs the hybrid mode, which {model} is not scored in "
+                          f"({', '.join(modes)}): drop it, or add hybrid to --modes")
 
 
 def format_table(rows: list[dict[str, Any]], ks: tuple[int, ...] = DEFAULT_KS, markdown: bool = False) -> str:
