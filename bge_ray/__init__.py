@@ -1,4 +1,4 @@
-"""bge-ray: fine-tune BGE-style text embedders on Ray (Ray Data + Ray Train + Ray Tune + DeepSpeed).
+"""bge-ray: fine-tune BGE-style text embedders and rerankers on Ray (Ray Data + Ray Train + Ray Tune + DeepSpeed).
 
 The Python API; the ``bge-ray`` command and the ``jobs/`` scripts are thin doors onto these. The
 functions that run on a cluster are loaded on first use (``bge_ray.finetune`` imports torch, Ray
@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from bge_ray.config import ConfigError, FinetuneConfig, load_config
+from bge_ray.config import ConfigError, FinetuneConfig, RerankerConfig, load_config
 from bge_ray.errors import CheckpointError, DataValidationError
 from bge_ray.version import __version__
 
@@ -24,5 +24,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'bge_ray' has no attribute {name!r}")
 
 
-__all__ = ["CheckpointError", "ConfigError", "DataValidationError", "FinetuneConfig", "__version__", "evaluate",
-           "finetune", "load_config", "mine", "score", "tune"]
+__all__ = ["CheckpointError", "ConfigError", "DataValidationError", "FinetuneConfig", "RerankerConfig", "__version__",
+           "evaluate", "finetune", "load_config", "mine", "score", "tune"]

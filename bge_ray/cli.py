@@ -16,7 +16,15 @@ from types import ModuleType
 from typing import Any
 
 from bge_ray.config.fields import field_docs
-from bge_ray.config.finetune import FinetuneConfig, check_local_models, check_survives_job, job_working_dir
+from bge_ray.config.finetune import (
+    EMBEDDER_ONLY,
+    RERANKER_ONLY,
+    FinetuneConfig,
+    RerankerConfig,
+    check_local_models,
+    check_survives_job,
+    job_working_dir,
+)
 from bge_ray.config.parse import load_yaml, read_config, resolve_config
 from bge_ray.errors import ConfigError, DataValidationError
 from bge_ray.sweep.space import TuneSettings, load_sweep
@@ -36,6 +44,8 @@ USAGE = """usage: bge-ray <command> [options]
 commands:
   train   fine-tune an embedder      bge-ray train [--config FILE.yaml] [--key value | --key=value ...]
           with no arguments: the bundled quickstart (all-MiniLM-L6-v2 on a SciFact sample)
+  train-reranker  fine-tune a cross-encoder reranker (FlagEmbedding's reranker runner's options)
+                             bge-ray train-reranker [--config FILE.yaml] [--key value ...]
   eval    retrieval metrics          bge-ray eval --model DIR_OR_ID [--model ...] --data DIR [options]
   mine    hard negatives             bge-ray mine --input_file DATA --output_dir DIR --embedder_name_or_path MODEL
   score   teacher scores             bge-ray score --input_file DATA --output_dir DIR --reranker_name_or_path MODEL
@@ -98,6 +108,12 @@ def config_reference() -> str:
             out += ["", "FlagEmbedding / HF flags accepted only at the value bge-ray runs as, refused with the reason "
                     "otherwise: " + ", ".join(f"`{n}`" for n in _fixed_flags(cls)) + "."]
         out.append("")
+    out += ["## bge-ray train-reranker", "",
+            "The keys of `bge-ray train` with `task: reranker` (`bge-ray train` takes `task: reranker` too). A reranker "
+            "refuses the embedder's own keys at any value but their default: "
+            + ", ".join(f"`{n}`" for n in EMBEDDER_ONLY) + "; an embedder refuses "
+            + ", ".join(f"`{n}`" for n in RERANKER_ONLY) + ". FlagEmbedding's reranker runner reads `config_name`, "
+            "which bge-ray refuses (the model's own config is used).", ""]
     out += ["## bge-ray eval", "", "| option | default | meaning |", "|---|---|---|"]
     for action in eval_parser()._actions:
         if action.option_strings and action.dest != "help":
@@ -125,15 +141,18 @@ def split_config_arg(argv: list[str]) -> tuple[str | None, list[str]]:
     return path, rest
 
 
-def cmd_train(argv: list[str]) -> int:
+def cmd_train(argv: list[str], cls: type = FinetuneConfig) -> int:
     if "-h" in argv or "--help" in argv:
-        print(config_help(FinetuneConfig))
+        print(config_help(cls))
         return 0
     path, overrides = split_config_arg(argv)
     if path is None and not overrides:
+        if cls is not FinetuneConfig:
+            raise ConfigError(f"bge-ray {cls.COMMAND} needs a config: --config FILE.yaml and/or --key value options "
+                              f"(bge-ray {cls.COMMAND} --help lists them)")
         path = QUICKSTART_CONFIG
         print(f"[bge-ray] quickstart: {path}", file=sys.stderr)
-    cfg = resolve_config(read_config(path, overrides))  # a bad config fails before the heavy imports
+    cfg = resolve_config(read_config(path, overrides, cls), cls)  # a bad config fails before the heavy imports
     result = command_module("bge_ray.train.launch").finetune(cfg)
     print_train_summary(result)
     return 0
@@ -194,7 +213,28 @@ def eval_parser() -> argparse.ArgumentParser:
                     "trained with, else 1 0.3 1)")
     ap.add_argument("--ray_address", default=None, help="cluster to join (default: RAY_ADDRESS, the cluster `ray "
                     "start` made here, or a local Ray)")
+    add_rerank_options(ap)
     return ap
+
+
+def add_rerank_options(ap: argparse.ArgumentParser) -> None:
+    """``bge-ray eval``'s reranking options, with FlagEmbedding's evaluation names."""
+    ap.add_argument("--reranker", "--reranker_name_or_path", dest="reranker", default=None,
+                    help="a cross-encoder that re-scores each model's top --rerank_top_k passages (dense, full size): "
+                    "one more row per model, mode rerank")
+    ap.add_argument("--rerank_top_k", type=int, default=None, help="passages per query the reranker scores (default "
+                    "100)")
+    ap.add_argument("--reranker_max_length", type=int, default=None, help="tokens of a (query, passage) pair "
+                    "(default 512)")
+    ap.add_argument("--reranker_query_max_length", type=int, default=None,
+                    help="query tokens of a pair (default three quarters of --reranker_max_length)")
+    ap.add_argument("--reranker_batch_size", type=int, default=None, help="pairs per reranker batch (default 32)")
+    for side in ("query", "passage"):
+        ap.add_argument(f"--{side}_instruction_for_rerank", default=None,
+                        help=f"the reranker's {side} instruction (default: the one it was trained with, if bge-ray "
+                        "trained it)")
+        ap.add_argument(f"--{side}_instruction_format_for_rerank", default=None,
+                        help=f"how instruction and {side} join (default: as trained, else {{}}{{}})")
 
 
 def eval_args(argv: list[str]) -> argparse.Namespace:
@@ -267,10 +307,25 @@ def cmd_eval(argv: list[str]) -> int:
                     ray_address=args.ray_address, pooling=args.pooling, query_instruction=args.query_instruction,
                     passage_instruction=args.passage_instruction, query_max_len=args.query_max_len,
                     passage_max_len=args.passage_max_len, batch_size=args.batch_size, truncate_dims=dims,
-                    modes=modes, weights=weights)
+                    modes=modes, weights=weights, reranker=args.reranker,
+                    rerank_top_k=100 if args.rerank_top_k is None else args.rerank_top_k,
+                    reranker_options=rerank_options(args))
     print(evaluation.format_table(rows, ks))
     print(f"results: {os.path.join(output, 'results.json')} and results.md")
     return 0
+
+
+def rerank_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The reranker's settings given on the command line, as ``RerankSpec`` fields (None: not given)."""
+    if args.reranker is None:
+        given = [f"--{k}" for k, v in vars(args).items() if "rerank" in k and v is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)}: reranker settings without --reranker (the cross-encoder to rerank with)")
+    return {"max_length": args.reranker_max_length, "query_max_length": args.reranker_query_max_length,
+            "batch_size": args.reranker_batch_size, "query_instruction": args.query_instruction_for_rerank,
+            "query_instruction_format": args.query_instruction_format_for_rerank,
+            "passage_instruction": args.passage_instruction_for_rerank,
+            "passage_instruction_format": args.passage_instruction_format_for_rerank}
 
 
 def default_eval_output(data: str) -> str:
@@ -392,7 +447,11 @@ def cmd_tune(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "mine": cmd_mine, "score": cmd_score, "tune": cmd_tune,
+def cmd_train_reranker(argv: list[str]) -> int:
+    return cmd_train(argv, RerankerConfig)
+
+
+COMMANDS = {"train": cmd_train, "train-reranker": cmd_train_reranker, "eval": cmd_eval, "mine": cmd_mine, "score": cmd_score, "tune": cmd_tune,
             "preview": cmd_preview}
 
 

@@ -39,20 +39,28 @@ def test_topk_over_chunks_equals_full_search():
         assert [ids[j] for j in full.indices[i].tolist()] == sorted(run[f"q{i}"], key=run[f"q{i}"].get, reverse=True)
 
 
-def test_ray_evaluation_equals_in_process_search(ray_cluster, beir_dir, tiny_model):
-    row, *cuts = evaluate([tiny_model], beir_dir, ks=(1, 10, 100), pooling="mean", concurrency=2, truncate_dims=(16, 4))
-    # independent: embed everything in this process, full score matrix, same metrics
+def in_process_search(beir_dir: str, model_dir: str) -> dict:
+    """Independent of Ray: every text embedded in this process (mean pooling), the full score matrix, the run."""
     ds = load_dataset(beir_dir)
     with open(os.path.join(beir_dir, "corpus.jsonl")) as f:
         docs = [json.loads(line) for line in f]
-    model = Embedder.from_pretrained(tiny_model, pooling="mean", normalize=True).eval()
-    tok = load_tokenizer(tiny_model)
-    d_emb = encode_texts(model, tok, [f"{d['title']} {d['text']}".strip() for d in docs], 256, 16, torch.device("cpu"))
+    model = Embedder.from_pretrained(model_dir, pooling="mean", normalize=True).eval()
+    tok = load_tokenizer(model_dir)
+    texts = [f"{d['title']} {d['text']}".strip() for d in docs]
+    d_emb = encode_texts(model, tok, texts, 256, 16, torch.device("cpu"))
     qids = list(ds.eval_queries)
     q_emb = encode_texts(model, tok, [ds.queries[q] for q in qids], 64, 16, torch.device("cpu"))
     scores = q_emb @ d_emb.T
     run = {q: {docs[j]["_id"]: float(scores[i, j]) for j in range(len(docs))} for i, q in enumerate(qids)}
-    want = evaluate_run(ds.qrels, run, (1, 10, 100))
+    return {"dataset": ds, "docs": docs, "texts": dict(zip((d["_id"] for d in docs), texts, strict=True)),
+            "qids": qids, "q_emb": q_emb, "d_emb": d_emb, "run": run}
+
+
+def test_ray_evaluation_equals_in_process_search(ray_cluster, beir_dir, tiny_model):
+    row, *cuts = evaluate([tiny_model], beir_dir, ks=(1, 10, 100), pooling="mean", concurrency=2, truncate_dims=(16, 4))
+    found = in_process_search(beir_dir, tiny_model)
+    ds, docs, qids, q_emb, d_emb = (found[k] for k in ("dataset", "docs", "qids", "q_emb", "d_emb"))
+    want = evaluate_run(ds.qrels, found["run"], (1, 10, 100))
     for key in ("ndcg@10", "recall@100", "mrr@10", "map@10", "precision@1"):
         assert row[key] == pytest.approx(want[key], abs=1e-5), key
     assert row["num_queries"] == 12 and row["corpus_size"] == len(docs) and row["pooling"] == "mean"

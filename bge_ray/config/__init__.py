@@ -2,8 +2,8 @@
 the DeepSpeed config a fine-tune derives from its config."""
 
 from bge_ray.config.fields import knob
-from bge_ray.config.finetune import FinetuneConfig
+from bge_ray.config.finetune import FinetuneConfig, RerankerConfig
 from bge_ray.config.parse import load_config, resolve_config
 from bge_ray.errors import ConfigError
 
-__all__ = ["ConfigError", "FinetuneConfig", "knob", "load_config", "resolve_config"]
+__all__ = ["ConfigError", "FinetuneConfig", "RerankerConfig", "knob", "load_config", "resolve_config"]

@@ -52,6 +52,10 @@ NO_EFFECT: dict[str, str] = {
     "config_name": "FlagEmbedding's embedder runner reads it only for a log line; the model's own config is used",
     "tokenizer_name": "FlagEmbedding's embedder runner does not read it; the tokenizer comes from model_name_or_path",
     "use_slow_tokenizer": "FlagEmbedding's runners do not read it; use_fast_tokenizer picks the tokenizer",
+    "max_len": "FlagEmbedding's reranker runner does not read it: a pair is cut to query_max_len + passage_max_len "
+               "tokens, there as here",
+    "sep_token": "only FlagEmbedding's decoder-only rerankers read it (not supported yet); an encoder's pair is its "
+                 "tokenizer's own ([CLS] query [SEP] passage [SEP] for BERT)",
 }
 
 AT_DEFAULT: dict[str, tuple[tuple[Any, ...], str]] = {
@@ -105,6 +109,9 @@ AT_DEFAULT: dict[str, tuple[tuple[Any, ...], str]] = {
     "only_merge_lora_model": ((False,), _DECODER),
     "example_query_max_len": ((), _DECODER), "example_passage_max_len": ((), _DECODER),
     "retrieval_use_examples": ((False,), _DECODER), "icl_suffix_str": ((), _DECODER),
+    # FlagEmbedding's reranker runners: the encoder-only one is task: reranker
+    "model_type": (("encoder",), "decoder-only (LLM) rerankers are not supported yet; bge-ray train-reranker trains "
+                                 "encoder-only cross-encoders"),
 }
 
 CONVERTED = {
@@ -168,3 +175,9 @@ class Flags:
 
 
 TRAIN = Flags(NO_EFFECT, AT_DEFAULT, CONVERTED)
+
+# FlagEmbedding's encoder-only reranker runner reads config_name (the config the model loads with)
+RERANK_NO_EFFECT = {k: v for k, v in NO_EFFECT.items() if k != "config_name"}
+RERANK = Flags(RERANK_NO_EFFECT, {**AT_DEFAULT, "config_name": ((None,), "bge-ray loads the model's own config (from "
+                                                                         "model_name_or_path); put the config there")},
+               CONVERTED)

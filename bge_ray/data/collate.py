@@ -93,3 +93,36 @@ class GroupCollator:
         if self.knowledge_distillation:
             out["teacher_scores"] = np.asarray(teacher, dtype=np.float32)
         return out
+
+
+@dataclass
+class PairCollator:
+    """A reranker's batch (rows tokenized by :func:`bge_ray.data.pairs.tokenize_pairs`) as padded model
+    inputs: each row's group of (query, passage) sequences, positive first."""
+
+    group_size: int
+    pad_token_id: int
+    padding_side: str = "right"
+    pad_to_multiple_of: int | None = None
+    knowledge_distillation: bool = False
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        ids, types, teacher = [], [], []
+        with_types = "pos_types" in batch
+        for i in range(len(batch["row_key"])):
+            pos, neg = batch["pos_ids"][i], batch["neg_ids"][i]
+            if len(pos) != 1 or len(neg) != self.group_size - 1:
+                raise ValueError(f"row {int(batch['row_key'][i])} holds {len(pos)} positive(s) and {len(neg)} "
+                                 f"negative(s), not a sampled group of {self.group_size} (see sample_row)")
+            ids += [list(pos[0]), *(list(t) for t in neg)]
+            if with_types:
+                types += [list(batch["pos_types"][i][0]), *(list(t) for t in batch["neg_types"][i])]
+            if self.knowledge_distillation:
+                teacher.append([float(batch["pos_scores"][i][0])] + [float(x) for x in batch["neg_scores"][i]])
+        input_ids, mask = pad_ids(ids, self.pad_token_id, self.padding_side, self.pad_to_multiple_of)
+        out: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask}
+        if with_types:
+            out["token_type_ids"] = pad_ids(types, 0, self.padding_side, self.pad_to_multiple_of)[0]
+        if self.knowledge_distillation:
+            out["teacher_scores"] = np.asarray(teacher, dtype=np.float32)
+        return out

@@ -33,23 +33,29 @@ class TextSpec:
     cache_dir: str | None = None
     trust_remote_code: bool = False
     use_fast_tokenizer: bool = True
+    pairs: bool = False  # a reranker's input: each query with each of its passages, one sequence
 
     @classmethod
     def from_config(cls, cfg: FinetuneConfig) -> TextSpec:
+        rerank = cfg.task == "reranker"
         return cls(tokenizer=cfg.model_name_or_path, query_max_len=cfg.query_max_len,
-                   passage_max_len=cfg.passage_max_len, query_instruction=cfg.query_instruction_for_retrieval,
+                   passage_max_len=cfg.passage_max_len,
+                   query_instruction=cfg.query_instruction_for_rerank if rerank else cfg.query_instruction_for_retrieval,
                    query_instruction_format=cfg.query_instruction_format,
-                   passage_instruction=cfg.passage_instruction_for_retrieval,
+                   passage_instruction=(cfg.passage_instruction_for_rerank if rerank
+                                        else cfg.passage_instruction_for_retrieval),
                    passage_instruction_format=cfg.passage_instruction_format, cache_dir=cfg.cache_dir,
-                   trust_remote_code=cfg.trust_remote_code, use_fast_tokenizer=cfg.use_fast_tokenizer)
+                   trust_remote_code=cfg.trust_remote_code, use_fast_tokenizer=cfg.use_fast_tokenizer, pairs=rerank)
 
     def query(self, text: str, instruction: str | None = None) -> str:
         """A query with its instruction: the row's own (its ``prompt``) when given, else the spec's."""
         chosen = instruction if instruction is not None else self.query_instruction
         return apply_instruction(text, chosen, self.query_instruction_format)
 
-    def passage(self, text: str) -> str:
-        return apply_instruction(text, self.passage_instruction, self.passage_instruction_format)
+    def passage(self, text: str, instruction: str | None = None) -> str:
+        """A passage with its instruction: the row's own (a reranker row's ``passage_prompt``) when given."""
+        chosen = instruction if instruction is not None else self.passage_instruction
+        return apply_instruction(text, chosen, self.passage_instruction_format)
 
     def format(self, texts: list[str], kind: str, instructions: list[str | None] | None = None) -> list[str]:
         """Queries (``kind == "query"``, each with its own instruction if given) or passages, formatted."""

@@ -2,7 +2,8 @@
 
 A row is ``{"query": str, "pos": [str, ...], "neg": [str, ...]}`` with optional ``pos_scores``,
 ``neg_scores`` (teacher scores, same lengths as ``pos``/``neg``) and ``prompt`` (a query
-instruction for this row that overrides ``query_instruction_for_retrieval``).
+instruction for this row that overrides ``query_instruction_for_retrieval``); a reranker's rows may
+carry ``query_prompt`` / ``passage_prompt`` (its instructions for this row, FlagEmbedding's reranker names).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ ROW_SCHEMA = pa.schema(
         ("pos_scores", pa.list_(pa.float64())),
         ("neg_scores", pa.list_(pa.float64())),
         ("prompt", pa.string()),
+        ("query_prompt", pa.string()),
+        ("passage_prompt", pa.string()),
         ("type", pa.string()),
         ("batch_size", pa.int64()),
         ("train_group_size", pa.int64()),
@@ -111,7 +114,7 @@ def validate_row(obj: Any, rules: RowRules) -> str | None:
         err = _check_scores(obj, key, texts_key, rules.knowledge_distillation)
         if err:
             return err
-    for key, kind in (("prompt", str), ("type", str), ("batch_size", int), ("train_group_size", int)):
+    for key, kind in (("prompt", str), ("query_prompt", str), ("passage_prompt", str), ("type", str), ("batch_size", int), ("train_group_size", int)):
         value = obj.get(key)
         if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
             return f"'{key}' must be {'a string' if kind is str else 'an integer'}, got {type(value).__name__}"
@@ -130,8 +133,8 @@ def row_key(path: str, line: int) -> int:
 def parse_line(raw: bytes | LineTooLong, path: str, line: int, rules: RowRules) -> dict:
     """Parse and validate one JSONL line into a row dict (``error`` set when the row is bad)."""
     source = f"{path}:{line}"
-    out = {"query": None, "pos": [], "neg": [], "pos_scores": [], "neg_scores": [], "prompt": None, "type": None,
-           "batch_size": None, "train_group_size": None, "source": source, "row_key": row_key(path, line),
+    out = {"query": None, "pos": [], "neg": [], "pos_scores": [], "neg_scores": [], "prompt": None,
+           "query_prompt": None, "passage_prompt": None, "type": None, "batch_size": None, "train_group_size": None, "source": source, "row_key": row_key(path, line),
            "error": None}
     obj, err = decode_json_line(raw, source)
     if err:
@@ -146,7 +149,7 @@ def parse_line(raw: bytes | LineTooLong, path: str, line: int, rules: RowRules) 
     out["neg"] = obj.get("neg") or []
     out["pos_scores"] = [float(s) for s in obj.get("pos_scores") or []]
     out["neg_scores"] = [float(s) for s in obj.get("neg_scores") or []]
-    for key in ("prompt", "type", "batch_size", "train_group_size"):
+    for key in ("prompt", "query_prompt", "passage_prompt", "type", "batch_size", "train_group_size"):
         out[key] = obj.get(key)
     return out
 

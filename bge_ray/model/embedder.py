@@ -33,6 +33,16 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, method: str) -> tor
     raise ValueError(f"unknown pooling method {method!r}; use {', '.join(POOLING_METHODS)}")
 
 
+def freeze_position_embeddings(model: nn.Module) -> int:
+    """FlagEmbedding's ``fix_position_embedding``: stop training position embeddings; how many were."""
+    n = 0
+    for name, param in model.named_parameters():
+        if "position_embeddings" in name:
+            param.requires_grad_(False)
+            n += 1
+    return n
+
+
 # what transformers configs call the dropout on attention probabilities (BERT/XLM-R, most others, GPT-2)
 ATTENTION_DROPOUT_NAMES = ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop")
 
@@ -100,10 +110,4 @@ class Embedder(nn.Module):
         return q, p
 
     def freeze_position_embeddings(self) -> int:
-        """FlagEmbedding's ``fix_position_embedding``: stop training position embeddings."""
-        n = 0
-        for name, param in self.model.named_parameters():
-            if "position_embeddings" in name:
-                param.requires_grad_(False)
-                n += 1
-        return n
+        return freeze_position_embeddings(self.model)

@@ -25,6 +25,7 @@ from bge_ray.retrieval.datasets import RetrievalDataset, ValidationSet, check_co
 from bge_ray.retrieval.encode import M3_COLUMNS, EncoderSpec, encode_dataset, encode_texts, encoder_spec_for
 from bge_ray.retrieval.m3 import MODES, M3Search, encode_m3_texts
 from bge_ray.retrieval.metrics import DEFAULT_KS, METRICS, evaluate_run
+from bge_ray.retrieval.rerank import rerank_run, rerank_spec_for
 from bge_ray.retrieval.search import TopK, truncate
 
 
@@ -50,12 +51,13 @@ def _embed_queries(dataset: RetrievalDataset, spec: EncoderSpec, use_gpu: bool, 
 def evaluate_model(dataset: RetrievalDataset, spec: EncoderSpec, ks: tuple[int, ...] = DEFAULT_KS,
                    use_gpu: bool = False, concurrency: int = 1, ignore_identical_ids: bool = False,
                    corpus: Any = None, corpus_size: int | None = None, dims: tuple[int, ...] = (),
-                   modes: tuple[str, ...] = ("dense",),
-                   weights: tuple[float, float, float] = (1.0, 0.3, 1.0)) -> list[dict[str, Any]]:
+                   modes: tuple[str, ...] = ("dense",), weights: tuple[float, float, float] = (1.0, 0.3, 1.0),
+                   depth: int = 0, keep_runs: bool = False) -> list[dict[str, Any]]:
     """Embed, search and score one model on one data set: one result (metrics, ``mode``, ``dim``, timings)
     for the whole embeddings, then one per Matryoshka cut in ``dims`` (searched beside it, embedded once), or,
     for a BGE-M3 model, one per retrieval mode in ``modes`` (``weights``: the hybrid's dense, sparse and
-    ColBERT weights). Prints progress (done / total, rate, ETA) while it embeds.
+    ColBERT weights). Prints progress (done / total, rate, ETA) while it embeds. ``depth``: search at least
+    this deep (a reranker's top k); ``keep_runs``: each row keeps its ranking as ``run``.
 
     Raises:
         ValueError: a cut larger than the model's embeddings, an unknown mode.
@@ -66,7 +68,7 @@ def evaluate_model(dataset: RetrievalDataset, spec: EncoderSpec, ks: tuple[int, 
     name = os.path.basename(os.path.normpath(spec.model))
     spec = spec.replace(m3=tuple(modes) != ("dense",))
     q_reps = _embed_queries(dataset, spec, use_gpu, concurrency, name)
-    k = max(ks) + (1 if ignore_identical_ids else 0)
+    k = max(*ks, depth) + (1 if ignore_identical_ids else 0)
     search = M3Search(q_reps, tuple(modes), weights, k) if spec.m3 else None
     cuts = (None, *dims)
     tops = [] if search is not None else [TopK(truncate(q_reps["dense"], d, spec.normalize), k=k) for d in cuts]
@@ -86,13 +88,14 @@ def evaluate_model(dataset: RetrievalDataset, spec: EncoderSpec, ks: tuple[int, 
     runs = ([(mode, full, run) for mode, run in search.runs(qids).items()] if search is not None
             else [("dense", d or full, top.run(qids)) for d, top in zip(cuts, tops, strict=True)])
     return [{**evaluate_run(dataset.qrels, run, ks, ignore_identical_ids=ignore_identical_ids), "mode": mode,
-             "dim": dim, **timings} for mode, dim, run in runs]
+             "dim": dim, **timings, **({"run": run} if keep_runs else {})} for mode, dim, run in runs]
 
 
 def evaluate(models: list[str] | str, data: str, split: str = "test", ks: tuple[int, ...] = DEFAULT_KS,
              use_gpu: bool = False, concurrency: int | None = None, ignore_identical_ids: bool = False,
              output_dir: str | None = None, ray_address: str | None = None, truncate_dims: tuple[int, ...] = (),
              modes: tuple[str, ...] | None = None, weights: tuple[float, float, float] | None = None,
+             reranker: str | None = None, rerank_top_k: int = 100, reranker_options: dict[str, Any] | None = None,
              **overrides: Any) -> list[dict[str, Any]]:
     """Evaluate one or more models on one retrieval data set.
 
@@ -115,6 +118,10 @@ def evaluate(models: list[str] | str, data: str, split: str = "test", ks: tuple[
         weights: the hybrid's dense, sparse and ColBERT weights (FlagEmbedding's
             ``weights_for_different_modes``); default the ones the model's ensemble was trained with, else
             FlagEmbedding's training ensemble (1, 0.3, 1).
+        reranker: a cross-encoder that re-scores each query's top ``rerank_top_k`` passages of each model's
+            first row (dense, full size): one more row per model, mode ``rerank``.
+        reranker_options: :class:`~bge_ray.retrieval.rerank.RerankSpec` fields (``max_length``,
+            ``query_max_length``, ``batch_size``, instructions and formats).
         **overrides: :class:`EncoderSpec` or text fields set for every model (``pooling``,
             ``query_instruction``, ``passage_max_len``...).
 
@@ -132,7 +139,10 @@ def evaluate(models: list[str] | str, data: str, split: str = "test", ks: tuple[
         models = [models]
     if not models:
         raise ValueError("give at least one model to evaluate")
-    check_local_models(models)
+    check_local_models(models + ([reranker] if reranker else []))
+    rerank = rerank_spec_for(reranker, **(reranker_options or {})) if reranker else None
+    if rerank is not None and rerank_top_k < 1:
+        raise ConfigError(f"--rerank_top_k must be >= 1, got {rerank_top_k}")
     model_modes = {model: check_modes(model, modes, truncate_dims, weights) for model in models}
     for model in models if truncate_dims else ():
         try:
@@ -153,9 +163,16 @@ def evaluate(models: list[str] | str, data: str, split: str = "test", ks: tuple[
         results = evaluate_model(dataset, spec, ks, use_gpu=use_gpu, concurrency=concurrency,
                                  ignore_identical_ids=ignore_identical_ids, corpus=corpus, corpus_size=n_docs,
                                  dims=tuple(truncate_dims), modes=model_modes[model],
-                                 weights=tuple(weights) if weights else spec.m3_weights)
+                                 weights=tuple(weights) if weights else spec.m3_weights,
+                                 depth=rerank_top_k if rerank else 0, keep_runs=rerank is not None)
+        if rerank is not None:
+            t0 = time.time()
+            run = rerank_run(results[0]["run"], dataset.eval_queries, corpus, rerank, rerank_top_k, use_gpu, concurrency)
+            results.append({**evaluate_run(dataset.qrels, run, ks, ignore_identical_ids=ignore_identical_ids),
+                            "mode": "rerank", "dim": results[0]["dim"], "reranker": reranker,
+                            "rerank_top_k": rerank_top_k, "eval_s": time.time() - t0})
         rows += [{"model": model, "data": dataset.name, "split": split, "pooling": spec.pooling,
-                  "corpus_size": n_docs, **metrics} for metrics in results]
+                  "corpus_size": n_docs, **{k: v for k, v in metrics.items() if k != "run"}} for metrics in results]
     if output_dir:
         write_results(rows, ks, output_dir)
     return rows
@@ -200,8 +217,9 @@ def format_table(rows: list[dict[str, Any]], ks: tuple[int, ...] = DEFAULT_KS, m
     cols = [c for c in cols if c.split("@")[0] in ("ndcg", "recall", "mrr") or int(c.split("@")[1]) == 10]
     extra = [c for c in ("mode", "dim")  # shown where some model has more than one row by it
              if len({(r["model"], r.get(c)) for r in rows}) > len({r["model"] for r in rows})]
+    extra += ["reranker"] if any(r.get("reranker") for r in rows) else []
     header = ["model", *extra, "queries", *cols]
-    body = [[str(r["model"]), *(str(r.get(c)) for c in extra), str(r["num_queries"]), *(f"{r[c]:.4f}" for c in cols)]
+    body = [[str(r["model"]), *("-" if r.get(c) is None else str(r[c]) for c in extra), str(r["num_queries"]), *(f"{r[c]:.4f}" for c in cols)]
             for r in rows]
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

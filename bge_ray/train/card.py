@@ -9,6 +9,7 @@ import importlib.metadata
 import os
 from typing import Any
 
+from bge_ray.config.finetune import EMBEDDER_ONLY, RERANKER_ONLY
 from bge_ray.data.text import apply_instruction
 from bge_ray.storage import strip_credentials
 from bge_ray.train.export import prompt_prefix
@@ -90,24 +91,54 @@ def _usage(model_dir: str, cfg: dict[str, Any]) -> list[str]:
     ]
 
 
+def _reranker_usage(model_dir: str, cfg: dict[str, Any]) -> list[str]:
+    fmt = cfg.get("query_instruction_format", "{}{}")
+    query = apply_instruction("what causes tides", cfg.get("query_instruction_for_rerank"), fmt)
+    passage = apply_instruction("Tides are caused by the moon's gravity.", cfg.get("passage_instruction_for_rerank"),
+                                cfg.get("passage_instruction_format", "{}{}"))
+    pair = f"[[{query!r}, {passage!r}]]"
+    return [
+        "```python",
+        f'model_dir = "{model_dir}"',
+        "",
+        "from sentence_transformers import CrossEncoder",
+        "model = CrossEncoder(model_dir)",
+        f"print(model.predict({pair}))  # sigmoid of the logit",
+        "",
+        "from FlagEmbedding import FlagReranker",
+        "reranker = FlagReranker(model_dir)",
+        f"print(reranker.compute_score({pair}))  # the logit; normalize=True: its sigmoid",
+        "```",
+        "",
+        f"Queries and passages carry the instructions they were trained with; a pair keeps {cfg['query_max_len']} + "
+        f"{cfg['passage_max_len']} tokens.",
+    ]
+
+
 def model_card(model_dir: str, cfg: dict[str, Any], data: dict[str, int] | None = None,
                evals: dict[str, dict[str, Any]] | None = None) -> str:
     """The card's text. ``data``: training file -> usable rows; ``evals``: column name (``zero-shot``,
     ``best``, ``final``...) -> that measurement's ``step`` and metrics (``ndcg@10``...)."""
     cfg = strip_credentials(cfg)
     base = cfg["model_name_or_path"]
-    lines = ["---", "library_name: sentence-transformers", "pipeline_tag: sentence-similarity",
-             "tags: [sentence-transformers, feature-extraction, sentence-similarity, bge-ray]", f"base_model: {base}",
-             "---", "", f"# {os.path.basename(os.path.normpath(model_dir))}", "",
-             f"A text embedding model fine-tuned from `{base}` with bge-ray {__version__}: contrastive learning"
-             " (InfoNCE) on query / positive / negative groups, on Ray Train with DeepSpeed.", "",
-             "## Training data", ""]
+    rerank = cfg.get("task") == "reranker"
+    what = ("A reranker (cross-encoder) fine-tuned from `{base}` with bge-ray {v}: cross-entropy over each query's "
+            "group of one positive and its negatives, scored as query-passage pairs" if rerank else
+            "A text embedding model fine-tuned from `{base}` with bge-ray {v}: contrastive learning (InfoNCE) on "
+            "query / positive / negative groups").format(base=base, v=__version__)
+    lines = ["---", "library_name: sentence-transformers",
+             f"pipeline_tag: {'text-ranking' if rerank else 'sentence-similarity'}",
+             "tags: [sentence-transformers, " + ("cross-encoder, reranker" if rerank else
+                                                "feature-extraction, sentence-similarity") + ", bge-ray]",
+             f"base_model: {base}", "---", "", f"# {os.path.basename(os.path.normpath(model_dir))}", "",
+             f"{what}, on Ray Train with DeepSpeed.", "", "## Training data", ""]
     if data:
         lines += ["| file | rows |", "|---|---|", *(f"| `{strip_credentials(f)}` | {n:,} |" for f, n in sorted(data.items()))]
     else:
         lines += [", ".join(f"`{p}`" for p in cfg.get("train_data") or [])]
     lines += ["", "## Hyperparameters", "", "| key | value |", "|---|---|"]
-    lines += [f"| `{k}` | {cfg[k]!r} |" for k in HYPERPARAMETERS if k in cfg and cfg[k] is not None]
+    keys = [k for k in HYPERPARAMETERS if not (rerank and k in EMBEDDER_ONLY)] + (list(RERANKER_ONLY) if rerank else [])
+    lines += [f"| `{k}` | {cfg[k]!r} |" for k in keys if k in cfg and cfg[k] is not None]
     lines += ["", "## Evaluation", ""]
     if cfg.get("eval_data"):
         lines += [f"On `{cfg['eval_data']}` ({cfg.get('eval_split', 'test')} split):", ""]
@@ -125,7 +156,8 @@ def model_card(model_dir: str, cfg: dict[str, Any], data: dict[str, int] | None 
                   "with FlagEmbedding's `BGEM3FlagModel(path, pooling_method=\"" + cfg["sentence_pooling_method"]
                   + "\"" + (f", colbert_dim={cfg['colbert_dim']}" if cfg.get("colbert_dim", -1) > 0 else "")
                   + ")`; transformers and sentence-transformers load the dense model."]
-    lines += ["", "## Usage", "", *_usage(model_dir, cfg), "", "## Framework versions", "",
+    lines += ["", "## Usage", "", *(_reranker_usage if rerank else _usage)(model_dir, cfg), "",
+              "## Framework versions", "",
               *(f"- {v}" for v in _versions()), ""]
     return "\n".join(lines)
 

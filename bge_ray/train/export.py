@@ -11,6 +11,9 @@ Layout::
       config_sentence_transformers.json       # the query instruction as the "query" prompt; Matryoshka dims
       colbert_linear.pt, sparse_linear.pt     # BGE-M3's heads (unified_finetuning), where BGEM3FlagModel reads them
       bge_ray.json                            # pooling, normalisation, instructions, the resolved config
+
+A reranker's folder (:func:`export_reranker`) holds the sequence classifier, its tokenizer and
+``bge_ray.json`` (its task, instructions and lengths).
 """
 
 from __future__ import annotations
@@ -83,13 +86,9 @@ def _write_json(path: str, obj: Any) -> None:
         f.write("\n")
 
 
-def export_model(hf_model: Any, tokenizer: Any, state_dict: dict, out_dir: str, cfg_dict: dict[str, Any],
-                 heads: dict | None = None) -> str:
-    """Save weights (safetensors), tokenizer, sentence-transformers files and bge-ray metadata; with
-    ``heads`` (a state dict with ``colbert_linear.*`` and ``sparse_linear.*``) BGE-M3's head files too."""
+def save_transformer(hf_model: Any, tokenizer: Any, state_dict: dict, out_dir: str) -> None:
+    """``save_pretrained`` of the model (safetensors) with ``state_dict``, and of the tokenizer."""
     os.makedirs(out_dir, exist_ok=True)
-    if heads is not None:
-        save_heads(heads, out_dir)
     hf_model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
     if {v.dtype for v in state_dict.values() if v.is_floating_point()} == {torch.float32}:
         # the fp32 master weights of a bf16/fp16 run: the config must not tell loaders to cast them down
@@ -100,6 +99,31 @@ def export_model(hf_model: Any, tokenizer: Any, state_dict: dict, out_dir: str, 
             config.update({k: "float32" for k in ("dtype", "torch_dtype") if k in config})
             _write_json(config_path, config)
     tokenizer.save_pretrained(out_dir)
+
+
+def export_reranker(hf_model: Any, tokenizer: Any, state_dict: dict, out_dir: str, cfg_dict: dict[str, Any]) -> str:
+    """A reranker's model folder: the one-label sequence classifier (sentence-transformers' ``CrossEncoder``
+    and FlagEmbedding's ``FlagReranker`` load it), its tokenizer, and bge-ray's metadata."""
+    save_transformer(hf_model, tokenizer, state_dict, out_dir)
+    _write_json(os.path.join(out_dir, METADATA_FILE), {
+        "bge_ray_version": __version__,
+        "task": "reranker",
+        **{k: cfg_dict[k] for k in ("query_instruction_for_rerank", "query_instruction_format",
+                                    "passage_instruction_for_rerank", "passage_instruction_format",
+                                    "query_max_len", "passage_max_len")},
+        "training_config": strip_credentials(cfg_dict),
+    })
+    return out_dir
+
+
+def export_model(hf_model: Any, tokenizer: Any, state_dict: dict, out_dir: str, cfg_dict: dict[str, Any],
+                 heads: dict | None = None) -> str:
+    """Save weights (safetensors), tokenizer, sentence-transformers files and bge-ray metadata; with
+    ``heads`` (a state dict with ``colbert_linear.*`` and ``sparse_linear.*``) BGE-M3's head files too."""
+    if heads is not None:
+        os.makedirs(out_dir, exist_ok=True)
+        save_heads(heads, out_dir)
+    save_transformer(hf_model, tokenizer, state_dict, out_dir)
     pooling = cfg_dict["sentence_pooling_method"]
     normalize = bool(cfg_dict["normalize_embeddings"])
     matryoshka = list(cfg_dict["mrl_dims"]) if cfg_dict.get("use_mrl") else None

@@ -4,7 +4,7 @@ and sweeps call this.
     validate the config and the validation set (before Ray starts)
       -> connect to Ray -> scan and index the training data (data/scan.py) -> plan the steps
       -> a BatchRouter actor (data/pipeline.py) that streams each epoch's planned batches
-      -> TorchTrainer(train_loop) on num_workers workers, each a DeepSpeed engine (recipe.py)
+      -> TorchTrainer(train_loop) on num_workers workers, each a DeepSpeed engine (recipe.py; a reranker's: reranker.py)
       -> the best (or last) checkpoint's exported model -> output_dir
 """
 
@@ -34,14 +34,16 @@ from bge_ray.data.scan import load_training_data
 from bge_ray.errors import ConfigError
 from bge_ray.model.embedder import check_matryoshka_dims
 from bge_ray.model.m3 import colbert_size
+from bge_ray.model.reranker import reranker_config
 from bge_ray.retrieval.datasets import load_validation_set
 from bge_ray.storage import filesystem, publish_model, storage_root
 from bge_ray.train.card import write_model_card
 from bge_ray.train.checkpointing import STATE_FILE, list_checkpoints, read_json
 from bge_ray.train.plan import TrainPlan
 from bge_ray.train.progress import DriverFeed, QueueReader, RunLog
-from bge_ray.train.recipe import MODEL_SUBDIR, train_loop
+from bge_ray.train.recipe import MODEL_SUBDIR
 from bge_ray.train.trackers import open_trackers
+from bge_ray.train.worker import train_loop
 
 
 @dataclass
@@ -224,6 +226,24 @@ def _trainer(cfg: FinetuneConfig, loop_config: dict[str, Any], storage: str, run
             callbacks=callbacks))
 
 
+def check_model(cfg: FinetuneConfig) -> None:
+    """What the model's config must allow, checked before Ray starts: Matryoshka dims within its size,
+    a BGE-M3 head size it can have, a reranker's encoder.
+
+    Raises:
+        ConfigError: the setting the model contradicts, and why.
+    """
+    try:
+        if cfg.use_mrl:
+            check_matryoshka_dims(cfg.model_name_or_path, cfg.mrl_dims, cfg.cache_dir, cfg.trust_remote_code)
+        if cfg.unified_finetuning:
+            colbert_size(cfg.model_name_or_path, cfg.colbert_dim, cfg.cache_dir, cfg.trust_remote_code)
+        if cfg.task == "reranker":  # an encoder whose config reads; the attention dropout it names
+            reranker_config(cfg.model_name_or_path, cfg.cache_dir, cfg.trust_remote_code, cfg.attention_dropout)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def finetune(config: FinetuneConfig | dict[str, Any] | str, callbacks: list[Any] | None = None,
              publish: bool = True) -> FinetuneResult:
     """Fine-tune an embedder on a Ray cluster and write the model to ``output_dir``.
@@ -249,13 +269,7 @@ def finetune(config: FinetuneConfig | dict[str, Any] | str, callbacks: list[Any]
     check_survives_job(cfg.output_dir, "output_dir")
     if publish:
         check_output_dir(cfg)
-    try:
-        if cfg.use_mrl:
-            check_matryoshka_dims(cfg.model_name_or_path, cfg.mrl_dims, cfg.cache_dir, cfg.trust_remote_code)
-        if cfg.unified_finetuning:
-            colbert_size(cfg.model_name_or_path, cfg.colbert_dim, cfg.cache_dir, cfg.trust_remote_code)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    check_model(cfg)
     launch = time.time()
     vset = load_validation_set(cfg.eval_data, cfg.eval_split) if cfg.eval_data else None  # fails before Ray starts
     if vset is not None:

@@ -1,6 +1,8 @@
 """The per-worker recipe of a fine-tune: what every Ray Train worker runs.
 
-``TorchTrainer(train_loop_per_worker=train_loop)``; :class:`EmbedderRecipe` reads top to bottom:
+``TorchTrainer(train_loop_per_worker=worker.train_loop)`` runs :class:`EmbedderRecipe` (a reranker's:
+:class:`bge_ray.train.reranker.RerankerRecipe`, which changes the model, the step and the export);
+it reads top to bottom:
 
     setup()            resume point (before the model, so the data pipeline starts while it loads),
                        tokenizer + model + DeepSpeed engine, the checkpoint's state, the validation set
@@ -285,25 +287,12 @@ class EmbedderRecipe:
         return ResumePoint(path, local_dir, self.global_step, tag)
 
     def _setup_model(self) -> None:
-        """Tokenizer, collator, embedder and DeepSpeed engine (optimizer and schedule inside)."""
+        """Tokenizer, collator, model and DeepSpeed engine (optimizer and schedule inside)."""
         cfg = self.cfg
         self.tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.cache_dir, cfg.trust_remote_code,
                                         cfg.use_fast_tokenizer)
-        self.collators = [GroupCollator(group_size=None if ds.kind == "symmetric_class" else ds.group_size, pad_token_id=self.tokenizer.pad_token_id,
-                                        padding_side=self.tokenizer.padding_side,
-                                        pad_to_multiple_of=cfg.pad_to_multiple_of,
-                                        knowledge_distillation=cfg.knowledge_distillation and ds.has_scores)
-                          for ds in self.datasets]
-        loading = {"pooling": cfg.sentence_pooling_method, "normalize": cfg.normalize_embeddings,
-                   "cache_dir": cfg.cache_dir, "trust_remote_code": cfg.trust_remote_code,
-                   "attention_dropout": cfg.attention_dropout}
-        if cfg.unified_finetuning:  # BGE-M3: its sparse and ColBERT heads too, alike on every worker
-            model = M3Embedder.from_pretrained(cfg.model_name_or_path, tokenizer=self.tokenizer,
-                                               colbert_dim=cfg.colbert_dim, seed=cfg.seed, **loading)
-            if cfg.fix_encoder:
-                model.freeze_encoder()
-        else:
-            model = Embedder.from_pretrained(cfg.model_name_or_path, **loading)
+        self.collators = self.make_collators()
+        model = self.build_model()
         if cfg.gradient_checkpointing:
             model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.model.config.use_cache = False
@@ -327,6 +316,30 @@ class EmbedderRecipe:
             dist_init_required=False)
         self.engine.train()
         self.engine_ready_s = time.time() - self.t_start
+
+    def make_collators(self) -> list[Any]:
+        """One collator per data set: padded queries and groups of passages."""
+        cfg = self.cfg
+        return [GroupCollator(group_size=None if ds.kind == "symmetric_class" else ds.group_size,
+                              pad_token_id=self.tokenizer.pad_token_id, padding_side=self.tokenizer.padding_side,
+                              pad_to_multiple_of=cfg.pad_to_multiple_of,
+                              knowledge_distillation=cfg.knowledge_distillation and ds.has_scores)
+                for ds in self.datasets]
+
+    def build_model(self) -> torch.nn.Module:
+        """The embedder (BGE-M3's, with its sparse and ColBERT heads alike on every worker, under
+        ``unified_finetuning``)."""
+        cfg = self.cfg
+        loading = {"pooling": cfg.sentence_pooling_method, "normalize": cfg.normalize_embeddings,
+                   "cache_dir": cfg.cache_dir, "trust_remote_code": cfg.trust_remote_code,
+                   "attention_dropout": cfg.attention_dropout}
+        if not cfg.unified_finetuning:
+            return Embedder.from_pretrained(cfg.model_name_or_path, **loading)
+        model = M3Embedder.from_pretrained(cfg.model_name_or_path, tokenizer=self.tokenizer,
+                                           colbert_dim=cfg.colbert_dim, seed=cfg.seed, **loading)
+        if cfg.fix_encoder:
+            model.freeze_encoder()
+        return model
 
     def _load_resume_state(self) -> None:
         if self.resume is None:
@@ -407,12 +420,7 @@ class EmbedderRecipe:
         """One micro-batch of one data set: collate, forward, contrastive loss (in-batch and cross-device
         negatives unless the data set has none), backward, DeepSpeed step. ``forward``: the micro-batches the
         run trained before this one (FlagEmbedding's count for ``self_distill_start_step``)."""
-        if self.first_batch_s is None:
-            self.first_batch_s = time.time() - self.t_start
-        d, raw = item
-        self.epoch_rows.append(np.asarray(raw["row_key"], dtype=np.int64))
-        batch = self.collators[d](raw)
-        inputs = {k: torch.as_tensor(v, device=self.device) for k, v in batch.items()}
+        d, inputs = self.take_batch(item)
         teacher, cfg, in_batch = inputs.get("teacher_scores"), self.cfg, self.datasets[d].in_batch_negatives
         settings = {"temperature": cfg.temperature, "teacher_scores": teacher, "kd_loss_type": cfg.kd_loss_type,
                     "cross_device": cfg.negatives_cross_device and in_batch, "in_batch_negatives": in_batch}
@@ -430,9 +438,21 @@ class EmbedderRecipe:
             def loss_fn(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
                 return contrastive_loss(q, p, **settings)
         loss = train_micro_batch(self.engine, inputs, loss_fn, cfg.sub_batch_size)
-        tokens = int(batch["q_attention_mask"].sum() + batch["p_attention_mask"].sum())
+        tokens = int(inputs["q_attention_mask"].sum() + inputs["p_attention_mask"].sum())
+        self.count(float(loss), int(inputs["q_input_ids"].shape[0]), tokens, waited)
+
+    def take_batch(self, item: tuple[int, dict[str, Any]]) -> tuple[int, dict[str, torch.Tensor]]:
+        """(data set, model inputs on the device) of a raw batch; its rows recorded as trained."""
+        if self.first_batch_s is None:
+            self.first_batch_s = time.time() - self.t_start
+        d, raw = item
+        self.epoch_rows.append(np.asarray(raw["row_key"], dtype=np.int64))
+        return d, {k: torch.as_tensor(v, device=self.device) for k, v in self.collators[d](raw).items()}
+
+    def count(self, loss: float, groups: int, tokens: int, waited: float) -> None:
+        """Add a micro-batch to the log window and the run's totals."""
         for window in (self.window, self.totals):
-            window.add(float(loss), int(inputs["q_input_ids"].shape[0]), tokens, waited)
+            window.add(loss, groups, tokens, waited)
 
     def after_step(self, epoch: int, micro: int, progress: bool = False) -> None:
         """After optimizer step ``global_step``: log, validate and checkpoint when they are due."""
@@ -541,14 +561,18 @@ class EmbedderRecipe:
         sd = consolidated_state_dict(self.engine, self.zero_stage, self.cfg.bf16 or self.cfg.fp16)
         if self.rank != 0:
             return
-        export_model(self.engine.module.model, self.tokenizer, transformer_state(sd), out_dir, self.cfg.to_dict(),
-                     heads=sd if self.cfg.unified_finetuning else None)
+        self.export_weights(sd, out_dir)
         evals = {"zero-shot": {"step": 0, **self.zero_shot} if self.zero_shot else None}
         if "eval_s" in metrics:
             evals["this checkpoint"] = {"step": self.global_step,
                                         **{k[len("eval_"):]: v for k, v in metrics.items() if k.startswith("eval_")}}
         stored = f"{ray.train.get_context().get_storage().experiment_fs_path.rstrip('/')}/{name}/{MODEL_SUBDIR}"
         write_model_card(out_dir, self.cfg.to_dict(), self.data_rows, evals, model_dir=stored)
+
+    def export_weights(self, state_dict: dict[str, torch.Tensor], out_dir: str) -> None:
+        """The exported model's files (rank 0): transformer, tokenizer, sentence-transformers files, M3 heads."""
+        export_model(self.engine.module.model, self.tokenizer, transformer_state(state_dict), out_dir,
+                     self.cfg.to_dict(), heads=state_dict if self.cfg.unified_finetuning else None)
 
     def save_final(self) -> None:
         """The last checkpoint, with the exported model and the run's summary."""
@@ -562,14 +586,4 @@ class EmbedderRecipe:
         if self.vset is not None:
             summary.update({k: v for k, v in self.validate().items() if k not in ("kind", "step")})
         self.save_checkpoint(self.plan.num_epochs, summary, export=True, final=True)
-
-
-def train_loop(loop_config: dict[str, Any]) -> None:
-    """Ray Train's worker entry point: ``loop_config`` holds ``cfg`` (a dict), ``plan`` (a dict),
-    ``ds_config``, ``router`` (a BatchRouter actor), ``datasets`` (dicts of :class:`DataSet`),
-    ``vset`` (an object ref, or None) and ``start`` (a checkpoint of another run to continue, or None)."""
-    recipe = EmbedderRecipe(loop_config)
-    recipe.setup()
-    recipe.train()
-
 

@@ -1,0 +1,81 @@
+"""A reranker's input: each query with each passage of its group as one sequence, FlagEmbedding's way.
+
+The query keeps at most ``query_max_len + passage_max_len // 4`` tokens, the passage at most
+``passage_max_len + query_max_len // 2``; then the pair, with the tokenizer's special tokens
+(``[CLS] query [SEP] passage [SEP]`` for BERT), is cut to ``query_max_len + passage_max_len`` tokens
+by shortening the passage (FlagEmbedding's ``truncation="only_second"``). Cuts fall at token
+boundaries: a text is cut where its last kept token ends, then the pair is tokenized.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+
+from bge_ray.data.text import TextSpec
+from bge_ray.model.tokenizer import load_tokenizer
+
+
+def cut_to_tokens(tok: Any, texts: list[str], max_tokens: int) -> list[str]:
+    """Each text up to the end of its ``max_tokens``-th token (special tokens not counted)."""
+    if not texts:
+        return []
+    if not tok.is_fast:  # no offsets: the kept tokens decoded (FlagEmbedding's way under transformers 5)
+        ids = tok(texts, add_special_tokens=False, truncation=True, max_length=max_tokens)["input_ids"]
+        return [tok.decode(i, skip_special_tokens=False, clean_up_tokenization_spaces=False) for i in ids]
+    enc = tok(texts, add_special_tokens=False, truncation=True, max_length=max_tokens, return_offsets_mapping=True)
+    return [text[:offsets[-1][1]] if offsets else "" for text, offsets in zip(texts, enc["offset_mapping"], strict=True)]
+
+
+def pair_inputs(tok: Any, queries: list[str], passages: list[str], query_tokens: int, passage_tokens: int,
+                max_length: int) -> dict[str, list[list[int]]]:
+    """``input_ids`` (and ``token_type_ids`` where the tokenizer makes them) of each (query, passage): the
+    query cut to ``query_tokens``, the passage to ``passage_tokens``, the pair to ``max_length`` by
+    shortening the passage."""
+    q = cut_to_tokens(tok, queries, query_tokens)
+    p = cut_to_tokens(tok, passages, passage_tokens)
+    enc = tok(q, p, truncation="only_second", max_length=max_length, add_special_tokens=True,
+              return_attention_mask=False)
+    return {k: enc[k] for k in ("input_ids", "token_type_ids") if k in enc}
+
+
+def training_pairs(tok: Any, queries: list[str], passages: list[str], query_max_len: int,
+                   passage_max_len: int) -> dict[str, list[list[int]]]:
+    """:func:`pair_inputs` with FlagEmbedding's training budget (the module docstring)."""
+    return pair_inputs(tok, queries, passages, query_max_len + passage_max_len // 4,
+                       passage_max_len + query_max_len // 2, query_max_len + passage_max_len)
+
+
+def tokenize_pairs(batch: pa.Table, spec: TextSpec) -> pa.Table:
+    """Every row's group as pairs: ``pos_ids`` / ``neg_ids`` hold the (query, passage) sequences, in the
+    layout :func:`bge_ray.data.pipeline.tokenize_rows` gives single texts (``pos_types`` / ``neg_types``:
+    their token types). A row's ``query_prompt`` / ``passage_prompt`` overrides the instructions."""
+    tok = load_tokenizer(spec.tokenizer, spec.cache_dir, spec.trust_remote_code, spec.use_fast_tokenizer)
+    n = batch.num_rows
+    q_prompts = batch.column("query_prompt").to_pylist() if "query_prompt" in batch.column_names else [None] * n
+    p_prompts = batch.column("passage_prompt").to_pylist() if "passage_prompt" in batch.column_names else [None] * n
+    queries = spec.format(batch.column("query").to_pylist(), "query", q_prompts)
+    sizes, pair_q, pair_p = [], [], []
+    for column in ("pos", "neg"):
+        for i, (texts, prompt) in enumerate(zip(batch.column(column).to_pylist(), p_prompts, strict=True)):
+            texts = texts or []
+            sizes.append(len(texts))
+            pair_q += [queries[i]] * len(texts)
+            pair_p += [spec.passage(t, prompt) for t in texts]
+    enc = training_pairs(tok, pair_q, pair_p, spec.query_max_len, spec.passage_max_len) if pair_q else {"input_ids": []}
+    ids_type = pa.list_(pa.list_(pa.int32()))
+    out: dict[str, Any] = {}
+    for key, name in (("input_ids", "ids"), ("token_type_ids", "types")):
+        if key not in enc:
+            continue
+        nested, k = [], 0
+        for size in sizes:
+            nested.append(enc[key][k:k + size])
+            k += size
+        out[f"pos_{name}"] = pa.array(nested[:n], type=ids_type)
+        out[f"neg_{name}"] = pa.array(nested[n:], type=ids_type)
+    for name in ("pos_scores", "neg_scores", "row_key", "source", "dataset", "num_neg"):
+        if name in batch.column_names:
+            out[name] = batch.column(name)
+    return pa.table(out)

@@ -1,0 +1,93 @@
+"""The reranker: a cross-encoder (transformers ``AutoModelForSequenceClassification`` with one label)
+that reads a query and a passage as one sequence and gives one relevance logit, and its loss with
+FlagEmbedding's semantics (its encoder-only reranker runner).
+
+Shapes: ``logits`` is (B*G,), laid out in groups of G = train_group_size: entry ``i*G`` is query i's
+positive, ``i*G+1 .. i*G+G-1`` its negatives. The loss is a cross-entropy over each query's group
+(the positive is the target), plus, with teacher scores (B, G), the soft cross-entropy
+``-sum(softmax(teacher) * log_softmax(group logits))`` averaged over queries. Each worker's loss is
+its own groups' mean; DeepSpeed averages the gradients over workers (as DDP does for FlagEmbedding).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModelForSequenceClassification
+from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+from bge_ray.model.embedder import ATTENTION_DROPOUT_NAMES, freeze_position_embeddings
+
+
+def reranker_config(name_or_path: str, cache_dir: str | None = None, trust_remote_code: bool = False,
+                    attention_dropout: float | None = None) -> Any:
+    """The model's config with one label (FlagEmbedding's ``num_labels=1``) and, when given, its
+    attention dropout set.
+
+    Raises:
+        ValueError: an unreadable config, a decoder-only model (FlagEmbedding trains those with its
+            decoder runners, from the LM head's "Yes" logit: not supported yet), or an attention
+            dropout the config has no name for.
+    """
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, cache_dir=cache_dir, trust_remote_code=trust_remote_code,
+                                            num_labels=1)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{name_or_path}: its config cannot be read ({e})") from None
+    if config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        raise ValueError(f"{name_or_path} is a {config.model_type} model, not an encoder: bge-ray train-reranker trains "
+                         "encoder-only cross-encoders (BERT, XLM-RoBERTa, bge-reranker-base/large...); decoder-only "
+                         "rerankers (FlagEmbedding's decoder_only runners) are not supported yet")
+    if attention_dropout is not None:
+        names = [n for n in ATTENTION_DROPOUT_NAMES if hasattr(config, n)]
+        if not names:
+            raise ValueError(f"{name_or_path}: its config names no attention dropout "
+                             f"({', '.join(ATTENTION_DROPOUT_NAMES)}); leave attention_dropout unset")
+        for n in names:
+            setattr(config, n, attention_dropout)
+    return config
+
+
+class Reranker(nn.Module):
+    """A one-label sequence classifier; ``forward`` returns one logit per (query, passage) pair."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, cache_dir: str | None = None, trust_remote_code: bool = False,
+                        attention_dropout: float | None = None, seed: int | None = None) -> Reranker:
+        """Load the model; a classification head the checkpoint lacks (a plain encoder) is drawn from
+        ``seed``, alike on every worker, leaving the global random state as it was."""
+        config = reranker_config(name_or_path, cache_dir, trust_remote_code, attention_dropout)
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                name_or_path, config=config, cache_dir=cache_dir, trust_remote_code=trust_remote_code,
+                use_safetensors=None)
+        return cls(model)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        extra = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **extra).logits[:, 0]
+
+    def freeze_position_embeddings(self) -> int:
+        return freeze_position_embeddings(self.model)
+
+
+def rerank_loss(logits: torch.Tensor, group_size: int, teacher_scores: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy over each query's group (its positive first), plus the soft cross-entropy against
+    ``softmax(teacher_scores)`` when given (see the module docstring)."""
+    grouped = logits.view(-1, group_size)
+    target = torch.zeros(grouped.size(0), dtype=torch.long, device=grouped.device)
+    loss = F.cross_entropy(grouped, target)
+    if teacher_scores is not None:
+        targets = torch.softmax(teacher_scores.detach().to(grouped.dtype).view(grouped.size(0), -1), dim=-1)
+        loss = loss - torch.mean(torch.sum(F.log_softmax(grouped, dim=-1) * targets, dim=-1))
+    return loss

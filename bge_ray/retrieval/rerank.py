@@ -1,0 +1,151 @@
+"""Reranking: a cross-encoder re-scores each query's top ``rerank_top_k`` retrieved passages
+(FlagEmbedding's evaluation: ``reranker_name_or_path``, ``rerank_top_k``), on Ray Data actors.
+
+A pair is built as FlagEmbedding's ``FlagReranker`` builds it: the query cut to ``query_max_length``
+tokens (default three quarters of ``max_length``), the passage to ``max_length``, the pair (with the
+tokenizer's special tokens) to ``max_length`` by shortening the passage. Instructions: the flags given,
+else those the reranker was trained with (its ``bge_ray.json``), else none.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray
+import ray.data
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from bge_ray.config.finetune import resolve_model_path
+from bge_ray.data.collate import pad_ids
+from bge_ray.data.pairs import pair_inputs
+from bge_ray.data.text import apply_instruction
+from bge_ray.errors import ConfigError
+from bge_ray.model.tokenizer import load_tokenizer
+
+METADATA_FILE = "bge_ray.json"
+
+
+@dataclass(frozen=True)
+class RerankSpec:
+    """How a reranker scores (query, passage) pairs. Picklable, for Ray actors."""
+
+    model: str
+    query_instruction: str | None = None
+    query_instruction_format: str = "{}{}"
+    passage_instruction: str | None = None
+    passage_instruction_format: str = "{}{}"
+    max_length: int = 512
+    query_max_length: int | None = None
+    batch_size: int = 32
+    trust_remote_code: bool = False
+
+    @property
+    def query_tokens(self) -> int:
+        return self.query_max_length if self.query_max_length is not None else self.max_length * 3 // 4
+
+
+def rerank_spec_for(model: str, **overrides: Any) -> RerankSpec:
+    """The spec of ``model`` (a local path or hub id): the instructions it was trained with where bge-ray
+    trained it, then ``overrides`` (fields of :class:`RerankSpec`, None meaning "not given").
+
+    Raises:
+        ConfigError: ``max_length`` or ``batch_size`` below 1, a query budget beyond ``max_length``.
+    """
+    path = resolve_model_path(model)
+    values: dict[str, Any] = {"model": path}
+    meta_path = os.path.join(path, METADATA_FILE)
+    if os.path.isfile(meta_path):
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+        for ours, theirs in (("query_instruction", "query_instruction_for_rerank"),
+                             ("query_instruction_format", "query_instruction_format"),
+                             ("passage_instruction", "passage_instruction_for_rerank"),
+                             ("passage_instruction_format", "passage_instruction_format")):
+            if meta.get(theirs) is not None:
+                values[ours] = meta[theirs]
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    spec = RerankSpec(**values)
+    if spec.max_length < 4 or spec.batch_size < 1:
+        raise ConfigError(f"reranker_max_length must be >= 4 and reranker_batch_size >= 1, got {spec.max_length} "
+                          f"and {spec.batch_size}")
+    if not 0 < spec.query_tokens < spec.max_length:
+        raise ConfigError(f"reranker_query_max_length must be between 1 and reranker_max_length "
+                          f"({spec.max_length}), got {spec.query_tokens}")
+    return spec
+
+
+class PairScorer:
+    """A one-logit cross-encoder scoring (query, passage) pairs, longest first in batches."""
+
+    def __init__(self, spec: RerankSpec, device: torch.device | None = None) -> None:
+        self.spec = spec
+        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.tokenizer = load_tokenizer(spec.model, None, spec.trust_remote_code)
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            spec.model, trust_remote_code=spec.trust_remote_code, dtype=dtype, use_safetensors=None)
+        if self.model.config.num_labels != 1:
+            raise ConfigError(f"reranker {spec.model} has {self.model.config.num_labels} labels; a cross-encoder "
+                              "reranker gives one relevance logit")
+        self.model.to(self.device).eval()
+
+    @torch.inference_mode()
+    def __call__(self, queries: list[str], passages: list[str]) -> np.ndarray:
+        s = self.spec
+        enc = pair_inputs(self.tokenizer, [apply_instruction(q, s.query_instruction, s.query_instruction_format)
+                                           for q in queries],
+                          [apply_instruction(p, s.passage_instruction, s.passage_instruction_format) for p in passages],
+                          s.query_tokens, s.max_length, s.max_length)
+        ids = enc["input_ids"]
+        order = np.argsort([-len(x) for x in ids], kind="stable")
+        out = np.zeros(len(ids), dtype=np.float64)
+        pad = self.tokenizer.pad_token_id or 0
+        for start in range(0, len(order), s.batch_size):
+            idx = order[start:start + s.batch_size]
+            batch_ids, mask = pad_ids([ids[i] for i in idx], pad, self.tokenizer.padding_side)
+            inputs = {"input_ids": batch_ids, "attention_mask": mask}
+            if "token_type_ids" in enc:
+                inputs["token_type_ids"] = pad_ids([enc["token_type_ids"][i] for i in idx], 0,
+                                                   self.tokenizer.padding_side)[0]
+            logits = self.model(**{k: torch.from_numpy(v).to(self.device) for k, v in inputs.items()}).logits
+            out[idx] = logits[:, 0].float().cpu().numpy()
+        return out
+
+
+class RerankActor:
+    """A Ray Data actor: adds ``score`` to a batch of ``query`` / ``passage`` pairs."""
+
+    def __init__(self, spec: RerankSpec) -> None:
+        self.scorer = PairScorer(spec)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        batch["score"] = self.scorer(list(batch["query"]), list(batch["passage"]))
+        return batch
+
+
+def rerank_run(run: dict[str, dict[str, float]], queries: dict[str, str], corpus: Any, spec: RerankSpec,
+               top_k: int, use_gpu: bool = False, concurrency: int = 1) -> dict[str, dict[str, float]]:
+    """Each query's ``top_k`` passages of ``run`` (qid -> {doc id: score}) scored by the reranker: a run
+    of those passages alone, with the reranker's scores. ``corpus``: a Ray Dataset of ``_id`` and ``text``."""
+    tops = {q: sorted(docs, key=docs.get, reverse=True)[:top_k] for q, docs in run.items()}
+    wanted = {d for docs in tops.values() for d in docs}
+    texts = {}
+    for batch in corpus.select_columns(["_id", "text"]).iter_batches(batch_size=4096, batch_format="numpy"):
+        texts.update((str(i), t) for i, t in zip(batch["_id"], batch["text"], strict=True) if str(i) in wanted)
+    pairs = [{"qid": q, "did": d, "query": queries[q], "passage": texts[d]} for q, docs in tops.items() for d in docs]
+    if not pairs:
+        return {q: {} for q in run}
+    scored = ray.data.from_items(pairs).map_batches(
+        RerankActor, fn_constructor_kwargs={"spec": spec}, batch_size=max(spec.batch_size, 64),
+        compute=ray.data.ActorPoolStrategy(size=concurrency), num_gpus=1 if use_gpu else 0,
+        num_cpus=None if use_gpu else 1)
+    out: dict[str, dict[str, float]] = {q: {} for q in run}
+    for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
+        for q, d, score in zip(batch["qid"], batch["did"], batch["score"], strict=True):
+            out[str(q)][str(d)] = float(score)
+    return out
