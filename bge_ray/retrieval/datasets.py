@@ -206,6 +206,9 @@ class ValidationSet:
     dataset: RetrievalDataset
     doc_ids: list[str]
     doc_texts: list[str]
+    # a reranker's validation: each query's passages to rerank (an embedder's top k) and that embedder's metrics
+    candidates: dict[str, list[str]] | None = None
+    retriever_metrics: dict[str, float] | None = None
 
 
 def load_validation_set(path: str, split: str = "test") -> ValidationSet:

@@ -16,6 +16,7 @@ from transformers.utils import cached_file
 
 from bge_ray.config.finetune import resolve_model_path
 from bge_ray.data.text import TextSpec
+from bge_ray.errors import ConfigError
 from bge_ray.model.embedder import Embedder
 from bge_ray.model.m3 import M3Embedder
 from bge_ray.model.tokenizer import load_tokenizer
@@ -92,6 +93,9 @@ def encoder_spec_for(model: str, **overrides: Any) -> EncoderSpec:
     (non-None values: ``pooling``, ``query_instruction``, ``passage_max_len``...) win."""
     path = resolve_model_path(model)
     meta = _model_json(path, "bge_ray.json")
+    if meta and meta.get("task") == "reranker":
+        raise ConfigError(f"{model} is a reranker (a cross-encoder), not an embedder: give it as the reranker "
+                          "(bge-ray eval --reranker, eval_retriever takes an embedder)")
     if meta:
         found = {"pooling": meta["sentence_pooling_method"], "normalize": bool(meta["normalize_embeddings"]),
                  "query_instruction": meta.get("query_instruction_for_retrieval"),

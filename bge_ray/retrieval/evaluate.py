@@ -18,6 +18,9 @@ import torch.distributed as dist
 from bge_ray.cluster import actor_count, connect_ray
 from bge_ray.config.finetune import check_local_models, resolve_model_path
 from bge_ray.console import ProgressLine, log
+from bge_ray.data.collate import pad_ids
+from bge_ray.data.pairs import training_pairs
+from bge_ray.data.text import TextSpec
 from bge_ray.errors import ConfigError
 from bge_ray.model.embedder import check_matryoshka_dims
 from bge_ray.model.m3 import has_heads
@@ -146,7 +149,7 @@ def evaluate(models: list[str] | str, data: str, split: str = "test", ks: tuple[
     model_modes = {model: check_modes(model, modes, truncate_dims, weights) for model in models}
     for model in models if truncate_dims else ():
         try:
-            check_matryoshka_dims(model, list(truncate_dims))
+            check_matryoshka_dims(resolve_model_path(model), list(truncate_dims))
         except ValueError as e:
             raise ConfigError(f"--truncate_dim: {e}".replace("mrl_dims ", "")) from None
     connect_ray(ray_address)
@@ -325,6 +328,51 @@ def validate(model: Any, tokenizer: Any, vset: ValidationSet, spec: EncoderSpec,
                 top.add(truncate(torch.from_numpy(d_emb), dim, spec.normalize), vset.doc_ids)
                 scores = evaluate_run(vset.dataset.qrels, top.run(qids), ks)
                 metrics[0].update(scores if dim is None else {f"{k}_dim{dim}": v for k, v in scores.items() if "@" in k})
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(metrics, src=0)
+    return metrics[0]
+
+
+def _score_shared(model: Any, tokenizer: Any, vset: ValidationSet, spec: TextSpec, batch_size: int,
+                  device: torch.device) -> tuple[list[tuple[str, str]], np.ndarray]:
+    """Every (query, candidate) pair of ``vset`` and, on rank 0, its score: each rank scores an equal share."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    texts = dict(zip(vset.doc_ids, vset.doc_texts, strict=True))
+    pairs = [(q, d) for q, docs in vset.candidates.items() for d in docs]
+    part, real = _shard(pairs, rank, world)
+    enc = training_pairs(tokenizer, spec.format([vset.dataset.queries[q] for q, _ in part], "query"),
+                         spec.format([texts[d] for _, d in part], "passage"), spec.query_max_len, spec.passage_max_len)
+    scores = []
+    for start in range(0, len(part), batch_size):
+        ids, mask = pad_ids(enc["input_ids"][start:start + batch_size], tokenizer.pad_token_id, tokenizer.padding_side)
+        types = (torch.from_numpy(pad_ids(enc["token_type_ids"][start:start + batch_size], 0,
+                                          tokenizer.padding_side)[0]).to(device) if "token_type_ids" in enc else None)
+        scores.append(model(torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device), types).float().cpu())
+    mine = torch.cat(scores).numpy()[:real] if scores else np.zeros(0)
+    if world == 1:
+        return pairs, mine
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, mine)
+    return pairs, np.concatenate(gathered)
+
+
+@torch.inference_mode()
+def validate_reranker(model: Any, tokenizer: Any, vset: ValidationSet, spec: TextSpec, batch_size: int,
+                      device: torch.device, ks: tuple[int, ...] = DEFAULT_KS) -> dict[str, float]:
+    """Retrieval metrics of the reranker being trained, reranking ``vset.candidates`` (pairs cut as in
+    training). Every worker scores an equal share (ZeRO-3 needs all workers in every forward); rank 0
+    ranks and scores; all workers get the metrics."""
+    was_training = model.training
+    model.eval()
+    pairs, scores = _score_shared(model, tokenizer, vset, spec, batch_size, device)
+    if was_training:
+        model.train()
+    metrics: list[Any] = [None]
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        run: dict[str, dict[str, float]] = {q: {} for q in vset.candidates}
+        for (q, d), s in zip(pairs, scores.tolist(), strict=True):
+            run[q][d] = s
+        metrics[0] = evaluate_run(vset.dataset.qrels, run, ks)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(metrics, src=0)
     return metrics[0]

@@ -27,7 +27,6 @@ ROW_JOB_IGNORED = {
     "cache_dir": "models load from their directory or the Hugging Face cache",
     "examples_instruction_format": "read only with examples_for_task, which is refused",
     "reranker_model_class": "the model class is read from the model's config",
-    "normalize": "scores are the teacher's raw logits (or similarities); distillation applies its own softmax",
     "use_bf16": "GPU teachers run in bf16 (fp16 where there is no bf16); CPU teachers fp32",
 }
 
@@ -174,23 +173,26 @@ class ScoreConfig(RowJobConfig):
     COMMAND: ClassVar[str] = "score"
     ALIASES: ClassVar[dict[str, str]] = {"reranker_batch_size": "batch_size"}  # add_reranker_score's name
     TRANSLATE: ClassVar[Any] = Flags(ROW_JOB_IGNORED, {
-        "reranker_query_max_length": ((None,), "the reranker reads query + passage within reranker_max_length"),
         "reranker_peft_path": ((None,), "LoRA rerankers are not supported yet: merge the adapter first"),
         "prompt": ((None,), "decoder-only (LLM) rerankers are not supported yet"),
         "cutoff_layers": ((None, ()), "layerwise rerankers are not supported yet"),
         "compress_ratio": ((1,), "lightweight rerankers are not supported yet"),
         "compress_layers": ((None, ()), "lightweight rerankers are not supported yet"),
-        "query_instruction_format_for_rerank": (("{}{}",), "the instruction is put before the query as is"),
-        "passage_instruction_format_for_rerank": (("{}{}",), "the instruction is put before the passage as is"),
     })
 
     reranker_name_or_path: str | None = knob(None, "a cross-encoder teacher (one logit per pair); give this or "
                                              "embedder_name_or_path")
     embedder_name_or_path: str | None = knob(None, "a bi-encoder teacher (similarity / teacher_temperature); give "
                                              "this or reranker_name_or_path")
-    reranker_max_length: int = knob(512, "tokens of query + passage the reranker reads")
+    reranker_max_length: int = knob(512, "tokens of a (query, passage) pair the reranker reads (the passage is "
+                                    "shortened to fit, as FlagReranker does)")
+    reranker_query_max_length: int | None = knob(None, "query tokens of a pair", shown="3/4 of reranker_max_length")
     query_instruction_for_rerank: str | None = knob(None, "instruction put before every query for the reranker")
+    query_instruction_format_for_rerank: str = knob("{}{}", "how instruction and query join: two {} slots")
     passage_instruction_for_rerank: str | None = knob(None, "instruction put before every passage for the reranker")
+    passage_instruction_format_for_rerank: str = knob("{}{}", "how instruction and passage join: two {} slots")
+    normalize: bool = knob(False, "a reranker's scores through a sigmoid (FlagEmbedding's normalize), as "
+                           "knowledge_distillation then reads them; else its raw logits")
     batch_size: int = knob(64, "pairs (or texts) per teacher batch")
     # raw cosines of one group lie within ~0.3, so their softmax is near uniform; dividing by the
     # student's temperature puts them on the scale of a reranker's logits
@@ -210,6 +212,15 @@ class ScoreConfig(RowJobConfig):
                               "or embedder_name_or_path (a bi-encoder)")
         if self.reranker_max_length < 4:
             raise ConfigError(f"reranker_max_length must be >= 4, got {self.reranker_max_length}")
+        query_tokens = self.reranker_query_max_length
+        if query_tokens is not None and not 0 < query_tokens < self.reranker_max_length:
+            raise ConfigError(f"reranker_query_max_length must be between 1 and reranker_max_length "
+                              f"({self.reranker_max_length}), got {query_tokens}")
+        if self.normalize and self.reranker_name_or_path is None:
+            raise ConfigError("normalize puts a reranker's logits through a sigmoid; a bi-encoder teacher's scores "
+                              "are similarities / teacher_temperature: drop normalize")
+        check_format("query_instruction_format_for_rerank", self.query_instruction_format_for_rerank)
+        check_format("passage_instruction_format_for_rerank", self.passage_instruction_format_for_rerank)
         if not self.teacher_temperature > 0:
             raise ConfigError(f"teacher_temperature must be > 0, got {self.teacher_temperature}")
 

@@ -1,6 +1,7 @@
 """``bge-ray score``: teacher scores for every positive and negative of every triplet row, on Ray Data.
 
-The teacher is a cross-encoder (``AutoModelForSequenceClassification`` with one logit) or a
+The teacher is a cross-encoder (``AutoModelForSequenceClassification`` with one logit; pairs built
+and scored as FlagEmbedding's ``FlagReranker`` does, its sigmoid with ``normalize``) or a
 bi-encoder (the embedding similarity divided by ``teacher_temperature``), batched on Ray Data
 actors; the output is ready for ``knowledge_distillation: true``.
 """
@@ -15,16 +16,12 @@ import numpy as np
 import pyarrow as pa
 import ray
 import ray.data
-import torch
-from transformers import AutoModelForSequenceClassification
 
 from bge_ray.cluster import actor_count, connect_ray
 from bge_ray.config.parse import resolve_config
 from bge_ray.console import ProgressCounter, counter_progress, log
-from bge_ray.data.text import apply_instruction
-from bge_ray.errors import ConfigError
-from bge_ray.model.tokenizer import load_tokenizer
 from bge_ray.retrieval.encode import TextEncoder
+from bge_ray.retrieval.rerank import PairScorer, RerankSpec
 from bge_ray.tools.config import ScoreConfig
 from bge_ray.tools.rows import JsonlShardSink, choose_devices, encoder_spec, read_rows, write_report
 
@@ -44,35 +41,14 @@ class Scorer:
 
     def __init__(self, cfg: ScoreConfig, counter: Any = None) -> None:
         self.cfg, self.counter = cfg, counter
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.reranker = self.encoder = None
         if cfg.reranker_name_or_path:
-            self.tokenizer = load_tokenizer(cfg.reranker_name_or_path, None, cfg.trust_remote_code)
-            dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-            self.model = AutoModelForSequenceClassification.from_pretrained(
-                cfg.reranker_name_or_path, trust_remote_code=cfg.trust_remote_code, dtype=dtype, use_safetensors=None)
-            if self.model.config.num_labels != 1:
-                raise ConfigError(f"reranker {cfg.reranker_name_or_path} has {self.model.config.num_labels} labels; "
-                                  "a cross-encoder teacher needs one relevance logit")
-            self.model.to(self.device).eval()
-            self.encoder = None
+            self.reranker = PairScorer(RerankSpec(
+                cfg.reranker_name_or_path, cfg.query_instruction_for_rerank, cfg.query_instruction_format_for_rerank,
+                cfg.passage_instruction_for_rerank, cfg.passage_instruction_format_for_rerank, cfg.reranker_max_length,
+                cfg.reranker_query_max_length, cfg.batch_size, cfg.trust_remote_code))
         else:
-            spec = encoder_spec(cfg, cfg.embedder_name_or_path, cfg.batch_size)
-            self.encoder = TextEncoder(spec, "query")
-
-    def _rerank(self, queries: list[str], passages: list[str]) -> np.ndarray:
-        q_inst, p_inst = self.cfg.query_instruction_for_rerank, self.cfg.passage_instruction_for_rerank
-        pairs = [(apply_instruction(q, q_inst), apply_instruction(p, p_inst)) for q, p in zip(queries, passages, strict=True)]
-        order = np.argsort([-(len(q) + len(p)) for q, p in pairs], kind="stable")
-        out = np.zeros(len(pairs), dtype=np.float64)
-        bs = self.cfg.batch_size
-        with torch.inference_mode():
-            for s in range(0, len(order), bs):
-                idx = order[s:s + bs]
-                enc = self.tokenizer([pairs[i][0] for i in idx], [pairs[i][1] for i in idx], padding=True,
-                                     truncation=True, max_length=self.cfg.reranker_max_length, return_tensors="pt")
-                logits = self.model(**{k: v.to(self.device) for k, v in enc.items()}).logits
-                out[idx] = logits[:, 0].float().cpu().numpy()
-        return out
+            self.encoder = TextEncoder(encoder_spec(cfg, cfg.embedder_name_or_path, cfg.batch_size), "query")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -82,8 +58,10 @@ class Scorer:
                 queries.append(r["query"])
                 passages.append(p)
                 owners.append(i)
-        if self.encoder is None:
-            scores = self._rerank(queries, passages)
+        if self.reranker is not None:
+            scores = self.reranker(queries, passages)
+            if self.cfg.normalize:
+                scores = 1 / (1 + np.exp(-scores))
         else:
             q_emb = self.encoder.embed([r["query"] for r in rows], "query", [r.get("prompt") for r in rows])
             p_emb = self.encoder.embed(passages, "passage")

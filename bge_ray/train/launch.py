@@ -24,7 +24,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, Result, RunCo
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.util.queue import Queue
 
-from bge_ray.cluster import capacity, check_fits, connect_for, need_for_training, side_actor
+from bge_ray.cluster import actor_count, capacity, check_fits, connect_for, need_for_training, side_actor
 from bge_ray.config.deepspeed import build_deepspeed_config
 from bge_ray.config.finetune import FinetuneConfig, check_output_dir, check_survives_job
 from bge_ray.config.parse import resolve_config
@@ -35,7 +35,9 @@ from bge_ray.errors import ConfigError
 from bge_ray.model.embedder import check_matryoshka_dims
 from bge_ray.model.m3 import colbert_size
 from bge_ray.model.reranker import reranker_config
-from bge_ray.retrieval.datasets import load_validation_set
+from bge_ray.retrieval.datasets import ValidationSet, load_validation_set
+from bge_ray.retrieval.encode import encoder_spec_for
+from bge_ray.retrieval.evaluate import evaluate_model
 from bge_ray.storage import filesystem, publish_model, storage_root
 from bge_ray.train.card import write_model_card
 from bge_ray.train.checkpointing import STATE_FILE, list_checkpoints, read_json
@@ -240,8 +242,26 @@ def check_model(cfg: FinetuneConfig) -> None:
             colbert_size(cfg.model_name_or_path, cfg.colbert_dim, cfg.cache_dir, cfg.trust_remote_code)
         if cfg.task == "reranker":  # an encoder whose config reads; the attention dropout it names
             reranker_config(cfg.model_name_or_path, cfg.cache_dir, cfg.trust_remote_code, cfg.attention_dropout)
+        if cfg.eval_retriever:
+            encoder_spec_for(cfg.eval_retriever)  # an embedder, not a reranker
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def with_candidates(cfg: FinetuneConfig, vset: ValidationSet) -> ValidationSet:
+    """A reranker's validation set: each query's top ``eval_rerank_top_k`` passages by ``eval_retriever``
+    (embedded on Ray Data actors, searched exactly), and that retriever's own metrics, logged."""
+    spec = encoder_spec_for(cfg.eval_retriever)
+    corpus = ray.data.from_items([{"_id": i, "text": t} for i, t in zip(vset.doc_ids, vset.doc_texts, strict=True)])
+    row = evaluate_model(vset.dataset, spec, use_gpu=bool(cfg.use_gpu), corpus=corpus, corpus_size=len(vset.doc_ids),
+                         concurrency=actor_count(None, bool(cfg.use_gpu), streaming=False),
+                         depth=cfg.eval_rerank_top_k, keep_runs=True)[0]
+    k = cfg.eval_rerank_top_k
+    candidates = {q: sorted(docs, key=docs.get, reverse=True)[:k] for q, docs in row.pop("run").items()}
+    metrics = {m: v for m, v in row.items() if "@" in m}
+    log(f"validation reranks {cfg.eval_retriever}'s top {k}; the retriever alone: {cfg.metric_for_best_model} "
+        f"{metrics[cfg.metric_for_best_model]:.4f}")
+    return dataclasses.replace(vset, candidates=candidates, retriever_metrics=metrics)
 
 
 def finetune(config: FinetuneConfig | dict[str, Any] | str, callbacks: list[Any] | None = None,
@@ -279,6 +299,8 @@ def finetune(config: FinetuneConfig | dict[str, Any] | str, callbacks: list[Any]
     run_name, resumed_at, start = start_point(cfg, storage)  # an unfinished run with another config: refused here
     connect_for(cfg.num_workers, cfg.worker_resources, cfg.ray_address)
     cfg = choose_devices(cfg)
+    if vset is not None and cfg.task == "reranker":
+        vset = with_candidates(cfg, vset)
     data = load_training_data(cfg)
     summary = data.summary
     log(f"training data: {data.describe()}")
@@ -312,9 +334,11 @@ def finetune(config: FinetuneConfig | dict[str, Any] | str, callbacks: list[Any]
         raise RuntimeError(f"training finished without a checkpoint; see the run in {run_dir}")
     chosen, metrics = best_checkpoint(result, cfg)
     model_dir = _model_dir(chosen, cfg.output_dir, publish)
+    baseline = vset.retriever_metrics if vset is not None and vset.retriever_metrics else {}
     if publish:
-        write_model_card(model_dir, cfg.to_dict(), summary.rows_per_file, card_evals(run_log.evals, metrics, cfg))
-    metrics.update(run_log.first_step, wall_s=time.time() - launch)
+        write_model_card(model_dir, cfg.to_dict(), summary.rows_per_file,
+                         {**({"retriever alone": baseline} if baseline else {}), **card_evals(run_log.evals, metrics, cfg)})
+    metrics.update(run_log.first_step, wall_s=time.time() - launch, **{f"retriever_{k}": v for k, v in baseline.items()})
     log(f"model written to {model_dir}" + (f"; curves {curves}; metrics {run_log.path}" if curves else ""))
     return FinetuneResult(model_dir=model_dir, metrics=metrics, checkpoint=result.checkpoint,
                           num_rows=summary.num_rows, num_bad_rows=summary.num_bad, config=cfg,

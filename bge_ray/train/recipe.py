@@ -517,11 +517,7 @@ class EmbedderRecipe:
                                                      f"{docs:,} passages on {self.world} worker(s)"})
         ray.train.report({"kind": "log", **self.reports.take()})
         t0 = time.time()
-        cfg = self.cfg
-        metrics = retrieval_metrics(self.engine.module, self.tokenizer, self.vset, self.eval_spec, self.device,
-                                    dims=tuple(cfg.mrl_dims) if cfg.use_mrl else (),
-                                    modes=("sparse", "colbert", "hybrid") if cfg.unified_finetuning else (),
-                                    weights=tuple(cfg.m3_score_weights))
+        metrics = self.measure()
         out: dict[str, Any] = {"kind": "eval", "step": self.global_step, "metric": self.cfg.metric_for_best_model,
                                **{f"eval_{k}": v for k, v in metrics.items()}, "eval_s": time.time() - t0,
                                **{f"zero_shot_{k}": v for k, v in self.zero_shot.items()}}
@@ -529,6 +525,14 @@ class EmbedderRecipe:
             ray.train.report({**self.reports.take(), **out})  # the zero-shot baseline: no checkpoint to rank
             return dict(metrics)
         return out
+
+    def measure(self) -> dict[str, float]:
+        """The validation metrics of the model now, on every worker (a collective)."""
+        cfg = self.cfg
+        return retrieval_metrics(self.engine.module, self.tokenizer, self.vset, self.eval_spec, self.device,
+                                 dims=tuple(cfg.mrl_dims) if cfg.use_mrl else (),
+                                 modes=("sparse", "colbert", "hybrid") if cfg.unified_finetuning else (),
+                                 weights=tuple(cfg.m3_score_weights))
 
     # ------------------------------------------------------------------ checkpoint
     def save_checkpoint(self, epoch: int, metrics: dict[str, Any], export: bool = False, final: bool = False) -> None:

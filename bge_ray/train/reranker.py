@@ -1,6 +1,6 @@
 """A worker's fine-tune of a reranker (``task: reranker``): the embedder's recipe (data, resume,
 DeepSpeed engine, logging, checkpoints) with a cross-encoder for the model, FlagEmbedding's reranker
-loss for the step, and a sequence-classifier export."""
+loss for the step, validation by reranking a retriever's top k, and a sequence-classifier export."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from typing import Any
 import torch
 
 from bge_ray.data.collate import PairCollator
+from bge_ray.data.text import TextSpec
 from bge_ray.model.reranker import Reranker, rerank_loss
+from bge_ray.retrieval.evaluate import validate_reranker
 from bge_ray.train.export import export_reranker, transformer_state
 from bge_ray.train.recipe import EmbedderRecipe
 
@@ -40,6 +42,11 @@ class RerankerRecipe(EmbedderRecipe):
         self.engine.step()
         groups = inputs["input_ids"].shape[0] // self.datasets[d].group_size
         self.count(float(loss.detach()), groups, int(inputs["attention_mask"].sum()), waited)
+
+    def measure(self) -> dict[str, float]:
+        """The metrics of reranking each validation query's candidates (the retriever's top k)."""
+        return validate_reranker(self.engine.module, self.tokenizer, self.vset, TextSpec.from_config(self.cfg),
+                                 self.cfg.eval_batch_size, self.device)
 
     def export_weights(self, state_dict: dict[str, torch.Tensor], out_dir: str) -> None:
         export_reranker(self.engine.module.model, self.tokenizer, transformer_state(state_dict), out_dir,
