@@ -64,7 +64,7 @@ def scores(rows: list[dict]) -> list[dict]:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    ap.add_argument("--runs", nargs="*", default=list(RUNS), choices=list(RUNS), help="none: only --zero_shot")
     ap.add_argument("--zero_shot", action="store_true", help="also the zero-shot model's truncated curve")
     ap.add_argument("--max_steps", type=int, default=-1, help="fewer optimizer steps than the epoch's 50")
     ap.add_argument("--work", default=os.path.join(HERE, "..", "..", "bench-work"))
