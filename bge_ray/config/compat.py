@@ -24,7 +24,8 @@ _DDP = "each worker is a DeepSpeed engine, not DDP"
 _LOGS = "bge-ray's console, metrics.jsonl and trackers replace HF's logging"
 _HUB = "bge-ray does not upload models: push output_dir with `hf upload`"
 _EVAL = "bge-ray validates retrieval on eval_data (eval_strategy, eval_steps, metric_for_best_model)"
-_DECODER = "decoder-only (LLM) embedders with LoRA and their extra tokens are not supported yet"
+DECODER_REASON = "decoder-only (LLM) embedders with LoRA and their extra tokens are not supported yet"
+_DECODER = DECODER_REASON
 _HF_ONLY = "an HF Trainer feature bge-ray does not have"
 
 NO_EFFECT: dict[str, str] = {
@@ -102,7 +103,7 @@ AT_DEFAULT: dict[str, tuple[tuple[Any, ...], str]] = {
     "fp16_opt_level": (("O1",), "DeepSpeed runs fp16, not apex"), "half_precision_backend": (("auto",), "DeepSpeed runs fp16"),
     "past_index": ((-1,), _HF_ONLY), "tpu_num_cores": ((None,), _HF_ONLY),
     # FlagEmbedding's decoder-only embedder runners
-    "use_lora": ((False,), _DECODER), "lora_rank": ((), _DECODER), "lora_alpha": ((), _DECODER),
+    "lora_rank": ((), _DECODER), "lora_alpha": ((), _DECODER),
     "lora_dropout": ((), _DECODER), "target_modules": ((), _DECODER), "modules_to_save": ((None,), _DECODER),
     "save_merged_lora_model": ((False,), _DECODER), "additional_special_tokens": ((None,), _DECODER),
     "use_flash_attn": ((False,), _DECODER), "peft_model_path": ((None, ""), _DECODER), "from_peft": ((None,), _DECODER), "raw_peft": ((None,), _DECODER),

@@ -62,6 +62,10 @@ class FinetuneConfig:
     cache_dir: str | None = knob(None, "transformers cache directory for hub downloads")
     trust_remote_code: bool = knob(False, "allow a model's own Python code to run (off unless you ask)")
     use_fast_tokenizer: bool = knob(True, "the model's fast (Rust) tokenizer; false: its Python one")
+    use_lora: bool | None = knob(None, "LoRA adapters (FlagEmbedding's decoder runners train with them by default): "
+                                 "not supported yet. A decoder-only (LLM) model needs use_lora: false said outright; it "
+                                 "then trains in full, as FlagEmbedding's encoder-only runner trains it (no EOS "
+                                 "appended, right padding)", shown="unset")
 
     # --- data ---
     train_data: list[str] = knob(help="training JSONL files, directories, local globs or cloud URIs (s3://, gs://)",
@@ -491,6 +495,8 @@ def _check_task(cfg: FinetuneConfig) -> None:
 
 
 def _check_training(cfg: FinetuneConfig) -> None:
+    if cfg.use_lora:
+        raise ConfigError(f"--use_lora true is not supported: {compat.DECODER_REASON}")
     if not cfg.temperature > 0:
         raise ConfigError(f"temperature must be > 0, got {cfg.temperature}")
     if cfg.sentence_pooling_method not in POOLING_METHODS:

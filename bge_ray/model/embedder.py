@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from bge_ray.config.finetune import POOLING_METHODS
 
@@ -45,6 +46,12 @@ def freeze_position_embeddings(model: nn.Module) -> int:
 
 # what transformers configs call the dropout on attention probabilities (BERT/XLM-R, most others, GPT-2)
 ATTENTION_DROPOUT_NAMES = ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop")
+
+
+def is_decoder_only(config: Any) -> bool:
+    """Whether a transformers config is a decoder-only (LLM) model's: its type has no masked-LM class
+    (BERT, XLM-RoBERTa, ModernBERT... have one; Llama, Mistral, Qwen, Gemma, GPT-2 do not)."""
+    return config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
 def check_matryoshka_dims(name_or_path: str, dims: list[int], cache_dir: str | None = None,

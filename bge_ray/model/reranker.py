@@ -17,9 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification
-from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
-from bge_ray.model.embedder import ATTENTION_DROPOUT_NAMES, freeze_position_embeddings
+from bge_ray.model.embedder import ATTENTION_DROPOUT_NAMES, freeze_position_embeddings, is_decoder_only
 
 
 def reranker_config(name_or_path: str, cache_dir: str | None = None, trust_remote_code: bool = False,
@@ -37,7 +36,7 @@ def reranker_config(name_or_path: str, cache_dir: str | None = None, trust_remot
                                             num_labels=1)
     except (OSError, ValueError) as e:
         raise ValueError(f"{name_or_path}: its config cannot be read ({e})") from None
-    if config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+    if is_decoder_only(config):
         raise ValueError(f"{name_or_path} is a {config.model_type} model, not an encoder: bge-ray train-reranker trains "
                          "encoder-only cross-encoders (BERT, XLM-RoBERTa, bge-reranker-base/large...); decoder-only "
                          "rerankers (FlagEmbedding's decoder_only runners) are not supported yet")

@@ -23,8 +23,10 @@ import ray
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.util.queue import Queue
+from transformers import AutoConfig
 
 from bge_ray.cluster import actor_count, capacity, check_fits, connect_for, need_for_training, side_actor
+from bge_ray.config.compat import DECODER_REASON
 from bge_ray.config.deepspeed import build_deepspeed_config
 from bge_ray.config.finetune import FinetuneConfig, check_output_dir, check_survives_job
 from bge_ray.config.parse import resolve_config
@@ -32,7 +34,7 @@ from bge_ray.console import log
 from bge_ray.data.pipeline import start_router
 from bge_ray.data.scan import load_training_data
 from bge_ray.errors import ConfigError
-from bge_ray.model.embedder import check_matryoshka_dims
+from bge_ray.model.embedder import check_matryoshka_dims, is_decoder_only
 from bge_ray.model.m3 import colbert_size
 from bge_ray.model.reranker import reranker_config
 from bge_ray.retrieval.datasets import ValidationSet, load_validation_set
@@ -228,6 +230,24 @@ def _trainer(cfg: FinetuneConfig, loop_config: dict[str, Any], storage: str, run
             callbacks=callbacks))
 
 
+def check_not_decoder(name_or_path: str, cache_dir: str | None, trust_remote_code: bool) -> None:
+    """FlagEmbedding's decoder runners train an LLM embedder with LoRA unless told not to; bge-ray has no
+    LoRA yet, so it trains a decoder-only model in full only when ``use_lora: false`` says so.
+
+    Raises:
+        ValueError: a decoder-only model (an unreadable config is left to the workers' load).
+    """
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, cache_dir=cache_dir, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return
+    if is_decoder_only(config):
+        raise ValueError(f"{name_or_path} is a decoder-only {config.model_type} model: FlagEmbedding's decoder runner "
+                         f"trains it with LoRA by default, and {DECODER_REASON}. To train it in full (as "
+                         "FlagEmbedding's encoder-only runner would: no EOS appended, right padding), set use_lora: "
+                         "false")
+
+
 def check_model(cfg: FinetuneConfig) -> None:
     """What the model's config must allow, checked before Ray starts: Matryoshka dims within its size,
     a BGE-M3 head size it can have, a reranker's encoder.
@@ -244,6 +264,8 @@ def check_model(cfg: FinetuneConfig) -> None:
             reranker_config(cfg.model_name_or_path, cfg.cache_dir, cfg.trust_remote_code, cfg.attention_dropout)
         if cfg.eval_retriever:
             encoder_spec_for(cfg.eval_retriever)  # an embedder, not a reranker
+        if cfg.task == "embedder" and cfg.use_lora is None:
+            check_not_decoder(cfg.model_name_or_path, cfg.cache_dir, cfg.trust_remote_code)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
