@@ -67,12 +67,15 @@ def test_cluster_constraints_pin_versions_pyproject_allows():
         assert pin.name in wanted and wanted[pin.name].specifier.contains(spec.version), pin
 
 
-@pytest.mark.parametrize("name", ["quickstart.yaml", "bge-base-8gpu.yaml", "bge-large-multinode.yaml"])
+@pytest.mark.parametrize("name", ["quickstart.yaml", "bge-base-8gpu.yaml", "bge-large-multinode.yaml",
+                                  "reranker-8gpu.yaml"])
 def test_training_job_configs_are_valid(name):
     cfg = load_config(os.path.join(JOB_CONFIGS, name))
     assert cfg.eval_data and cfg.output_dir
+    assert cfg.task == ("reranker" if name.startswith("reranker") else "embedder")
     if name != "quickstart.yaml":
-        assert cfg.use_gpu and cfg.bf16 and cfg.gradient_checkpointing and cfg.negatives_cross_device
+        assert cfg.use_gpu and cfg.bf16 and cfg.gradient_checkpointing
+        assert cfg.negatives_cross_device or cfg.eval_retriever  # a reranker has no cross-device negatives
         assert cfg.storage_path.startswith("s3://") and cfg.num_workers >= 8 and cfg.max_failures > 0
         assert cfg.accelerator_type == "A100" and cfg.worker_resources["accelerator_type:A100"] > 0
     assert os.path.isabs(cfg.output_dir)  # survives the job's temporary working_dir

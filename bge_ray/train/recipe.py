@@ -513,8 +513,10 @@ class EmbedderRecipe:
     def validate(self) -> dict[str, Any]:
         """Retrieval metrics of the model now (all workers embed, rank 0 searches)."""
         queries, docs = len(self.vset.dataset.eval_queries), len(self.vset.doc_ids)
-        self.reports.add({"kind": "message", "text": f"validating at step {self.global_step}: {queries:,} queries, "
-                                                     f"{docs:,} passages on {self.world} worker(s)"})
+        what = (f"{sum(map(len, self.vset.candidates.values())):,} (query, passage) pairs of {queries:,} queries"
+                if self.vset.candidates is not None else f"{queries:,} queries, {docs:,} passages")
+        self.reports.add({"kind": "message", "text": f"validating at step {self.global_step}: {what} on "
+                                                     f"{self.world} worker(s)"})
         ray.train.report({"kind": "log", **self.reports.take()})
         t0 = time.time()
         metrics = self.measure()
