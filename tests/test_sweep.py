@@ -280,3 +280,16 @@ def test_sweeps_on_a_fixed_cluster_fail_fast_and_size_by_what_an_autoscaler_can_
     assert grow.returncode == 0, grow.stderr[-3000:]
     assert "concurrent trials: 8 GPUs now: 0" in grow.stdout
     assert "autoscaler can grow it to 8 trial(s)" in grow.stderr
+
+
+def test_a_reranker_sweeps_its_own_fields_and_refuses_an_embedders(tmp_path, tiny_model, memorize_eval):
+    """``task: reranker`` in a sweep file: every trial is a reranker fine-tune validated by reranking the
+    retriever's top k; a searched value a reranker has no use for is refused before Ray, with the reason."""
+    reranker = {"task": "reranker", "eval_retriever": tiny_model, "eval_rerank_top_k": 10,
+                "search_space": {"learning_rate": {"loguniform": [1e-5, 1e-4]}, "train_group_size": {"choice": [2, 4]}}}
+    sweep = load_sweep(sweep_file(tmp_path, tiny_model, memorize_eval, **reranker))
+    base = sweep.base_config()
+    assert (base.task, base.eval_retriever, base.eval_rerank_top_k) == ("reranker", tiny_model, 10)
+    with pytest.raises(ConfigError, match=r"search_space.temperature = 0.05 .*embedder settings in a reranker run"):
+        load_sweep(sweep_file(tmp_path, tiny_model, memorize_eval,
+                              **{**reranker, "search_space": {"temperature": {"choice": [0.05]}}}))
