@@ -21,6 +21,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from bge_ray.config.finetune import resolve_model_path
+from bge_ray.console import ProgressLine
 from bge_ray.data.collate import pad_ids
 from bge_ray.data.pairs import pair_inputs
 from bge_ray.data.text import apply_instruction
@@ -145,7 +146,10 @@ def rerank_run(run: dict[str, dict[str, float]], queries: dict[str, str], corpus
         compute=ray.data.ActorPoolStrategy(size=concurrency), num_gpus=1 if use_gpu else 0,
         num_cpus=None if use_gpu else 1)
     out: dict[str, dict[str, float]] = {q: {} for q in run}
-    for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
-        for q, d, score in zip(batch["qid"], batch["did"], batch["score"], strict=True):
-            out[str(q)][str(d)] = float(score)
+    name = os.path.basename(os.path.normpath(spec.model))
+    with ProgressLine(f"rerank {name}: top {top_k} of {len(tops):,} queries", len(pairs), "pairs") as progress:
+        for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
+            for q, d, score in zip(batch["qid"], batch["did"], batch["score"], strict=True):
+                out[str(q)][str(d)] = float(score)
+            progress.add(len(batch["qid"]))
     return out
