@@ -8,7 +8,8 @@ the bundled SciFact sample (the quickstart's 60 held-out test claims, 1,000 abst
 all-MiniLM-L6-v2's top 100 (``eval_retriever``): step 0 is the zero-shot reranker (MiniLM with an
 untrained classification head), the last validation the fine-tuned one, and the retriever alone is
 measured beside them. Then ``bge_ray.evaluate`` reranks the same top 100 with the exported model as
-FlagEmbedding's ``FlagReranker`` scores pairs (512 tokens). Writes ``benchmarks/results/reranker_scifact.json``.
+FlagEmbedding's ``FlagReranker`` scores pairs at its default 512 tokens (``bge-ray eval`` cuts a
+bge-ray export's pairs as trained unless a length is given). Writes ``benchmarks/results/reranker_scifact.json``.
 
     python benchmarks/reranker_scifact.py [--max_steps N] [--work DIR]
 """
@@ -62,7 +63,7 @@ def main() -> int:
                "zero-shot reranker (step 0)": {k: evals[0][f"eval_{k}"] for k in KEEP},
                f"fine-tuned reranker (step {evals[-1]['step']})": {k: evals[-1][f"eval_{k}"] for k in KEEP}}}
     rows = bge_ray.evaluate([MODEL], SAMPLE, ks=(10, 100), pooling="mean", reranker=result.model_dir,
-                            rerank_top_k=100)
+                            rerank_top_k=100, reranker_options={"max_length": 512})
     out["bge-ray eval --reranker (FlagReranker's pairs, 512 tokens)"] = {
         r["mode"]: {k: r[k] for k in KEEP} for r in rows}
     path = os.path.join(HERE, "results", "reranker_scifact.json")

@@ -225,7 +225,7 @@ def add_rerank_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--rerank_top_k", type=int, default=None, help="passages per query the reranker scores (default "
                     "100)")
     ap.add_argument("--reranker_max_length", type=int, default=None, help="tokens of a (query, passage) pair "
-                    "(default 512)")
+                    "(default 512; a reranker bge-ray trained: its pairs cut as in training)")
     ap.add_argument("--reranker_query_max_length", type=int, default=None,
                     help="query tokens of a pair (default three quarters of --reranker_max_length)")
     ap.add_argument("--reranker_batch_size", type=int, default=None, help="pairs per reranker batch (default 32)")

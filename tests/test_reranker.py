@@ -22,7 +22,7 @@ from bge_ray.config import compat, load_config
 from bge_ray.config.fields import field_hints
 from bge_ray.config.finetune import RerankerConfig
 from bge_ray.data.collate import PairCollator
-from bge_ray.data.pairs import tokenize_pairs, training_pairs
+from bge_ray.data.pairs import pair_inputs, tokenize_pairs, training_pairs
 from bge_ray.data.text import TextSpec
 from bge_ray.errors import ConfigError
 from bge_ray.model.reranker import Reranker, rerank_loss, reranker_config
@@ -312,8 +312,17 @@ def test_a_rerankers_trained_instructions_are_its_defaults(tiny_reranker, tmp_pa
     assert rerank_spec_for(tiny_reranker).query_instruction is None
     with open(os.path.join(tmp_path, "bge_ray.json"), "w") as f:
         json.dump({"task": "reranker", "query_instruction_for_rerank": "Q: ", "query_instruction_format": "{}{}",
-                   "passage_instruction_for_rerank": None, "passage_instruction_format": "{}{}"}, f)
-    assert rerank_spec_for(str(tmp_path)).query_instruction == "Q: "
+                   "passage_instruction_for_rerank": None, "passage_instruction_format": "{}{}",
+                   "query_max_len": 16, "passage_max_len": 32}, f)
+    spec = rerank_spec_for(str(tmp_path))
+    assert spec.query_instruction == "Q: "
+    # pairs cut as in training, unless a length is asked for (then FlagReranker's rule)
+    tok = load_tokenizer(tiny_reranker)
+    queries, passages = zip(*[(r["query"], p) for r in _rows()[:8] for p in r["neg"][:2]], strict=True)
+    assert pair_inputs(tok, list(queries), list(passages), spec.query_tokens, spec.passage_tokens,
+                       spec.max_length) == training_pairs(tok, list(queries), list(passages), 16, 32)
+    asked = rerank_spec_for(str(tmp_path), max_length=40)
+    assert (asked.query_tokens, asked.passage_tokens, asked.max_length) == (30, 40, 40)
     with pytest.raises(ConfigError, match="is a reranker .*not an embedder"):
         encoder_spec_for(str(tmp_path))
     assert rerank_spec_for(str(tmp_path), query_instruction="Other: ").query_instruction == "Other: "

@@ -3,8 +3,9 @@
 
 A pair is built as FlagEmbedding's ``FlagReranker`` builds it: the query cut to ``query_max_length``
 tokens (default three quarters of ``max_length``), the passage to ``max_length``, the pair (with the
-tokenizer's special tokens) to ``max_length`` by shortening the passage. Instructions: the flags given,
-else those the reranker was trained with (its ``bge_ray.json``), else none.
+tokenizer's special tokens) to ``max_length`` by shortening the passage; a reranker bge-ray trained
+is cut as in its training (its ``bge_ray.json``) unless a length is given. Instructions: the flags
+given, else those the reranker was trained with, else none.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class RerankSpec:
     passage_instruction_format: str = "{}{}"
     max_length: int = 512
     query_max_length: int | None = None
+    passage_max_length: int | None = None  # a passage's own cut before the pair's (default max_length)
     batch_size: int = 32
     trust_remote_code: bool = False
 
@@ -49,10 +51,15 @@ class RerankSpec:
     def query_tokens(self) -> int:
         return self.query_max_length if self.query_max_length is not None else self.max_length * 3 // 4
 
+    @property
+    def passage_tokens(self) -> int:
+        return self.passage_max_length if self.passage_max_length is not None else self.max_length
+
 
 def rerank_spec_for(model: str, **overrides: Any) -> RerankSpec:
-    """The spec of ``model`` (a local path or hub id): the instructions it was trained with where bge-ray
-    trained it, then ``overrides`` (fields of :class:`RerankSpec`, None meaning "not given").
+    """The spec of ``model`` (a local path or hub id): the instructions and pair cuts it was trained with
+    where bge-ray trained it, then ``overrides`` (fields of :class:`RerankSpec`, None meaning "not given";
+    a length given means FlagReranker's rule at that length).
 
     Raises:
         ConfigError: ``max_length`` or ``batch_size`` below 1, a query budget beyond ``max_length``.
@@ -69,7 +76,14 @@ def rerank_spec_for(model: str, **overrides: Any) -> RerankSpec:
                              ("passage_instruction_format", "passage_instruction_format")):
             if meta.get(theirs) is not None:
                 values[ours] = meta[theirs]
-    values.update({k: v for k, v in overrides.items() if v is not None})
+        q, p = meta.get("query_max_len"), meta.get("passage_max_len")
+        if meta.get("task") == "reranker" and q and p:  # pairs cut as in training (data/pairs.py)
+            values.update(max_length=q + p, query_max_length=q + p // 4, passage_max_length=p + q // 2)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "max_length" in given or "query_max_length" in given:  # FlagReranker's rule, as asked
+        values.pop("passage_max_length", None)
+        values.pop("query_max_length", None)
+    values.update(given)
     spec = RerankSpec(**values)
     if spec.max_length < 4 or spec.batch_size < 1:
         raise ConfigError(f"reranker_max_length must be >= 4 and reranker_batch_size >= 1, got {spec.max_length} "
@@ -101,7 +115,7 @@ class PairScorer:
         enc = pair_inputs(self.tokenizer, [apply_instruction(q, s.query_instruction, s.query_instruction_format)
                                            for q in queries],
                           [apply_instruction(p, s.passage_instruction, s.passage_instruction_format) for p in passages],
-                          s.query_tokens, s.max_length, s.max_length)
+                          s.query_tokens, s.passage_tokens, s.max_length)
         ids = enc["input_ids"]
         order = np.argsort([-len(x) for x in ids], kind="stable")
         out = np.zeros(len(ids), dtype=np.float64)
