@@ -362,3 +362,16 @@ def test_reranker_options_without_a_reranker_are_refused(capsys):
 
     assert main(["eval", "--model", "m", "--data", "d", "--rerank_top_k", "20"]) == 2
     assert "--rerank_top_k: reranker settings without --reranker" in capsys.readouterr().err
+
+
+def test_train_reranker_command_has_its_help_and_needs_a_config(capsys):
+    from bge_ray.cli import main
+
+    assert main(["train-reranker", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: bge-ray train-reranker") and "--query_instruction_for_rerank" in out
+    assert main(["train-reranker"]) == 2  # no quickstart for rerankers: refused, nothing started
+    assert "bge-ray train-reranker needs a config" in capsys.readouterr().err
+    assert main(["train-reranker", "--model_name_or_path", "m", "--train_data", FE_EXAMPLES, "--output_dir", "o",
+                 "--temperature", "0.1"]) == 2
+    assert "temperature: embedder settings in a reranker run" in capsys.readouterr().err
