@@ -11,7 +11,7 @@ measured beside them. Then ``bge_ray.evaluate`` reranks the same top 100 with th
 FlagEmbedding's ``FlagReranker`` scores pairs at its default 512 tokens (``bge-ray eval`` cuts a
 bge-ray export's pairs as trained unless a length is given). Writes ``benchmarks/results/reranker_scifact.json``.
 
-    python benchmarks/reranker_scifact.py [--max_steps N] [--work DIR]
+    python benchmarks/reranker_scifact.py [--max_steps N] [--epochs E] [--lr LR] [--no_eval_512] [--name N]
 """
 
 from __future__ import annotations
@@ -35,6 +35,10 @@ KEEP = ("ndcg@10", "recall@10", "mrr@10", "ndcg@100", "recall@100")
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--max_steps", type=int, default=-1, help="fewer optimizer steps than the epoch's")
+    ap.add_argument("--epochs", default="1", help="num_train_epochs")
+    ap.add_argument("--lr", default="6e-5", help="learning_rate (FlagEmbedding's reranker example: 6e-5)")
+    ap.add_argument("--no_eval_512", action="store_true", help="skip the FlagReranker-rule evaluation at 512 tokens")
+    ap.add_argument("--name", default="reranker_scifact", help="results/<name>.json")
     ap.add_argument("--work", default=os.path.join(REPO, "..", "bench-work"))
     args = ap.parse_args()
     work = os.path.abspath(args.work)
@@ -44,8 +48,8 @@ def main() -> int:
 
     cfg = load_config(None, [
         "--model_name_or_path", MODEL, "--train_data", DATA, "--query_max_len", "64", "--passage_max_len", "192",
-        "--train_group_size", "8", "--per_device_train_batch_size", "4", "--learning_rate", "6e-5",
-        "--warmup_ratio", "0.1", "--weight_decay", "0.01", "--num_train_epochs", "1", "--attention_dropout", "0",
+        "--train_group_size", "8", "--per_device_train_batch_size", "4", "--learning_rate", args.lr,
+        "--warmup_ratio", "0.1", "--weight_decay", "0.01", "--num_train_epochs", args.epochs, "--attention_dropout", "0",
         "--logging_steps", "10", "--num_workers", "2", "--deepspeed", "zero2", "--max_steps", str(args.max_steps),
         "--eval_data", SAMPLE, "--eval_retriever", MODEL, "--eval_rerank_top_k", "100", "--eval_steps", "100000",
         "--eval_batch_size", "32", "--output_dir", os.path.join(work, "reranker"), "--overwrite_output_dir",
@@ -62,11 +66,12 @@ def main() -> int:
                "retriever alone": {k: m[f"retriever_{k}"] for k in KEEP},
                "zero-shot reranker (step 0)": {k: evals[0][f"eval_{k}"] for k in KEEP},
                f"fine-tuned reranker (step {evals[-1]['step']})": {k: evals[-1][f"eval_{k}"] for k in KEEP}}}
-    rows = bge_ray.evaluate([MODEL], SAMPLE, ks=(10, 100), pooling="mean", reranker=result.model_dir,
-                            rerank_top_k=100, reranker_options={"max_length": 512})
-    out["bge-ray eval --reranker (FlagReranker's pairs, 512 tokens)"] = {
-        r["mode"]: {k: r[k] for k in KEEP} for r in rows}
-    path = os.path.join(HERE, "results", "reranker_scifact.json")
+    if not args.no_eval_512:
+        rows = bge_ray.evaluate([MODEL], SAMPLE, ks=(10, 100), pooling="mean", reranker=result.model_dir,
+                                rerank_top_k=100, reranker_options={"max_length": 512})
+        out["bge-ray eval --reranker (FlagReranker's pairs, 512 tokens)"] = {
+            r["mode"]: {k: r[k] for k in KEEP} for r in rows}
+    path = os.path.join(HERE, "results", f"{args.name}.json")
     with open(path, "w") as f:
         json.dump(out, f, indent=2)
     print(json.dumps(out, indent=2))
