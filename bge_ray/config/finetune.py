@@ -478,7 +478,7 @@ def _check_task(cfg: FinetuneConfig) -> None:
     if given:
         raise ConfigError(
             f"{', '.join(given)}: embedder settings in a reranker run (FlagEmbedding's reranker runner has none of "
-            "them): a reranker scores each query-passage pair jointly, with cross-entropy over its group (1 positive "
+            "them, and leaves sub_batch_size unimplemented): a reranker scores each query-passage pair jointly, with cross-entropy over its group (1 positive "
             "+ train_group_size-1 negatives); use query_instruction_for_rerank / passage_instruction_for_rerank "
             "for instructions")
     if cfg.eval_data is not None and cfg.eval_retriever is None:
