@@ -193,6 +193,8 @@ def test_what_a_reranker_cannot_use_is_refused_with_the_reason(tiny_model, tmp_p
         load_config(None, {**base, "model_type": "decoder"}, RerankerConfig)
     with pytest.raises(ConfigError, match="config_name .*model's own config"):
         load_config(None, {**base, "config_name": "other"}, RerankerConfig)
+    with pytest.raises(ConfigError, match="with train_group_size 1 it is 0 and nothing trains"):
+        load_config(None, {**base, "train_group_size": 1}, RerankerConfig)
     with pytest.raises(ConfigError, match="passage_max_len must be at least 8"):
         load_config(None, {**base, "passage_max_len": 4}, RerankerConfig)
     assert load_config(None, {**base, "task": "reranker"}).task == "reranker"  # bge-ray train takes the field too

@@ -489,6 +489,9 @@ def _check_task(cfg: FinetuneConfig) -> None:
         if cfg.eval_data is None:
             raise ConfigError("eval_retriever is set but eval_data is not: validation needs both")
     _at_least(cfg, ("eval_rerank_top_k",), 1)
+    if cfg.train_group_size < 2:
+        raise ConfigError("a reranker's loss is a cross-entropy over each query's group of 1 positive + "
+                          "train_group_size-1 negatives: with train_group_size 1 it is 0 and nothing trains; use 2 or more")
     if cfg.passage_max_len < MIN_RERANK_PASSAGE_LEN:
         raise ConfigError(f"passage_max_len must be at least {MIN_RERANK_PASSAGE_LEN} for a reranker (a pair keeps "
                           f"query_max_len + passage_max_len // 4 query tokens), got {cfg.passage_max_len}")
