@@ -181,7 +181,9 @@ def test_score_with_cross_encoder_and_bi_encoder(ray_cluster, tiny_reranker, tin
 
     src = tmp_path / "rows.jsonl"
     with open(FE_EXAMPLES, encoding="utf-8") as f:
-        src.write_text("".join(f.readline() for _ in range(12)))
+        lines = [json.loads(f.readline()) for _ in range(12)]
+    lines[0].update(query_prompt="Q: ", passage_prompt="P: ")  # a reranker row's own instructions: kept
+    src.write_text("".join(json.dumps(r) + "\n" for r in lines))
     rows_in = read_rows(str(tmp_path))
     result = score(input_file=[str(src)], output_dir=str(tmp_path / "ce"), reranker_name_or_path=tiny_reranker,
                    reranker_max_length=48, batch_size=8, concurrency=2, normalize=True,
@@ -195,6 +197,7 @@ def test_score_with_cross_encoder_and_bi_encoder(ray_cluster, tiny_reranker, tin
                       query_instruction_format="<{}>{}", normalize=True, max_length=48)
     for row, orig in zip(rows, rows_in, strict=True):
         assert row["pos"] == orig["pos"] and row["neg"] == orig["neg"]
+        assert (row.get("query_prompt"), row.get("passage_prompt")) == (orig.get("query_prompt"), orig.get("passage_prompt"))
         assert len(row["pos_scores"]) == len(row["pos"]) and len(row["neg_scores"]) == len(row["neg"])
         want = fe.compute_score([[row["query"], t] for t in row["pos"] + row["neg"]])
         np.testing.assert_allclose(row["pos_scores"] + row["neg_scores"], want, atol=1e-5)

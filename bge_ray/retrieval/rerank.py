@@ -32,9 +32,9 @@ from bge_ray.model.tokenizer import load_tokenizer
 METADATA_FILE = "bge_ray.json"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RerankSpec:
-    """How a reranker scores (query, passage) pairs. Picklable, for Ray actors."""
+    """How a reranker scores (query, passage) pairs (fields by name only). Picklable, for Ray actors."""
 
     model: str
     query_instruction: str | None = None

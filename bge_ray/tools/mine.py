@@ -37,7 +37,15 @@ from bge_ray.retrieval.encode import EncoderSpec, TextEncoder, encode_dataset
 from bge_ray.retrieval.search import search
 from bge_ray.seeds import negatives_rng
 from bge_ray.tools.config import MineConfig, parse_range
-from bge_ray.tools.rows import JsonlShardSink, choose_devices, encoder_spec, read_rows, write_report
+from bge_ray.tools.rows import (
+    PROMPT_COLUMNS,
+    JsonlShardSink,
+    choose_devices,
+    encoder_spec,
+    prompt_columns,
+    read_rows,
+    write_report,
+)
 
 POOL_SCHEMA = pa.schema([("text", pa.string()), ("source", pa.string()), ("error", pa.string())])
 
@@ -140,7 +148,7 @@ class Miner:
             self.counter.add.remote(len(rows))
         return pa.table({
             "query": [r["query"] for r in rows], "pos": [r["pos"] for r in rows],
-            "neg": pa.array(out_neg, type=pa.list_(pa.string())), "prompt": [r.get("prompt") for r in rows],
+            "neg": pa.array(out_neg, type=pa.list_(pa.string())), **prompt_columns(rows),
             "source": [r["source"] for r in rows], "removed_positives": pa.array(removed, type=pa.int64()),
         })
 
@@ -242,7 +250,7 @@ def _mine_rows(cfg: MineConfig, rows: Any, spec: EncoderSpec, pool_ref: Any, tex
                                           cap=cfg.max_negative_score, counter=counter),
         batch_format="pyarrow", batch_size=max(64, spec.batch_size), compute=ray.data.ActorPoolStrategy(size=concurrency),
         num_gpus=1 if cfg.use_gpu else 0, num_cpus=None if cfg.use_gpu else 1)
-    sink = JsonlShardSink(cfg.output_dir, ["query", "pos", "neg", "prompt"], want_negatives=cfg.negative_number,
+    sink = JsonlShardSink(cfg.output_dir, ["query", "pos", "neg", *PROMPT_COLUMNS], want_negatives=cfg.negative_number,
                           overwrite=cfg.overwrite)
     with counter_progress("mine: queries searched and sampled", total, "rows", counter):
         mined.write_datasink(sink)

@@ -35,6 +35,15 @@ def encoder_spec(cfg: RowJobConfig, model: str, batch_size: int, passage_instruc
         trust_remote_code=cfg.trust_remote_code)
 
 
+# a row's own instructions, carried through mine and score: the embedder's (prompt) and a reranker's
+PROMPT_COLUMNS = ("prompt", "query_prompt", "passage_prompt")
+
+
+def prompt_columns(rows: list[dict]) -> dict[str, list[str | None]]:
+    """The rows' instruction columns, for an output table."""
+    return {name: pa.array([r.get(name) for r in rows], type=pa.string()) for name in PROMPT_COLUMNS}
+
+
 class JsonlShardSink(BlockBasedFileDatasink):
     """Writes rows as JSON Lines shards (one per write task) and counts what it wrote.
 

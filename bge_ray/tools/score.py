@@ -23,7 +23,15 @@ from bge_ray.console import ProgressCounter, counter_progress, log
 from bge_ray.retrieval.encode import TextEncoder
 from bge_ray.retrieval.rerank import PairScorer, RerankSpec
 from bge_ray.tools.config import ScoreConfig
-from bge_ray.tools.rows import JsonlShardSink, choose_devices, encoder_spec, read_rows, write_report
+from bge_ray.tools.rows import (
+    PROMPT_COLUMNS,
+    JsonlShardSink,
+    choose_devices,
+    encoder_spec,
+    prompt_columns,
+    read_rows,
+    write_report,
+)
 
 
 @dataclass
@@ -44,9 +52,12 @@ class Scorer:
         self.reranker = self.encoder = None
         if cfg.reranker_name_or_path:
             self.reranker = PairScorer(RerankSpec(
-                cfg.reranker_name_or_path, cfg.query_instruction_for_rerank, cfg.query_instruction_format_for_rerank,
-                cfg.passage_instruction_for_rerank, cfg.passage_instruction_format_for_rerank, cfg.reranker_max_length,
-                cfg.reranker_query_max_length, cfg.batch_size, cfg.trust_remote_code))
+                model=cfg.reranker_name_or_path, query_instruction=cfg.query_instruction_for_rerank,
+                query_instruction_format=cfg.query_instruction_format_for_rerank,
+                passage_instruction=cfg.passage_instruction_for_rerank,
+                passage_instruction_format=cfg.passage_instruction_format_for_rerank,
+                max_length=cfg.reranker_max_length, query_max_length=cfg.reranker_query_max_length,
+                batch_size=cfg.batch_size, trust_remote_code=cfg.trust_remote_code))
         else:
             self.encoder = TextEncoder(encoder_spec(cfg, cfg.embedder_name_or_path, cfg.batch_size), "query")
 
@@ -80,7 +91,7 @@ class Scorer:
             "neg": pa.array([r["neg"] for r in rows], type=pa.list_(pa.string())),
             "pos_scores": pa.array(pos_scores, type=pa.list_(pa.float64())),
             "neg_scores": pa.array(neg_scores, type=pa.list_(pa.float64())),
-            "prompt": [r.get("prompt") for r in rows], "source": [r["source"] for r in rows],
+            **prompt_columns(rows), "source": [r["source"] for r in rows],
         })
 
 
@@ -111,7 +122,7 @@ def score(config: ScoreConfig | dict[str, Any] | str | None = None, **kwargs: An
     scored = rows.map_batches(Scorer, fn_constructor_kwargs={"cfg": cfg, "counter": counter}, batch_format="pyarrow",
                               batch_size=max(16, cfg.batch_size // 4), compute=ray.data.ActorPoolStrategy(size=concurrency),
                               num_gpus=1 if cfg.use_gpu else 0, num_cpus=None if cfg.use_gpu else 1)
-    sink = JsonlShardSink(cfg.output_dir, ["query", "pos", "neg", "pos_scores", "neg_scores", "prompt"],
+    sink = JsonlShardSink(cfg.output_dir, ["query", "pos", "neg", "pos_scores", "neg_scores", *PROMPT_COLUMNS],
                           overwrite=cfg.overwrite)
     with counter_progress("score: rows scored", summary.num_rows, "rows", counter):
         scored.write_datasink(sink)
