@@ -48,6 +48,21 @@ def freeze_position_embeddings(model: nn.Module) -> int:
 ATTENTION_DROPOUT_NAMES = ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop")
 
 
+def set_attention_dropout(config: Any, value: float, name_or_path: str) -> Any:
+    """``config`` with its dropout on attention probabilities set to ``value``, under every name it uses.
+
+    Raises:
+        ValueError: the config names no attention dropout.
+    """
+    names = [n for n in ATTENTION_DROPOUT_NAMES if hasattr(config, n)]
+    if not names:
+        raise ValueError(f"{name_or_path}: its config names no attention dropout "
+                         f"({', '.join(ATTENTION_DROPOUT_NAMES)}); leave attention_dropout unset")
+    for n in names:
+        setattr(config, n, value)
+    return config
+
+
 def is_decoder_only(config: Any) -> bool:
     """Whether a transformers config is a decoder-only (LLM) model's: its type has no masked-LM class
     (BERT, XLM-RoBERTa, ModernBERT... have one; Llama, Mistral, Qwen, Gemma, GPT-2 do not)."""
@@ -90,13 +105,7 @@ class Embedder(nn.Module):
         extra: dict[str, Any] = {"attn_implementation": attn_implementation} if attn_implementation else {}
         if attention_dropout is not None:
             config = AutoConfig.from_pretrained(name_or_path, cache_dir=cache_dir, trust_remote_code=trust_remote_code)
-            names = [n for n in ATTENTION_DROPOUT_NAMES if hasattr(config, n)]
-            if not names:
-                raise ValueError(f"{name_or_path}: its config names no attention dropout "
-                                 f"({', '.join(ATTENTION_DROPOUT_NAMES)}); leave attention_dropout unset")
-            for n in names:
-                setattr(config, n, attention_dropout)
-            extra["config"] = config
+            extra["config"] = set_attention_dropout(config, attention_dropout, name_or_path)
         model = AutoModel.from_pretrained(name_or_path, cache_dir=cache_dir, trust_remote_code=trust_remote_code,
                                           use_safetensors=None, **extra, **kwargs)
         return cls(model, pooling=pooling, normalize=normalize)

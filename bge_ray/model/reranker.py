@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from bge_ray.model.embedder import ATTENTION_DROPOUT_NAMES, freeze_position_embeddings, is_decoder_only
+from bge_ray.model.embedder import freeze_position_embeddings, is_decoder_only, set_attention_dropout
 
 
 def reranker_config(name_or_path: str, cache_dir: str | None = None, trust_remote_code: bool = False,
@@ -41,12 +41,7 @@ def reranker_config(name_or_path: str, cache_dir: str | None = None, trust_remot
                          "encoder-only cross-encoders (BERT, XLM-RoBERTa, bge-reranker-base/large...); decoder-only "
                          "rerankers (FlagEmbedding's decoder_only runners) are not supported yet")
     if attention_dropout is not None:
-        names = [n for n in ATTENTION_DROPOUT_NAMES if hasattr(config, n)]
-        if not names:
-            raise ValueError(f"{name_or_path}: its config names no attention dropout "
-                             f"({', '.join(ATTENTION_DROPOUT_NAMES)}); leave attention_dropout unset")
-        for n in names:
-            setattr(config, n, attention_dropout)
+        set_attention_dropout(config, attention_dropout, name_or_path)
     return config
 
 
