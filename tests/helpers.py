@@ -87,3 +87,29 @@ def fe_same_dataset_args(model: str, output_dir: str, cache_path: str) -> list[s
     --negatives_cross_device --temperature 0.02 --sentence_pooling_method cls --normalize_embeddings True
     --kd_loss_type kl_div
     """)
+
+
+def build_tiny_decoder(path: str, seed: int = 0, hidden: int = 32, layers: int = 2, vocab: int = 800) -> str:
+    """A randomly initialised Llama (a decoder-only model) with a byte-fallback BPE tokenizer trained here
+    on the vendored SciFact triplets, saved as a Llama tokenizer (BOS first; no pad token)."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaModel
+
+    with open(SCIFACT_TRAIN, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    texts = [t for r in rows for t in [r["query"], *r["pos"], *r["neg"][:2]]]
+    bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    bpe.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>", "<s>", "</s>"]))
+    tok = transformers.LlamaTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                          add_bos_token=True)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=2 * hidden, max_position_embeddings=512,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=None)
+    torch.manual_seed(seed)
+    LlamaModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

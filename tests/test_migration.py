@@ -147,9 +147,7 @@ def test_encoder_only_base_script_parses_unchanged(tiny_model, tmp_path, capsys)
         cfg.with_devices(False)
 
 
-def test_decoder_only_scripts_are_refused_with_the_reason_and_m3_flags_work(tiny_model, tmp_path):
-    with pytest.raises(ConfigError, match=r"--(use_lora|lora_rank) .*decoder-only \(LLM\) embedders with LoRA"):
-        load_config(None, decoder_base_args(tiny_model, str(tmp_path / "out"), str(tmp_path / "cache")))
+def test_m3_flags_work(tiny_model, tmp_path):
     m3 = encoder_base_args(tiny_model, str(tmp_path / "out"), str(tmp_path / "cache"))
     m3 += shlex.split("--kd_loss_type m3_kd_loss --unified_finetuning True --use_self_distill True "
                       "--fix_encoder False --self_distill_start_step 0 --colbert_dim 64")
@@ -230,21 +228,3 @@ def test_eval_takes_flagembedding_names_a_config_file_and_a_cluster_address(tmp_
     config.write_text("model: [m1]\ndata: d\nmodels: [x]\n")
     with pytest.raises(ConfigError, match="unknown eval option"):
         eval_args(["--config", str(config)])
-
-
-def test_a_decoder_only_model_trains_in_full_only_when_use_lora_false_says_so(tmp_path):
-    """FlagEmbedding's decoder runner would train it with LoRA by default: without LoRA here, a decoder-only
-    model is refused before Ray unless ``use_lora: false`` asks for full fine-tuning (its encoder runner's way)."""
-    from transformers import GPT2Config
-
-    from bge_ray.train.launch import check_model
-
-    GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path / "gpt2")
-    base = {"model_name_or_path": str(tmp_path / "gpt2"), "train_data": [FE_EXAMPLES],
-            "output_dir": str(tmp_path / "out"), "sentence_pooling_method": "last_token"}
-    with pytest.raises(ConfigError, match="decoder-only gpt2 model: FlagEmbedding's decoder runner trains it with LoRA"
-                                          ".*set use_lora: false"):
-        check_model(load_config(None, base))
-    check_model(load_config(None, {**base, "use_lora": False}))
-    with pytest.raises(ConfigError, match="--use_lora true is not supported"):
-        load_config(None, {**base, "use_lora": True})

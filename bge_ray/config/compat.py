@@ -24,8 +24,9 @@ _DDP = "each worker is a DeepSpeed engine, not DDP"
 _LOGS = "bge-ray's console, metrics.jsonl and trackers replace HF's logging"
 _HUB = "bge-ray does not upload models: push output_dir with `hf upload`"
 _EVAL = "bge-ray validates retrieval on eval_data (eval_strategy, eval_steps, metric_for_best_model)"
-DECODER_REASON = "decoder-only (LLM) embedders with LoRA and their extra tokens are not supported yet"
-_DECODER = DECODER_REASON
+_PEFT_START = ("starting from another run's LoRA adapters is not supported yet: merge them into the model first "
+               "(peft's merge_and_unload) and fine-tune that")
+_ICL = "in-context examples (FlagEmbedding's icl runner) are not supported yet"
 _HF_ONLY = "an HF Trainer feature bge-ray does not have"
 
 NO_EFFECT: dict[str, str] = {
@@ -102,14 +103,14 @@ AT_DEFAULT: dict[str, tuple[tuple[Any, ...], str]] = {
     "jit_mode_eval": ((False,), _HF_ONLY), "use_ipex": ((False,), _HF_ONLY), "use_mps_device": ((False,), _HF_ONLY),
     "fp16_opt_level": (("O1",), "DeepSpeed runs fp16, not apex"), "half_precision_backend": (("auto",), "DeepSpeed runs fp16"),
     "past_index": ((-1,), _HF_ONLY), "tpu_num_cores": ((None,), _HF_ONLY),
-    # FlagEmbedding's decoder-only embedder runners
-    "lora_rank": ((), _DECODER), "lora_alpha": ((), _DECODER),
-    "lora_dropout": ((), _DECODER), "target_modules": ((), _DECODER), "modules_to_save": ((None,), _DECODER),
-    "save_merged_lora_model": ((False,), _DECODER), "additional_special_tokens": ((None,), _DECODER),
-    "use_flash_attn": ((False,), _DECODER), "peft_model_path": ((None, ""), _DECODER), "from_peft": ((None,), _DECODER), "raw_peft": ((None,), _DECODER),
-    "only_merge_lora_model": ((False,), _DECODER),
-    "example_query_max_len": ((), _DECODER), "example_passage_max_len": ((), _DECODER),
-    "retrieval_use_examples": ((False,), _DECODER), "icl_suffix_str": ((), _DECODER),
+    # FlagEmbedding's decoder-only embedder runners (LoRA, extra tokens: fields)
+    "use_flash_attn": ((False,), "flash-attention 2 is not bundled with bge-ray; its PyTorch attention (sdpa) "
+                                 "is used"),
+    "peft_model_path": ((None, ""), _PEFT_START), "from_peft": ((None,), _PEFT_START), "raw_peft": ((None,), _PEFT_START),
+    "only_merge_lora_model": ((False,), "bge-ray merges at export (save_merged_lora_model); to merge a finished "
+                                        "run's adapters, use peft's merge_and_unload"),
+    "example_query_max_len": ((), _ICL), "example_passage_max_len": ((), _ICL),
+    "retrieval_use_examples": ((False,), _ICL), "icl_suffix_str": ((), _ICL),
     # FlagEmbedding's reranker runners: the encoder-only one is task: reranker
     "model_type": (("encoder",), "decoder-only (LLM) rerankers are not supported yet; bge-ray train-reranker trains "
                                  "encoder-only cross-encoders"),

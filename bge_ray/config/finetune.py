@@ -20,6 +20,8 @@ from bge_ray.errors import ConfigError
 from bge_ray.retrieval.metrics import DEFAULT_KS, METRICS
 
 TASKS = ("embedder", "reranker")
+# FlagEmbedding's decoder runners' default LoRA targets
+LORA_TARGET_MODULES = ("v_proj", "q_proj", "k_proj", "gate_proj", "down_proj", "o_proj", "up_proj")
 POOLING_METHODS = ("cls", "mean", "last_token")
 KD_LOSS_TYPES = ("kl_div", "m3_kd_loss")
 RESUME_MODES = ("auto", "never")
@@ -62,10 +64,24 @@ class FinetuneConfig:
     cache_dir: str | None = knob(None, "transformers cache directory for hub downloads")
     trust_remote_code: bool = knob(False, "allow a model's own Python code to run (off unless you ask)")
     use_fast_tokenizer: bool = knob(True, "the model's fast (Rust) tokenizer; false: its Python one")
-    use_lora: bool | None = knob(None, "LoRA adapters (FlagEmbedding's decoder runners train with them by default): "
-                                 "not supported yet. A decoder-only (LLM) model needs use_lora: false said outright; it "
-                                 "then trains in full, as FlagEmbedding's encoder-only runner trains it (no EOS "
-                                 "appended, right padding)", shown="unset")
+    use_lora: bool | None = knob(None, "train LoRA adapters (peft) instead of every weight. Unset: on for a "
+                                 "decoder-only (LLM) model, as FlagEmbedding's decoder runner, off for an encoder",
+                                 shown="unset: on for a decoder-only model")
+    lora_rank: int = knob(64, "LoRA's rank r")
+    lora_alpha: float = knob(16.0, "LoRA's alpha: the adapters' update is scaled by lora_alpha / lora_rank")
+    lora_dropout: float = knob(0.1, "dropout on the LoRA adapters' input")
+    target_modules: list[str] = knob(help="the modules (by name) that get LoRA adapters; FlagEmbedding's default "
+                                     "list (attention and MLP projections of Llama / Mistral / Qwen); "
+                                     "embed_tokens only after additional_special_tokens grew the vocabulary",
+                                     factory=lambda: list(LORA_TARGET_MODULES))
+    modules_to_save: list[str] | None = knob(None, "modules trained in full beside the LoRA adapters and saved "
+                                             "with them (e.g. embed_tokens, once new tokens are added)")
+    save_merged_lora_model: bool = knob(False, "also export the adapters merged into the model "
+                                        "(output_dir/merged_model): a plain model transformers, "
+                                        "sentence-transformers and FlagEmbedding load without peft")
+    additional_special_tokens: list[str] | None = knob(None, "special tokens added to the tokenizer; the "
+                                                       "model's token embeddings grow to fit (new rows drawn "
+                                                       "from seed alike on every worker)")
 
     # --- data ---
     train_data: list[str] = knob(help="training JSONL files, directories, local globs or cloud URIs (s3://, gs://)",
@@ -303,6 +319,7 @@ class FinetuneConfig:
         _check_model_and_data(self)
         _check_task(self)
         _check_training(self)
+        _check_lora(self)
         _check_matryoshka(self)
         _check_m3(self)
         _check_validation(self)
@@ -457,6 +474,7 @@ EMBEDDER_ONLY = {
     "fix_encoder": False, "m3_score_weights": [1.0, 0.3, 1.0], "m3_loss_weights": [1.0, 0.1, 1.0],
     "query_instruction_for_retrieval": None, "passage_instruction_for_retrieval": None,
     "same_dataset_within_batch": False, "small_threshold": 0, "drop_threshold": 0, "sub_batch_size": None,
+    "additional_special_tokens": None,
 }
 RERANKER_ONLY = {"query_instruction_for_rerank": None, "passage_instruction_for_rerank": None,
                  "eval_retriever": None, "eval_rerank_top_k": 100}
@@ -497,9 +515,37 @@ def _check_task(cfg: FinetuneConfig) -> None:
                           f"query_max_len + passage_max_len // 4 query tokens), got {cfg.passage_max_len}")
 
 
+LORA_FIELDS = {"lora_rank": 64, "lora_alpha": 16.0, "lora_dropout": 0.1, "target_modules": list(LORA_TARGET_MODULES),
+               "modules_to_save": None, "save_merged_lora_model": False}
+
+
+def lora_settings_given(cfg: FinetuneConfig) -> list[str]:
+    """The LoRA fields set away from their defaults."""
+    return [n for n, default in LORA_FIELDS.items() if getattr(cfg, n) != default]
+
+
+def _check_lora(cfg: FinetuneConfig) -> None:
+    given = lora_settings_given(cfg)
+    if cfg.task == "reranker" and (cfg.use_lora or given):
+        raise ConfigError("LoRA rerankers (FlagEmbedding's decoder-only reranker runners) are not supported yet: "
+                          "bge-ray train-reranker trains encoder cross-encoders in full; drop use_lora and the lora_ "
+                          "settings")
+    if cfg.use_lora is False and given:
+        raise ConfigError(f"{', '.join(given)}: LoRA settings with use_lora: false (the model trains in full, so "
+                          "they would do nothing): drop them, or set use_lora: true")
+    if cfg.lora_rank < 1:
+        raise ConfigError(f"lora_rank must be >= 1, got {cfg.lora_rank}")
+    if not cfg.lora_alpha > 0:
+        raise ConfigError(f"lora_alpha must be > 0, got {cfg.lora_alpha}")
+    if not 0 <= cfg.lora_dropout < 1:
+        raise ConfigError(f"lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
+    if not cfg.target_modules:
+        raise ConfigError("target_modules is empty: name the modules that get LoRA adapters (e.g. q_proj v_proj)")
+    if cfg.additional_special_tokens is not None and not all(t and t.strip() for t in cfg.additional_special_tokens):
+        raise ConfigError(f"additional_special_tokens holds an empty token: {cfg.additional_special_tokens}")
+
+
 def _check_training(cfg: FinetuneConfig) -> None:
-    if cfg.use_lora:
-        raise ConfigError(f"--use_lora true is not supported: {compat.DECODER_REASON}")
     if not cfg.temperature > 0:
         raise ConfigError(f"temperature must be > 0, got {cfg.temperature}")
     if cfg.sentence_pooling_method not in POOLING_METHODS:

@@ -51,7 +51,8 @@ def tokenize_pairs(batch: pa.Table, spec: TextSpec) -> pa.Table:
     """Every row's group as pairs: ``pos_ids`` / ``neg_ids`` hold the (query, passage) sequences, in the
     layout :func:`bge_ray.data.pipeline.tokenize_rows` gives single texts (``pos_types`` / ``neg_types``:
     their token types). A row's ``query_prompt`` / ``passage_prompt`` overrides the instructions."""
-    tok = load_tokenizer(spec.tokenizer, spec.cache_dir, spec.trust_remote_code, spec.use_fast_tokenizer)
+    tok = load_tokenizer(spec.tokenizer, spec.cache_dir, spec.trust_remote_code, spec.use_fast_tokenizer,
+                         spec.special_tokens)
     n = batch.num_rows
     q_prompts = batch.column("query_prompt").to_pylist() if "query_prompt" in batch.column_names else [None] * n
     p_prompts = batch.column("passage_prompt").to_pylist() if "passage_prompt" in batch.column_names else [None] * n

@@ -198,7 +198,8 @@ def tokenize_rows(batch: pa.Table, spec: TextSpec) -> pa.Table:
     """Apply instructions and tokenize every drawn text of every row (truncated, not padded). Passages
     of symmetric task types (sts, clustering) are texts like the queries: they get the query's
     instruction, as in FlagEmbedding."""
-    tok = load_tokenizer(spec.tokenizer, spec.cache_dir, spec.trust_remote_code, spec.use_fast_tokenizer)
+    tok = load_tokenizer(spec.tokenizer, spec.cache_dir, spec.trust_remote_code, spec.use_fast_tokenizer,
+                         spec.special_tokens)
     prompts = batch.column("prompt").to_pylist()
     symmetric = batch.column("symmetric").to_pylist() if "symmetric" in batch.column_names else [False] * len(prompts)
     queries = spec.format(batch.column("query").to_pylist(), "query", prompts)

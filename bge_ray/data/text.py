@@ -34,6 +34,7 @@ class TextSpec:
     trust_remote_code: bool = False
     use_fast_tokenizer: bool = True
     pairs: bool = False  # a reranker's input: each query with each of its passages, one sequence
+    special_tokens: tuple[str, ...] = ()  # additional_special_tokens added to the tokenizer
 
     @classmethod
     def from_config(cls, cfg: FinetuneConfig) -> TextSpec:
@@ -45,7 +46,8 @@ class TextSpec:
                    passage_instruction=(cfg.passage_instruction_for_rerank if rerank
                                         else cfg.passage_instruction_for_retrieval),
                    passage_instruction_format=cfg.passage_instruction_format, cache_dir=cfg.cache_dir,
-                   trust_remote_code=cfg.trust_remote_code, use_fast_tokenizer=cfg.use_fast_tokenizer, pairs=rerank)
+                   trust_remote_code=cfg.trust_remote_code, use_fast_tokenizer=cfg.use_fast_tokenizer, pairs=rerank,
+                   special_tokens=tuple(cfg.additional_special_tokens or ()))
 
     def query(self, text: str, instruction: str | None = None) -> str:
         """A query with its instruction: the row's own (its ``prompt``) when given, else the spec's."""

@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel
-from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from bge_ray.config.finetune import POOLING_METHODS
 
@@ -61,12 +60,6 @@ def set_attention_dropout(config: Any, value: float, name_or_path: str) -> Any:
     for n in names:
         setattr(config, n, value)
     return config
-
-
-def is_decoder_only(config: Any) -> bool:
-    """Whether a transformers config is a decoder-only (LLM) model's: its type has no masked-LM class
-    (BERT, XLM-RoBERTa, ModernBERT... have one; Llama, Mistral, Qwen, Gemma, GPT-2 do not)."""
-    return config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
 def check_matryoshka_dims(name_or_path: str, dims: list[int], cache_dir: str | None = None,

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from bge_ray.model.embedder import freeze_position_embeddings, is_decoder_only, set_attention_dropout
+from bge_ray.model.embedder import freeze_position_embeddings, set_attention_dropout
+from bge_ray.model.tokenizer import is_decoder_only
 
 
 def reranker_config(name_or_path: str, cache_dir: str | None = None, trust_remote_code: bool = False,

@@ -12,7 +12,7 @@ from typing import Any
 from bge_ray.config.finetune import EMBEDDER_ONLY, RERANKER_ONLY
 from bge_ray.data.text import apply_instruction
 from bge_ray.storage import strip_credentials
-from bge_ray.train.export import prompt_prefix
+from bge_ray.train.export import MERGED_SUBDIR, prompt_prefix
 from bge_ray.version import __version__
 
 CARD_FILE = "README.md"
@@ -59,6 +59,12 @@ def _usage(model_dir: str, cfg: dict[str, Any]) -> list[str]:
     as_prompt = prompt_prefix(fmt, instruction) is not None  # the export names it as the "query" prompt
     st_query = f'["{query}"], prompt_name="query"' if as_prompt else repr([apply_instruction(query, instruction, fmt)])
     fe_inst = f", query_instruction_for_retrieval={instruction!r}, query_instruction_format={fmt!r}" if instruction else ""
+    # FlagEmbedding's LLM embedder class pools the last token (its encoder class cannot)
+    flag_class = "FlagLLMModel" if pooling == "last_token" else "FlagModel"
+    fe_args = f"normalize_embeddings={normalize}{fe_inst}" + ("" if flag_class == "FlagLLMModel" else
+                                                             f", pooling_method={pooling!r}")
+    if cfg.get("use_lora") and cfg.get("save_merged_lora_model"):
+        model_dir = f"{model_dir.rstrip('/')}/{MERGED_SUBDIR}"
     return [
         "```python",
         f'model_dir = "{model_dir}"',
@@ -73,8 +79,8 @@ def _usage(model_dir: str, cfg: dict[str, Any]) -> list[str]:
         "FlagEmbedding:",
         "",
         "```python",
-        "from FlagEmbedding import FlagModel",
-        f"model = FlagModel(model_dir, pooling_method={pooling!r}, normalize_embeddings={normalize}{fe_inst})",
+        f"from FlagEmbedding import {flag_class}",
+        f"model = {flag_class}(model_dir, {fe_args})",
         "```",
         "",
         "transformers (queries with their instruction, pooling as trained):",
@@ -113,6 +119,23 @@ def _reranker_usage(model_dir: str, cfg: dict[str, Any]) -> list[str]:
         f"Queries and passages carry the instructions they were trained with; a pair keeps {cfg['query_max_len']} + "
         f"{cfg['passage_max_len']} tokens.",
     ]
+
+
+def _lora_note(cfg: dict[str, Any]) -> str:
+    note = (f"Trained with LoRA adapters (rank {cfg['lora_rank']}, alpha {cfg['lora_alpha']}, on "
+            f"{', '.join(cfg['target_modules'])}{'; in full: ' + ', '.join(cfg['modules_to_save']) if cfg.get('modules_to_save') else ''}"
+            f") on `{cfg['model_name_or_path']}`. This folder holds the adapters (peft loads them onto the base "
+            "model; so do transformers and sentence-transformers when peft is installed)")
+    if cfg.get("save_merged_lora_model"):
+        note += f"; `{MERGED_SUBDIR}/` the model with them merged in, which loads without peft."
+    else:
+        note += "."
+    if cfg.get("additional_special_tokens"):
+        note += (f" Tokens were added ({', '.join(cfg['additional_special_tokens'])}): to load the adapters, grow the "
+                 "base model's embeddings first (`model.resize_token_embeddings(len(tokenizer))`, then "
+                 "`PeftModel.from_pretrained(model, path)`)" + (f", or load `{MERGED_SUBDIR}/`." if
+                                                                cfg.get("save_merged_lora_model") else "."))
+    return note
 
 
 def model_card(model_dir: str, cfg: dict[str, Any], data: dict[str, int] | None = None,
@@ -156,6 +179,8 @@ def model_card(model_dir: str, cfg: dict[str, Any], data: dict[str, int] | None 
                   "with FlagEmbedding's `BGEM3FlagModel(path, pooling_method=\"" + cfg["sentence_pooling_method"]
                   + "\"" + (f", colbert_dim={cfg['colbert_dim']}" if cfg.get("colbert_dim", -1) > 0 else "")
                   + ")`; transformers and sentence-transformers load the dense model."]
+    if cfg.get("use_lora"):
+        lines += ["", "## LoRA", "", _lora_note(cfg)]
     lines += ["", "## Usage", "", *(_reranker_usage if rerank else _usage)(model_dir, cfg), "",
               "## Framework versions", "",
               *(f"- {v}" for v in _versions()), ""]

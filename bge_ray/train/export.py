@@ -26,11 +26,13 @@ import torch
 import torch.distributed as dist
 from deepspeed.utils import safe_get_full_fp32_param
 
+from bge_ray.model.lora import merged_model
 from bge_ray.model.m3 import save_heads
 from bge_ray.storage import strip_credentials
 from bge_ray.version import __version__
 
 METADATA_FILE = "bge_ray.json"
+MERGED_SUBDIR = "merged_model"  # FlagEmbedding's name for the merged LoRA model
 
 
 def prompt_prefix(fmt: str, instruction: str | None) -> str | None:
@@ -116,6 +118,30 @@ def export_reranker(hf_model: Any, tokenizer: Any, state_dict: dict, out_dir: st
     return out_dir
 
 
+def write_embedder_files(out_dir: str, hidden_size: int, cfg_dict: dict[str, Any], extra: dict[str, Any]) -> None:
+    """An embedder's sentence-transformers files and ``bge_ray.json`` (how it pools and normalises, its
+    instructions and lengths, the resolved config, and ``extra``)."""
+    matryoshka = list(cfg_dict["mrl_dims"]) if cfg_dict.get("use_mrl") else None
+    write_sentence_transformers_files(
+        out_dir, hidden_size=hidden_size, pooling=cfg_dict["sentence_pooling_method"],
+        normalize=bool(cfg_dict["normalize_embeddings"]), max_seq_length=int(cfg_dict["passage_max_len"]),
+        query_prompt=prompt_prefix(cfg_dict["query_instruction_format"], cfg_dict["query_instruction_for_retrieval"]),
+        passage_prompt=prompt_prefix(cfg_dict["passage_instruction_format"],
+                                     cfg_dict["passage_instruction_for_retrieval"]),
+        matryoshka_dims=matryoshka)
+    _write_json(os.path.join(out_dir, METADATA_FILE), {
+        "bge_ray_version": __version__,
+        "sentence_pooling_method": cfg_dict["sentence_pooling_method"],
+        "normalize_embeddings": bool(cfg_dict["normalize_embeddings"]),
+        **{k: cfg_dict[k] for k in ("query_instruction_for_retrieval", "query_instruction_format",
+                                    "passage_instruction_for_retrieval", "passage_instruction_format",
+                                    "query_max_len", "passage_max_len")},
+        "matryoshka_dims": matryoshka,
+        **extra,  # unified_finetuning: BGE-M3's sparse and ColBERT heads beside the transformer
+        "training_config": strip_credentials(cfg_dict),
+    })
+
+
 def export_model(hf_model: Any, tokenizer: Any, state_dict: dict, out_dir: str, cfg_dict: dict[str, Any],
                  heads: dict | None = None) -> str:
     """Save weights (safetensors), tokenizer, sentence-transformers files and bge-ray metadata; with
@@ -124,30 +150,24 @@ def export_model(hf_model: Any, tokenizer: Any, state_dict: dict, out_dir: str, 
         os.makedirs(out_dir, exist_ok=True)
         save_heads(heads, out_dir)
     save_transformer(hf_model, tokenizer, state_dict, out_dir)
-    pooling = cfg_dict["sentence_pooling_method"]
-    normalize = bool(cfg_dict["normalize_embeddings"])
-    matryoshka = list(cfg_dict["mrl_dims"]) if cfg_dict.get("use_mrl") else None
-    query_prompt = prompt_prefix(cfg_dict["query_instruction_format"], cfg_dict["query_instruction_for_retrieval"])
-    passage_prompt = prompt_prefix(cfg_dict["passage_instruction_format"], cfg_dict["passage_instruction_for_retrieval"])
-    write_sentence_transformers_files(
-        out_dir, hidden_size=int(hf_model.config.hidden_size), pooling=pooling, normalize=normalize,
-        max_seq_length=int(cfg_dict["passage_max_len"]), query_prompt=query_prompt, passage_prompt=passage_prompt,
-        matryoshka_dims=matryoshka,
-    )
-    _write_json(os.path.join(out_dir, METADATA_FILE), {
-        "bge_ray_version": __version__,
-        "sentence_pooling_method": pooling,
-        "normalize_embeddings": normalize,
-        "query_instruction_for_retrieval": cfg_dict["query_instruction_for_retrieval"],
-        "query_instruction_format": cfg_dict["query_instruction_format"],
-        "passage_instruction_for_retrieval": cfg_dict["passage_instruction_for_retrieval"],
-        "passage_instruction_format": cfg_dict["passage_instruction_format"],
-        "query_max_len": cfg_dict["query_max_len"],
-        "passage_max_len": cfg_dict["passage_max_len"],
-        "matryoshka_dims": matryoshka,
-        "unified_finetuning": heads is not None,  # BGE-M3's sparse and ColBERT heads beside the transformer
-        "training_config": strip_credentials(cfg_dict),
-    })
+    write_embedder_files(out_dir, int(hf_model.config.hidden_size), cfg_dict, {"unified_finetuning": heads is not None})
+    return out_dir
+
+
+def export_lora(peft_model: Any, tokenizer: Any, state_dict: dict, out_dir: str, cfg_dict: dict[str, Any]) -> str:
+    """A LoRA run's model folder, laid out as FlagEmbedding's decoder runner leaves ``output_dir``: the
+    adapters (peft's ``save_pretrained``, with the token embeddings where tokens were added), the
+    tokenizer, sentence-transformers files and bge-ray's metadata; with ``save_merged_lora_model``,
+    ``merged_model/``: the adapters merged into the base model, a full export (:func:`export_model`)."""
+    os.makedirs(out_dir, exist_ok=True)
+    peft_model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    write_embedder_files(out_dir, int(peft_model.config.hidden_size), cfg_dict,
+                         {"unified_finetuning": False, "lora_base_model": cfg_dict["model_name_or_path"]})
+    if cfg_dict["save_merged_lora_model"]:
+        merged = merged_model(out_dir, cfg_dict["model_name_or_path"], len(tokenizer),
+                              cache_dir=cfg_dict.get("cache_dir"), trust_remote_code=bool(cfg_dict.get("trust_remote_code")))
+        export_model(merged, tokenizer, merged.state_dict(), os.path.join(out_dir, MERGED_SUBDIR), cfg_dict)
     return out_dir
 
 

@@ -23,20 +23,20 @@ import ray
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.util.queue import Queue
-from transformers import AutoConfig
 
 from bge_ray.cluster import actor_count, capacity, check_fits, connect_for, need_for_training, side_actor
-from bge_ray.config.compat import DECODER_REASON
 from bge_ray.config.deepspeed import build_deepspeed_config
-from bge_ray.config.finetune import FinetuneConfig, check_output_dir, check_survives_job
+from bge_ray.config.finetune import FinetuneConfig, check_output_dir, check_survives_job, lora_settings_given
 from bge_ray.config.parse import resolve_config
 from bge_ray.console import log
 from bge_ray.data.pipeline import start_router
 from bge_ray.data.scan import load_training_data
 from bge_ray.errors import ConfigError
-from bge_ray.model.embedder import check_matryoshka_dims, is_decoder_only
+from bge_ray.model.embedder import check_matryoshka_dims
+from bge_ray.model.lora import lora_targets
 from bge_ray.model.m3 import colbert_size
 from bge_ray.model.reranker import reranker_config
+from bge_ray.model.tokenizer import reads_as_decoder
 from bge_ray.retrieval.datasets import ValidationSet, load_validation_set
 from bge_ray.retrieval.encode import encoder_spec_for
 from bge_ray.retrieval.evaluate import evaluate_model
@@ -230,27 +230,39 @@ def _trainer(cfg: FinetuneConfig, loop_config: dict[str, Any], storage: str, run
             callbacks=callbacks))
 
 
-def check_not_decoder(name_or_path: str, cache_dir: str | None, trust_remote_code: bool) -> None:
-    """FlagEmbedding's decoder runners train an LLM embedder with LoRA unless told not to; bge-ray has no
-    LoRA yet, so it trains a decoder-only model in full only when ``use_lora: false`` says so.
+def resolve_lora(cfg: FinetuneConfig) -> FinetuneConfig:
+    """``use_lora`` decided for an embedder (unset: on for a decoder-only model, as FlagEmbedding's decoder
+    runner), and ``target_modules`` cut to the modules the model has (a line names those it lacks).
 
     Raises:
-        ValueError: a decoder-only model (an unreadable config is left to the workers' load).
+        ValueError: LoRA settings for an encoder that trains in full, LoRA with BGE-M3's heads, or
+            target modules the model does not have.
     """
-    try:
-        config = AutoConfig.from_pretrained(name_or_path, cache_dir=cache_dir, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError):
-        return
-    if is_decoder_only(config):
-        raise ValueError(f"{name_or_path} is a decoder-only {config.model_type} model: FlagEmbedding's decoder runner "
-                         f"trains it with LoRA by default, and {DECODER_REASON}. To train it in full (as "
-                         "FlagEmbedding's encoder-only runner would: no EOS appended, right padding), set use_lora: "
-                         "false")
+    decoder = reads_as_decoder(cfg.model_name_or_path, cfg.cache_dir, cfg.trust_remote_code)
+    use_lora = decoder if cfg.use_lora is None else cfg.use_lora
+    if not use_lora:
+        given = lora_settings_given(cfg)
+        if given:
+            raise ValueError(f"{', '.join(given)}: LoRA settings, but {cfg.model_name_or_path} is an encoder, which "
+                             "trains in full unless use_lora: true; set it, or drop them")
+        return dataclasses.replace(cfg, use_lora=False)
+    if cfg.unified_finetuning:
+        raise ValueError("LoRA with unified_finetuning is not supported: BGE-M3's heads train in full beside an "
+                         "encoder that trains in full; set use_lora: false")
+    targets, missing = lora_targets(cfg.model_name_or_path, cfg.target_modules, cfg.modules_to_save,
+                                    bool(cfg.additional_special_tokens), cfg.cache_dir, cfg.trust_remote_code)
+    dropped = [t for t in cfg.target_modules if t not in targets]
+    if dropped:
+        why = [f"{cfg.model_name_or_path} has no {' '.join(missing)}"] if missing else []
+        if len(dropped) > len(missing):
+            why.append("embed_tokens only once additional_special_tokens add tokens, as in FlagEmbedding")
+        log(f"target_modules: LoRA adapts {' '.join(targets)}; not {' '.join(dropped)} ({'; '.join(why)})")
+    return dataclasses.replace(cfg, use_lora=True, target_modules=targets)
 
 
-def check_model(cfg: FinetuneConfig) -> None:
+def check_model(cfg: FinetuneConfig) -> FinetuneConfig:
     """What the model's config must allow, checked before Ray starts: Matryoshka dims within its size,
-    a BGE-M3 head size it can have, a reranker's encoder.
+    a BGE-M3 head size it can have, a reranker's encoder, LoRA's targets; ``cfg`` with LoRA decided.
 
     Raises:
         ConfigError: the setting the model contradicts, and why.
@@ -264,8 +276,7 @@ def check_model(cfg: FinetuneConfig) -> None:
             reranker_config(cfg.model_name_or_path, cfg.cache_dir, cfg.trust_remote_code, cfg.attention_dropout)
         if cfg.eval_retriever:
             encoder_spec_for(cfg.eval_retriever)  # an embedder, not a reranker
-        if cfg.task == "embedder" and cfg.use_lora is None:
-            check_not_decoder(cfg.model_name_or_path, cfg.cache_dir, cfg.trust_remote_code)
+        return resolve_lora(cfg) if cfg.task == "embedder" else cfg
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
@@ -311,7 +322,7 @@ def finetune(config: FinetuneConfig | dict[str, Any] | str, callbacks: list[Any]
     check_survives_job(cfg.output_dir, "output_dir")
     if publish:
         check_output_dir(cfg)
-    check_model(cfg)
+    cfg = check_model(cfg)
     launch = time.time()
     vset = load_validation_set(cfg.eval_data, cfg.eval_split) if cfg.eval_data else None  # fails before Ray starts
     if vset is not None:

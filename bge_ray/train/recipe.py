@@ -50,6 +50,7 @@ from bge_ray.data.text import TextSpec
 from bge_ray.errors import CheckpointError
 from bge_ray.model.embedder import Embedder
 from bge_ray.model.grad_cache import micro_steps, train_micro_batch
+from bge_ray.model.lora import add_lora, grow_embeddings, lora_config
 from bge_ray.model.loss import contrastive_loss, m3_loss, matryoshka_loss
 from bge_ray.model.m3 import M3Embedder
 from bge_ray.model.optim import build_optimizer, build_scheduler
@@ -69,7 +70,7 @@ from bge_ray.train.checkpointing import (
     trained_rows_name,
     write_manifest,
 )
-from bge_ray.train.export import consolidated_state_dict, export_model, transformer_state
+from bge_ray.train.export import consolidated_state_dict, export_lora, export_model, transformer_state
 from bge_ray.train.plan import TrainPlan
 from bge_ray.train.progress import ReportBuffer
 
@@ -290,7 +291,7 @@ class EmbedderRecipe:
         """Tokenizer, collator, model and DeepSpeed engine (optimizer and schedule inside)."""
         cfg = self.cfg
         self.tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.cache_dir, cfg.trust_remote_code,
-                                        cfg.use_fast_tokenizer)
+                                        cfg.use_fast_tokenizer, tuple(cfg.additional_special_tokens or ()))
         self.collators = self.make_collators()
         model = self.build_model()
         if cfg.gradient_checkpointing:
@@ -327,16 +328,23 @@ class EmbedderRecipe:
                 for ds in self.datasets]
 
     def build_model(self) -> torch.nn.Module:
-        """The embedder (BGE-M3's, with its sparse and ColBERT heads alike on every worker, under
-        ``unified_finetuning``)."""
+        """The embedder: its token embeddings grown for added tokens and LoRA adapters on it (``use_lora``),
+        both drawn alike on every worker; BGE-M3's, with its sparse and ColBERT heads, under
+        ``unified_finetuning``."""
         cfg = self.cfg
         loading = {"pooling": cfg.sentence_pooling_method, "normalize": cfg.normalize_embeddings,
                    "cache_dir": cfg.cache_dir, "trust_remote_code": cfg.trust_remote_code,
                    "attention_dropout": cfg.attention_dropout}
-        if not cfg.unified_finetuning:
-            return Embedder.from_pretrained(cfg.model_name_or_path, **loading)
-        model = M3Embedder.from_pretrained(cfg.model_name_or_path, tokenizer=self.tokenizer,
-                                           colbert_dim=cfg.colbert_dim, seed=cfg.seed, **loading)
+        if cfg.unified_finetuning:
+            model = M3Embedder.from_pretrained(cfg.model_name_or_path, tokenizer=self.tokenizer,
+                                               colbert_dim=cfg.colbert_dim, seed=cfg.seed, **loading)
+        else:
+            model = Embedder.from_pretrained(cfg.model_name_or_path, **loading)
+        if cfg.additional_special_tokens:
+            grow_embeddings(model.model, len(self.tokenizer), cfg.seed)
+        if cfg.use_lora:
+            model.model = add_lora(model.model, lora_config(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
+                                                            cfg.target_modules, cfg.modules_to_save), cfg.seed)
         if cfg.fix_encoder:
             model.freeze_encoder()
         return model
@@ -577,6 +585,10 @@ class EmbedderRecipe:
 
     def export_weights(self, state_dict: dict[str, torch.Tensor], out_dir: str) -> None:
         """The exported model's files (rank 0): transformer, tokenizer, sentence-transformers files, M3 heads."""
+        if self.cfg.use_lora:
+            export_lora(self.engine.module.model, self.tokenizer, transformer_state(state_dict), out_dir,
+                        self.cfg.to_dict())
+            return
         export_model(self.engine.module.model, self.tokenizer, transformer_state(state_dict), out_dir,
                      self.cfg.to_dict(), heads=state_dict if self.cfg.unified_finetuning else None)
 
