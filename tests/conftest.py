@@ -59,7 +59,7 @@ atexit.register(shutil.rmtree, _AUTH_DIR, True)
 
 import pytest  # noqa: E402
 
-from tests.helpers import build_tiny_bert  # noqa: E402
+from tests.helpers import build_tiny_bert, build_tiny_llm_reranker  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):  # noqa: ARG001 - pytest's hook signature
@@ -86,6 +86,11 @@ def _no_reads_outside_the_checkout():
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     return build_tiny_bert(str(tmp_path_factory.mktemp("tiny_bert")))
+
+
+@pytest.fixture(scope="session")
+def tiny_llm_reranker(tmp_path_factory) -> str:
+    return build_tiny_llm_reranker(str(tmp_path_factory.mktemp("tiny_llm_reranker")))
 
 
 def _free_port() -> int:

@@ -113,3 +113,18 @@ def build_tiny_decoder(path: str, seed: int = 0, hidden: int = 32, layers: int =
     LlamaModel(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def build_tiny_llm_reranker(path: str, seed: int = 0) -> str:
+    """A decoder-only (LLM) reranker: :func:`build_tiny_decoder`'s Llama with a language-model head (its
+    relevance is the "Yes" logit), and a pad token as real LLM rerankers have."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    base = build_tiny_decoder(path, seed=seed)
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.pad_token = tok.unk_token
+    torch.manual_seed(seed)
+    LlamaForCausalLM(AutoConfig.from_pretrained(base)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -177,7 +177,8 @@ def tiny_reranker(tmp_path_factory):
     return path
 
 
-def test_score_with_cross_encoder_and_bi_encoder(ray_cluster, tiny_reranker, tiny_model, tmp_path):
+def test_score_with_cross_encoder_llm_reranker_and_bi_encoder(ray_cluster, tiny_reranker, tiny_llm_reranker, tiny_model,
+                                                             tmp_path):
 
     src = tmp_path / "rows.jsonl"
     with open(FE_EXAMPLES, encoding="utf-8") as f:
@@ -205,6 +206,17 @@ def test_score_with_cross_encoder_and_bi_encoder(ray_cluster, tiny_reranker, tin
     summary = scan_triplets(read_triplets([str(tmp_path / "ce")], RowRules(train_group_size=4, knowledge_distillation=True)),
                             skip_bad_rows=False)
     assert summary.num_rows == 12
+
+    # a decoder-only (LLM) reranker: its "Yes" logit, as add_reranker_score.py's FlagLLMReranker gives it
+    score(input_file=[str(src)], output_dir=str(tmp_path / "llm"), reranker_name_or_path=tiny_llm_reranker,
+          reranker_max_length=40, batch_size=8, concurrency=2, normalize=True, prompt="Relevant?")
+    from FlagEmbedding import FlagLLMReranker
+
+    fe = FlagLLMReranker(tiny_llm_reranker, use_fp16=False, devices="cpu", query_instruction_for_rerank=None,
+                         passage_instruction_for_rerank=None, normalize=True, max_length=40, prompt="Relevant?")
+    for row in read_rows(str(tmp_path / "llm")):
+        want = fe.compute_score([[row["query"], t] for t in row["pos"] + row["neg"]])
+        np.testing.assert_allclose(row["pos_scores"] + row["neg_scores"], want, atol=1e-5)
 
     score(input_file=[str(src)], output_dir=str(tmp_path / "bi"), embedder_name_or_path=tiny_model,
           pooling_method="mean", embedder_query_max_length=64, embedder_passage_max_length=64, concurrency=1,

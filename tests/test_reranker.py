@@ -27,6 +27,7 @@ from bge_ray.data.text import TextSpec
 from bge_ray.errors import ConfigError
 from bge_ray.model.reranker import Reranker, rerank_loss, reranker_config
 from bge_ray.model.tokenizer import load_tokenizer
+from bge_ray.retrieval.rerank import PairScorer, RerankSpec
 from tests.flagembedding_compat import import_flag_model
 from tests.helpers import FE_DS_STAGE0, FE_EXAMPLES
 
@@ -292,7 +293,7 @@ def tiny_reranker(tmp_path_factory, tiny_model) -> str:
 
 
 def test_pairs_score_as_flagreranker_scores_them(tiny_reranker):
-    from bge_ray.retrieval.rerank import PairScorer, rerank_spec_for
+    from bge_ray.retrieval.rerank import rerank_spec_for
 
     import_flag_model()
     from FlagEmbedding import FlagReranker
@@ -377,3 +378,48 @@ def test_train_reranker_command_has_its_help_and_needs_a_config(capsys):
     assert main(["train-reranker", "--model_name_or_path", "m", "--train_data", FE_EXAMPLES, "--output_dir", "o",
                  "--temperature", "0.1"]) == 2
     assert "temperature: embedder settings in a reranker run" in capsys.readouterr().err
+
+
+# ---- decoder-only (LLM) rerankers: scoring ---------------------------------------------------------
+
+LLM_PAIRS = [("vitamin d deficiency", "Bone loss in the elderly is often linked to low vitamin d levels in blood."),
+             ("protein folding", "cells"), ("a", "b c d e f g h i j k l m n o p q r s t u v w x y z " * 5)]
+
+
+@pytest.mark.parametrize(("max_length", "batch_size", "options"), [
+    (512, 3, {}),  # add_reranker_score's defaults: no instructions, FlagEmbedding's prompt
+    (24, 2, {"query_instruction": "A: ", "passage_instruction": "B: ", "prompt": "Relevant?"}),  # passages cut
+    (40, 1, {"query_instruction": "A: ", "query_max_length": 6}),  # the query cut too
+])
+def test_an_llm_reranker_scores_as_flagllmreranker(tiny_llm_reranker, max_length, batch_size, options):
+    """The pair (BOS, query, newline, passage, newline, prompt) cut and scored by the next token's "Yes"
+    logit as FlagEmbedding 1.4.2's FlagLLMReranker does, whatever the batch's padding."""
+    import_flag_model()
+    from FlagEmbedding import FlagLLMReranker
+
+    fe = FlagLLMReranker(tiny_llm_reranker, use_fp16=False, devices="cpu", max_length=max_length, batch_size=batch_size,
+                         query_instruction_for_rerank=options.get("query_instruction"),
+                         passage_instruction_for_rerank=options.get("passage_instruction"),
+                         prompt=options.get("prompt"), query_max_length=options.get("query_max_length"))
+    want = np.array(fe.compute_score([list(p) for p in LLM_PAIRS]))
+    scorer = PairScorer(RerankSpec(model=tiny_llm_reranker, max_length=max_length, batch_size=batch_size, **options),
+                        torch.device("cpu"))
+    assert scorer.kind == "llm"
+    got = scorer([q for q, _ in LLM_PAIRS], [p for _, p in LLM_PAIRS])
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    alone = [scorer([q], [p])[0] for q, p in LLM_PAIRS]  # a pair's score does not depend on its batch
+    np.testing.assert_allclose(got, alone, atol=1e-6)
+    assert len({round(float(x), 5) for x in got}) == 3
+
+
+def test_what_an_llm_reranker_scorer_cannot_use_is_refused_before_ray(tiny_reranker, tiny_llm_reranker, tmp_path):
+    from bge_ray.tools.score import score
+
+    with pytest.raises(ConfigError, match="prompt is read by decoder-only .* cross-encoder"):
+        score(input_file=[FE_EXAMPLES], output_dir=str(tmp_path / "a"), reranker_name_or_path=tiny_reranker,
+              prompt="Relevant?")
+    layerwise = shutil.copytree(tiny_llm_reranker, tmp_path / "layerwise")
+    config = json.loads((layerwise / "config.json").read_text())
+    (layerwise / "config.json").write_text(json.dumps({**config, "architectures": ["LayerWiseMiniCPMForCausalLM"]}))
+    with pytest.raises(ConfigError, match="layerwise / lightweight LLM reranker .* not supported yet"):
+        score(input_file=[FE_EXAMPLES], output_dir=str(tmp_path / "b"), reranker_name_or_path=str(layerwise))

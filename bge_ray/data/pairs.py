@@ -40,6 +40,29 @@ def pair_inputs(tok: Any, queries: list[str], passages: list[str], query_tokens:
     return {k: enc[k] for k in ("input_ids", "token_type_ids") if k in enc}
 
 
+def llm_pair_inputs(tok: Any, queries: list[str], passages: list[str], query_tokens: int, max_length: int,
+                    prompt: str) -> list[list[int]]:
+    """``input_ids`` of each (query, passage) for a decoder-only (LLM) reranker, as FlagEmbedding's
+    ``FlagLLMReranker`` builds them: BOS (where it is not the pad token), the query cut to
+    ``query_tokens``, a newline, the passage cut to ``max_length`` (the newline and passage then cut
+    to fit ``max_length`` + the newline + the prompt, on the tokenizer's truncation side), a newline and
+    the prompt; the relevance is the next token's "Yes" logit."""
+    sep = tok("\n", add_special_tokens=False)["input_ids"]
+    tail = sep + tok(prompt, add_special_tokens=False)["input_ids"]
+    limit = max_length + len(tail)
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None and tok.bos_token_id != tok.pad_token_id else []
+    q_ids = tok(queries, add_special_tokens=False, truncation=True, max_length=query_tokens)["input_ids"]
+    p_ids = tok(passages, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"]
+    out = []
+    for q, p in zip(q_ids, p_ids, strict=True):
+        first, second = bos + q, sep + p
+        keep = max(0, limit - len(first))
+        if len(second) > keep:
+            second = second[len(second) - keep:] if tok.truncation_side == "left" else second[:keep]
+        out.append(first + second + tail)
+    return out
+
+
 def training_pairs(tok: Any, queries: list[str], passages: list[str], query_max_len: int,
                    passage_max_len: int) -> dict[str, list[list[int]]]:
     """:func:`pair_inputs` with FlagEmbedding's training budget (the module docstring)."""

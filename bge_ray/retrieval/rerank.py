@@ -19,15 +19,15 @@ import numpy as np
 import ray
 import ray.data
 import torch
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from bge_ray.config.finetune import resolve_model_path
 from bge_ray.console import ProgressLine
 from bge_ray.data.collate import pad_ids
-from bge_ray.data.pairs import pair_inputs
+from bge_ray.data.pairs import llm_pair_inputs, pair_inputs
 from bge_ray.data.text import apply_instruction
 from bge_ray.errors import ConfigError
-from bge_ray.model.tokenizer import load_tokenizer
+from bge_ray.model.tokenizer import is_decoder_only, load_tokenizer
 
 METADATA_FILE = "bge_ray.json"
 
@@ -46,6 +46,7 @@ class RerankSpec:
     passage_max_length: int | None = None  # a passage's own cut before the pair's (default max_length)
     batch_size: int = 32
     trust_remote_code: bool = False
+    prompt: str | None = None  # a decoder-only (LLM) reranker's question (default: FlagEmbedding's)
 
     @property
     def query_tokens(self) -> int:
@@ -94,41 +95,93 @@ def rerank_spec_for(model: str, **overrides: Any) -> RerankSpec:
     return spec
 
 
+# FlagEmbedding's FlagLLMReranker's default question after each pair
+LLM_PROMPT = ("Given a query A and a passage B, determine whether the passage contains an answer to the query by "
+              "providing a prediction of either 'Yes' or 'No'.")
+
+
+def reranker_kind(spec: RerankSpec) -> str:
+    """``cross-encoder`` (a one-logit sequence classifier) or ``llm`` (a decoder-only model scoring with its
+    "Yes" logit, as FlagEmbedding's ``FlagLLMReranker``).
+
+    Raises:
+        ConfigError: an unreadable config, a layerwise or lightweight LLM reranker, or a prompt for a
+            cross-encoder.
+    """
+    try:
+        config = AutoConfig.from_pretrained(spec.model, trust_remote_code=spec.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"reranker {spec.model}: its config cannot be read ({e})") from None
+    arch = " ".join(getattr(config, "architectures", None) or []).lower()
+    if "layerwise" in arch or "costwise" in arch:
+        raise ConfigError(f"reranker {spec.model} is a layerwise / lightweight LLM reranker ({arch}): not supported "
+                          "yet (decoder-only rerankers scored by their \"Yes\" logit are)")
+    if not is_decoder_only(config):
+        if spec.prompt is not None:
+            raise ConfigError(f"prompt is read by decoder-only (LLM) rerankers; {spec.model} is a cross-encoder, "
+                              "which would ignore it: drop prompt")
+        return "cross-encoder"
+    return "llm"
+
+
 class PairScorer:
-    """A one-logit cross-encoder scoring (query, passage) pairs, longest first in batches."""
+    """A reranker scoring (query, passage) pairs, longest first in batches: a cross-encoder's one logit,
+    or an LLM reranker's "Yes" logit after the pair and its prompt (FlagEmbedding's ``FlagLLMReranker``,
+    with each pair's positions counted from its first real token, so its score does not depend on the
+    padding its batch needs)."""
 
     def __init__(self, spec: RerankSpec, device: torch.device | None = None) -> None:
         self.spec = spec
+        self.kind = reranker_kind(spec)
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.tokenizer = load_tokenizer(spec.model, None, spec.trust_remote_code)
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            spec.model, trust_remote_code=spec.trust_remote_code, dtype=dtype, use_safetensors=None)
-        if self.model.config.num_labels != 1:
-            raise ConfigError(f"reranker {spec.model} has {self.model.config.num_labels} labels; a cross-encoder "
-                              "reranker gives one relevance logit")
+        loading = {"trust_remote_code": spec.trust_remote_code, "dtype": dtype, "use_safetensors": None}
+        if self.kind == "llm":  # its tokenizer as FlagLLMReranker loads it (no EOS appended)
+            self.tokenizer = AutoTokenizer.from_pretrained(spec.model, trust_remote_code=spec.trust_remote_code)
+            self.model = AutoModelForCausalLM.from_pretrained(spec.model, **loading)
+            self.yes = self.tokenizer("Yes", add_special_tokens=False)["input_ids"][0]
+        else:
+            self.tokenizer = load_tokenizer(spec.model, None, spec.trust_remote_code)
+            self.model = AutoModelForSequenceClassification.from_pretrained(spec.model, **loading)
+            if self.model.config.num_labels != 1:
+                raise ConfigError(f"reranker {spec.model} has {self.model.config.num_labels} labels; a cross-encoder "
+                                  "reranker gives one relevance logit")
         self.model.to(self.device).eval()
+
+    def _inputs(self, queries: list[str], passages: list[str]) -> dict[str, list[list[int]]]:
+        s = self.spec
+        queries = [apply_instruction(q, s.query_instruction, s.query_instruction_format) for q in queries]
+        passages = [apply_instruction(p, s.passage_instruction, s.passage_instruction_format) for p in passages]
+        if self.kind == "llm":
+            return {"input_ids": llm_pair_inputs(self.tokenizer, queries, passages, s.query_tokens, s.max_length,
+                                                 s.prompt if s.prompt is not None else LLM_PROMPT)}
+        return pair_inputs(self.tokenizer, queries, passages, s.query_tokens, s.passage_tokens, s.max_length)
+
+    def _scores(self, inputs: dict[str, np.ndarray]) -> torch.Tensor:
+        batch = {k: torch.from_numpy(v).to(self.device) for k, v in inputs.items()}
+        if self.kind == "cross-encoder":
+            return self.model(**batch).logits[:, 0]
+        mask = batch["attention_mask"]  # padded on the left: the last position is every pair's last token
+        positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions,
+                            logits_to_keep=1).logits
+        return logits[:, -1, self.yes]
 
     @torch.inference_mode()
     def __call__(self, queries: list[str], passages: list[str]) -> np.ndarray:
-        s = self.spec
-        enc = pair_inputs(self.tokenizer, [apply_instruction(q, s.query_instruction, s.query_instruction_format)
-                                           for q in queries],
-                          [apply_instruction(p, s.passage_instruction, s.passage_instruction_format) for p in passages],
-                          s.query_tokens, s.passage_tokens, s.max_length)
+        enc = self._inputs(queries, passages)
         ids = enc["input_ids"]
         order = np.argsort([-len(x) for x in ids], kind="stable")
         out = np.zeros(len(ids), dtype=np.float64)
         pad = self.tokenizer.pad_token_id or 0
-        for start in range(0, len(order), s.batch_size):
-            idx = order[start:start + s.batch_size]
-            batch_ids, mask = pad_ids([ids[i] for i in idx], pad, self.tokenizer.padding_side)
+        side = "left" if self.kind == "llm" else self.tokenizer.padding_side
+        for start in range(0, len(order), self.spec.batch_size):
+            idx = order[start:start + self.spec.batch_size]
+            batch_ids, mask = pad_ids([ids[i] for i in idx], pad, side)
             inputs = {"input_ids": batch_ids, "attention_mask": mask}
             if "token_type_ids" in enc:
-                inputs["token_type_ids"] = pad_ids([enc["token_type_ids"][i] for i in idx], 0,
-                                                   self.tokenizer.padding_side)[0]
-            logits = self.model(**{k: torch.from_numpy(v).to(self.device) for k, v in inputs.items()}).logits
-            out[idx] = logits[:, 0].float().cpu().numpy()
+                inputs["token_type_ids"] = pad_ids([enc["token_type_ids"][i] for i in idx], 0, side)[0]
+            out[idx] = self._scores(inputs).float().cpu().numpy()
         return out
 
 

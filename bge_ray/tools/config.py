@@ -174,13 +174,13 @@ class ScoreConfig(RowJobConfig):
     ALIASES: ClassVar[dict[str, str]] = {"reranker_batch_size": "batch_size"}  # add_reranker_score's name
     TRANSLATE: ClassVar[Any] = Flags(ROW_JOB_IGNORED, {
         "reranker_peft_path": ((None,), "LoRA rerankers are not supported yet: merge the adapter first"),
-        "prompt": ((None,), "decoder-only (LLM) rerankers are not supported yet"),
         "cutoff_layers": ((None, ()), "layerwise rerankers are not supported yet"),
         "compress_ratio": ((1,), "lightweight rerankers are not supported yet"),
         "compress_layers": ((None, ()), "lightweight rerankers are not supported yet"),
     })
 
-    reranker_name_or_path: str | None = knob(None, "a cross-encoder teacher (one logit per pair); give this or "
+    reranker_name_or_path: str | None = knob(None, "a reranker teacher: a cross-encoder (one logit per pair) or a "
+                                             "decoder-only LLM reranker (its \"Yes\" logit); give this or "
                                              "embedder_name_or_path")
     embedder_name_or_path: str | None = knob(None, "a bi-encoder teacher (similarity / teacher_temperature); give "
                                              "this or reranker_name_or_path")
@@ -191,6 +191,8 @@ class ScoreConfig(RowJobConfig):
     query_instruction_format_for_rerank: str = knob("{}{}", "how instruction and query join: two {} slots")
     passage_instruction_for_rerank: str | None = knob(None, "instruction put before every passage for the reranker")
     passage_instruction_format_for_rerank: str = knob("{}{}", "how instruction and passage join: two {} slots")
+    prompt: str | None = knob(None, "a decoder-only (LLM) reranker's question after each pair (FlagLLMReranker's "
+                              "prompt); its score is the next token's \"Yes\" logit", shown="FlagEmbedding's")
     normalize: bool = knob(False, "a reranker's scores through a sigmoid (FlagEmbedding's normalize), as "
                            "knowledge_distillation then reads them; else its raw logits")
     batch_size: int = knob(64, "pairs (or texts) per teacher batch")

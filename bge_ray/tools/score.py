@@ -21,7 +21,7 @@ from bge_ray.cluster import actor_count, connect_ray
 from bge_ray.config.parse import resolve_config
 from bge_ray.console import ProgressCounter, counter_progress, log
 from bge_ray.retrieval.encode import TextEncoder
-from bge_ray.retrieval.rerank import PairScorer, RerankSpec
+from bge_ray.retrieval.rerank import PairScorer, RerankSpec, reranker_kind
 from bge_ray.tools.config import ScoreConfig
 from bge_ray.tools.rows import (
     PROMPT_COLUMNS,
@@ -44,6 +44,16 @@ class ScoreResult:
     config: ScoreConfig
 
 
+def teacher_spec(cfg: ScoreConfig) -> RerankSpec:
+    """How the reranker teacher scores pairs: ``add_reranker_score.py``'s settings."""
+    return RerankSpec(model=cfg.reranker_name_or_path, query_instruction=cfg.query_instruction_for_rerank,
+                      query_instruction_format=cfg.query_instruction_format_for_rerank,
+                      passage_instruction=cfg.passage_instruction_for_rerank,
+                      passage_instruction_format=cfg.passage_instruction_format_for_rerank,
+                      max_length=cfg.reranker_max_length, query_max_length=cfg.reranker_query_max_length,
+                      batch_size=cfg.batch_size, trust_remote_code=cfg.trust_remote_code, prompt=cfg.prompt)
+
+
 class Scorer:
     """A Ray Data actor: one teacher, scores every (query, passage) pair of a batch of rows."""
 
@@ -51,13 +61,7 @@ class Scorer:
         self.cfg, self.counter = cfg, counter
         self.reranker = self.encoder = None
         if cfg.reranker_name_or_path:
-            self.reranker = PairScorer(RerankSpec(
-                model=cfg.reranker_name_or_path, query_instruction=cfg.query_instruction_for_rerank,
-                query_instruction_format=cfg.query_instruction_format_for_rerank,
-                passage_instruction=cfg.passage_instruction_for_rerank,
-                passage_instruction_format=cfg.passage_instruction_format_for_rerank,
-                max_length=cfg.reranker_max_length, query_max_length=cfg.reranker_query_max_length,
-                batch_size=cfg.batch_size, trust_remote_code=cfg.trust_remote_code))
+            self.reranker = PairScorer(teacher_spec(cfg))
         else:
             self.encoder = TextEncoder(encoder_spec(cfg, cfg.embedder_name_or_path, cfg.batch_size), "query")
 
@@ -111,6 +115,8 @@ def score(config: ScoreConfig | dict[str, Any] | str | None = None, **kwargs: An
     """
     cfg: ScoreConfig = resolve_config(config if config is not None else kwargs, ScoreConfig)
     t0 = time.time()
+    if cfg.reranker_name_or_path:
+        reranker_kind(teacher_spec(cfg))  # a reranker bge-ray can score with, before Ray starts
     connect_ray(cfg.ray_address)
     cfg = choose_devices(cfg)
     ray.data.DataContext.get_current().enable_progress_bars = False
