@@ -117,14 +117,17 @@ def build_tiny_decoder(path: str, seed: int = 0, hidden: int = 32, layers: int =
 
 def build_tiny_llm_reranker(path: str, seed: int = 0) -> str:
     """A decoder-only (LLM) reranker: :func:`build_tiny_decoder`'s Llama with a language-model head (its
-    relevance is the "Yes" logit), and a pad token as real LLM rerankers have."""
+    relevance is the "Yes" logit), "Yes" one token and a pad token, as real LLM rerankers have."""
     import torch
     from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
     base = build_tiny_decoder(path, seed=seed)
     tok = AutoTokenizer.from_pretrained(base)
     tok.pad_token = tok.unk_token
+    tok.add_tokens(["Yes"])  # one token, as in real LLM rerankers' vocabularies
+    config = AutoConfig.from_pretrained(base)
+    config.vocab_size = len(tok)
     torch.manual_seed(seed)
-    LlamaForCausalLM(AutoConfig.from_pretrained(base)).save_pretrained(path)
+    LlamaForCausalLM(config).save_pretrained(path)
     tok.save_pretrained(path)
     return path

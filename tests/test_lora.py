@@ -137,13 +137,14 @@ def test_lora_settings_that_cannot_work_are_refused_with_the_reason(tmp_path, ex
         load_config(None, {"model_name_or_path": "m", "train_data": [FE_EXAMPLES], "output_dir": str(tmp_path), **extra})
 
 
-def test_a_reranker_refuses_lora_and_added_tokens(tmp_path):
+def test_a_reranker_refuses_added_tokens_and_an_unknown_model_type(tmp_path):
     base = {"model_name_or_path": "m", "train_data": [FE_EXAMPLES], "output_dir": str(tmp_path)}
-    for extra in ({"use_lora": True}, {"lora_rank": 8}):
-        with pytest.raises(ConfigError, match="LoRA rerankers .* not supported yet"):
-            load_config(None, {**base, **extra}, RerankerConfig)
     with pytest.raises(ConfigError, match="additional_special_tokens: embedder settings in a reranker run"):
         load_config(None, {**base, "additional_special_tokens": ["<a>"]}, RerankerConfig)
+    with pytest.raises(ConfigError, match="model_type must be encoder or decoder"):
+        load_config(None, {**base, "model_type": "llm"}, RerankerConfig)
+    with pytest.raises(ConfigError, match="model_type, sep_token: reranker settings in an embedder run"):
+        load_config(None, {**base, "model_type": "decoder", "sep_token": " "})
 
 
 def test_flagembeddings_decoder_script_moves_over_unchanged(tiny_decoder, tmp_path):

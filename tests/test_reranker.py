@@ -21,8 +21,8 @@ import torch
 from bge_ray.config import compat, load_config
 from bge_ray.config.fields import field_hints
 from bge_ray.config.finetune import RerankerConfig
-from bge_ray.data.collate import PairCollator
-from bge_ray.data.pairs import pair_inputs, tokenize_pairs, training_pairs
+from bge_ray.data.collate import PairCollator, pad_ids
+from bge_ray.data.pairs import pair_inputs, tokenize_pairs, training_pair_ids, training_pairs
 from bge_ray.data.text import TextSpec
 from bge_ray.errors import ConfigError
 from bge_ray.model.reranker import Reranker, rerank_loss, reranker_config
@@ -167,11 +167,10 @@ def test_encoder_reranker_script_parses_unchanged(tiny_model, tmp_path, capsys):
     cfg = load_config(None, reranker_base_args(tiny_model, str(tmp_path / "out"), str(tmp_path / "c")), RerankerConfig)
     assert capsys.readouterr().err == ""  # every flag is a field or at the value bge-ray runs as
     assert (cfg.task, cfg.knowledge_distillation, cfg.query_max_len, cfg.fp16) == ("reranker", True, 256, True)
-    load_config(None, [*reranker_base_args(tiny_model, str(tmp_path / "out"), str(tmp_path / "c")), "--max_len", "512",
-                       "--sep_token", " "], RerankerConfig)
+    load_config(None, [*reranker_base_args(tiny_model, str(tmp_path / "out"), str(tmp_path / "c")), "--max_len", "512"],
+                RerankerConfig)
     err = capsys.readouterr().err
     assert "--max_len has no effect here: FlagEmbedding's reranker runner does not read it" in err
-    assert "--sep_token has no effect here" in err
 
 
 def test_what_a_reranker_cannot_use_is_refused_with_the_reason(tiny_model, tmp_path):
@@ -190,8 +189,6 @@ def test_what_a_reranker_cannot_use_is_refused_with_the_reason(tiny_model, tmp_p
         load_config(None, {**base, "query_instruction_for_rerank": "q: "})
     with pytest.raises(ConfigError, match="train an embedder with bge-ray train"):
         load_config(None, {**base, "task": "embedder"}, RerankerConfig)
-    with pytest.raises(ConfigError, match="decoder-only .* not supported yet"):
-        load_config(None, {**base, "model_type": "decoder"}, RerankerConfig)
     with pytest.raises(ConfigError, match="config_name .*model's own config"):
         load_config(None, {**base, "config_name": "other"}, RerankerConfig)
     with pytest.raises(ConfigError, match="with train_group_size 1 it is 0 and nothing trains"):
@@ -423,3 +420,140 @@ def test_what_an_llm_reranker_scorer_cannot_use_is_refused_before_ray(tiny_reran
     (layerwise / "config.json").write_text(json.dumps({**config, "architectures": ["LayerWiseMiniCPMForCausalLM"]}))
     with pytest.raises(ConfigError, match="layerwise / lightweight LLM reranker .* not supported yet"):
         score(input_file=[FE_EXAMPLES], output_dir=str(tmp_path / "b"), reranker_name_or_path=str(layerwise))
+
+
+# ---- decoder-only (LLM) rerankers: training ---------------------------------------------------------
+
+@pytest.mark.parametrize(("query_max_len", "passage_max_len", "sep"), [(32, 128, "\n"), (16, 40, "\n"), (24, 64, " | ")])
+def test_llm_pairs_are_tokenized_as_flagembeddings_llm_reranker_data_set(tiny_llm_reranker, query_max_len,
+                                                                         passage_max_len, sep):
+    """BOS, the query, sep, the passage (cut to fit), sep and the row's prompt (else FlagEmbedding's
+    question), token for token as its AbsLLMRerankerTrainDataset builds each group."""
+    import random
+
+    import pyarrow as pa
+
+    import_flag_model()
+    from FlagEmbedding.abc.finetune.reranker.AbsDataset import AbsLLMRerankerTrainDataset
+
+    tok = load_tokenizer(tiny_llm_reranker)
+    rows = [{"query": r["query"], "pos": r["pos"][:1], "neg": r["neg"][:3],
+             **({"prompt": "Does B answer A?"} if i % 2 else {})} for i, r in enumerate(_rows()[:12])]
+    fe = AbsLLMRerankerTrainDataset.__new__(AbsLLMRerankerTrainDataset)
+    fe.args = types.SimpleNamespace(query_max_len=query_max_len, passage_max_len=passage_max_len, train_group_size=4,
+                                    query_instruction_for_rerank=None, passage_instruction_for_rerank=None,
+                                    knowledge_distillation=False, shuffle_ratio=0.0, sep_token=sep)
+    fe.tokenizer, fe.dataset, fe.max_length = tok, rows, query_max_len + passage_max_len
+    fe.sep_inputs = tok(sep, add_special_tokens=False)["input_ids"]
+    spec = TextSpec(tokenizer=tiny_llm_reranker, query_max_len=query_max_len, passage_max_len=passage_max_len,
+                    pairs=True, llm_sep=sep)
+    batch = pa.table({"query": [r["query"] for r in rows], "pos": [r["pos"] for r in rows],
+                      "neg": [r["neg"] for r in rows], "prompt": [r.get("prompt") for r in rows]})
+    ours = tokenize_pairs(batch, spec).to_pydict()
+    cut = 0
+    for i in range(len(rows)):
+        random.seed(i)
+        want = [p["input_ids"] for p in fe[i][0]]
+        assert want[0] == ours["pos_ids"][i][0], i
+        assert sorted(want[1:]) == sorted(ours["neg_ids"][i]), i  # its negatives come in a random order
+        cut += sum(len(w) == query_max_len + passage_max_len for w in want)
+        assert all(w[0] == tok.bos_token_id for w in want)
+    assert cut > 0  # some pairs were cut to the budget
+
+
+def test_an_llm_reranker_scores_as_flagembeddings_cross_decoder_model(tiny_llm_reranker):
+    """The "Yes" logit of each left-padded pair's last token, as FlagEmbedding's CrossDecoderModel encodes."""
+    import_flag_model()
+    from FlagEmbedding.finetune.reranker.decoder_only.base.modeling import CrossDecoderModel
+
+    from bge_ray.model.reranker import LLMReranker, yes_token
+
+    tok = load_tokenizer(tiny_llm_reranker)
+    ours = LLMReranker.from_pretrained(tiny_llm_reranker, yes_token(tok)).eval()
+    fe = CrossDecoderModel(ours.model, tokenizer=tok).eval()
+    ids = [tok("A: vitamin d\nB: bone loss in the elderly\nRelevant?", add_special_tokens=False)["input_ids"],
+           tok("A: cells\nB: x\nRelevant?", add_special_tokens=False)["input_ids"]]
+    padded, mask = pad_ids(ids, tok.pad_token_id, "left")
+    features = {"input_ids": torch.from_numpy(padded), "attention_mask": torch.from_numpy(mask)}
+    with torch.no_grad():
+        np.testing.assert_allclose(ours(**features).numpy(), fe.encode(features).numpy(), atol=1e-6)
+        alone = [float(ours(torch.tensor([x]), torch.ones(1, len(x), dtype=torch.long))) for x in ids]
+    np.testing.assert_allclose(ours(**features).detach().numpy(), alone, atol=1e-6)
+
+
+def test_a_rerankers_kind_and_lora_are_decided_before_ray(tiny_model, tiny_llm_reranker, tmp_path, capsys):
+    from bge_ray.train.launch import check_model
+
+    base = {"train_data": [FE_EXAMPLES], "output_dir": str(tmp_path / "out")}
+    llm = check_model(load_config(None, {**base, "model_name_or_path": tiny_llm_reranker}, RerankerConfig))
+    assert (llm.model_type, llm.use_lora) == ("decoder", True)  # FlagEmbedding's decoder runner: LoRA by default
+    assert TextSpec.from_config(llm).llm_sep == "\n"
+    full = check_model(load_config(None, {**base, "model_name_or_path": tiny_llm_reranker, "use_lora": False},
+                                   RerankerConfig))
+    assert (full.model_type, full.use_lora) == ("decoder", False)
+    ce = check_model(load_config(None, {**base, "model_name_or_path": tiny_model, "sep_token": " "}, RerankerConfig))
+    assert (ce.model_type, ce.use_lora, TextSpec.from_config(ce).llm_sep) == ("encoder", False, None)
+    assert "sep_token does nothing" in capsys.readouterr().err
+    for extra, match in (({"model_name_or_path": tiny_model, "model_type": "decoder"}, "is an encoder model"),
+                         ({"model_name_or_path": tiny_llm_reranker, "model_type": "encoder"}, "is a decoder-only model"),
+                         ({"model_name_or_path": tiny_model, "use_lora": True}, "its new classification head"),
+                         ({"model_name_or_path": tiny_model, "lora_rank": 8}, "lora_rank: LoRA settings")):
+        with pytest.raises(ConfigError, match=match):
+            check_model(load_config(None, {**base, **extra}, RerankerConfig))
+
+
+def test_llm_reranker_finetune_with_lora_exports_what_flagllmreranker_scores_alike(ray_cluster, tiny_model,
+                                                                                  tiny_llm_reranker, tmp_path):
+    """Two workers, ZeRO-2, LoRA (FlagEmbedding's decoder reranker default), rows with their own prompt,
+    validation reranking a retriever's top 4: the adapters train, and merged_model/ scores pairs in
+    FlagLLMReranker as the trained model scores them in bge-ray."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    import bge_ray
+    from bge_ray.model.reranker import LLMReranker, yes_token
+    from tests.helpers import make_beir_subset
+
+    rows = _rows()[:24]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({**r, **({"prompt": "Does B answer A?"} if i % 3 == 0 else {})}) + "\n"
+                            for i, r in enumerate(rows)))
+    beir = make_beir_subset(str(tmp_path / "beir"), n_queries=4, n_extra_docs=10)
+    retriever = shutil.copytree(tiny_model, tmp_path / "retriever")
+    (retriever / "bge_ray.json").write_text(json.dumps({"sentence_pooling_method": "mean", "normalize_embeddings": True}))
+    cfg = load_config(None, {
+        "model_name_or_path": tiny_llm_reranker, "train_data": [str(data)], "output_dir": str(tmp_path / "model"),
+        "storage_path": str(tmp_path / "storage"), "num_workers": 2, "deepspeed": "zero2",
+        "per_device_train_batch_size": 2, "train_group_size": 3, "query_max_len": 16, "passage_max_len": 48,
+        "gradient_checkpointing": True, "learning_rate": 5e-3, "max_steps": 3, "logging_steps": 1, "seed": 5,
+        "lora_rank": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], "save_merged_lora_model": True,
+        "eval_data": beir, "eval_retriever": str(retriever), "eval_rerank_top_k": 4, "eval_steps": 3,
+        "final_model": "last"}, RerankerConfig)
+    result = bge_ray.finetune(cfg)
+    assert result.metrics["step"] == 3 and (result.config.model_type, result.config.use_lora) == ("decoder", True)
+    assert [e["step"] for e in result.evals] == [0, 3] and math.isfinite(result.evals[-1]["eval_ndcg@10"])
+    out = result.model_dir
+    with open(os.path.join(out, "bge_ray.json")) as f:
+        meta = json.load(f)
+    assert (meta["task"], meta["model_type"], meta["sep_token"]) == ("reranker", "decoder", "\n")
+    tok = load_tokenizer(out)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llm_reranker)
+    trained = LLMReranker(PeftModel.from_pretrained(base, out), yes_token(tok)).eval()
+    merged = AutoModelForCausalLM.from_pretrained(os.path.join(out, "merged_model")).state_dict()
+    start = AutoModelForCausalLM.from_pretrained(tiny_llm_reranker).state_dict()
+    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"], start["model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(merged["model.layers.0.self_attn.k_proj.weight"], start["model.layers.0.self_attn.k_proj.weight"])
+    pairs = [[r["query"], r["pos"][0]] for r in rows[:3]] + [[rows[0]["query"], rows[0]["neg"][0]]]
+    spec = TextSpec(tokenizer=out, query_max_len=16, passage_max_len=48, pairs=True, llm_sep="\n")
+    ids = training_pair_ids(tok, [q for q, _ in pairs], [p for _, p in pairs], [None] * len(pairs), spec)["input_ids"]
+    with torch.no_grad():
+        ours = [float(trained(torch.tensor([x]), torch.ones(1, len(x), dtype=torch.long))) for x in ids]
+    import_flag_model()
+    from FlagEmbedding import FlagLLMReranker
+
+    fe = FlagLLMReranker(os.path.join(out, "merged_model"), use_fp16=False, devices="cpu",
+                         query_instruction_for_rerank=None, passage_instruction_for_rerank=None, max_length=512)
+    np.testing.assert_allclose(fe.compute_score(pairs), ours, atol=1e-5)  # short pairs: no cut either way
+    with open(os.path.join(out, "README.md")) as f:
+        card = f.read()
+    assert "FlagLLMReranker(model_dir, query_instruction_for_rerank=None" in card and "merged_model" in card

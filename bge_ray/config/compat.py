@@ -56,8 +56,6 @@ NO_EFFECT: dict[str, str] = {
     "use_slow_tokenizer": "FlagEmbedding's runners do not read it; use_fast_tokenizer picks the tokenizer",
     "max_len": "FlagEmbedding's reranker runner does not read it: a pair is cut to query_max_len + passage_max_len "
                "tokens, there as here",
-    "sep_token": "only FlagEmbedding's decoder-only rerankers read it (not supported yet); an encoder's pair is its "
-                 "tokenizer's own ([CLS] query [SEP] passage [SEP] for BERT)",
 }
 
 AT_DEFAULT: dict[str, tuple[tuple[Any, ...], str]] = {
@@ -111,9 +109,6 @@ AT_DEFAULT: dict[str, tuple[tuple[Any, ...], str]] = {
                                         "run's adapters, use peft's merge_and_unload"),
     "example_query_max_len": ((), _ICL), "example_passage_max_len": ((), _ICL),
     "retrieval_use_examples": ((False,), _ICL), "icl_suffix_str": ((), _ICL),
-    # FlagEmbedding's reranker runners: the encoder-only one is task: reranker
-    "model_type": (("encoder",), "decoder-only (LLM) rerankers are not supported yet; bge-ray train-reranker trains "
-                                 "encoder-only cross-encoders"),
 }
 
 CONVERTED = {

@@ -64,6 +64,11 @@ class FinetuneConfig:
     cache_dir: str | None = knob(None, "transformers cache directory for hub downloads")
     trust_remote_code: bool = knob(False, "allow a model's own Python code to run (off unless you ask)")
     use_fast_tokenizer: bool = knob(True, "the model's fast (Rust) tokenizer; false: its Python one")
+    model_type: str | None = knob(None, "a reranker's kind, encoder (a cross-encoder) or decoder (an LLM reranker "
+                                  "scoring with its \"Yes\" logit, LoRA by default): read from the model's config, and "
+                                  "checked against it when given", shown="the model's")
+    sep_token: str = knob("\n", "what a decoder-only reranker reads between query, passage and prompt "
+                          "(FlagEmbedding's sep_token; an encoder's pair is its tokenizer's own)")
     use_lora: bool | None = knob(None, "train LoRA adapters (peft) instead of every weight. Unset: on for a "
                                  "decoder-only (LLM) model, as FlagEmbedding's decoder runner, off for an encoder",
                                  shown="unset: on for a decoder-only model")
@@ -477,7 +482,8 @@ EMBEDDER_ONLY = {
     "additional_special_tokens": None,
 }
 RERANKER_ONLY = {"query_instruction_for_rerank": None, "passage_instruction_for_rerank": None,
-                 "eval_retriever": None, "eval_rerank_top_k": 100}
+                 "eval_retriever": None, "eval_rerank_top_k": 100, "model_type": None, "sep_token": "\n"}
+MODEL_TYPES = ("encoder", "decoder")
 MIN_RERANK_PASSAGE_LEN = 8  # the query's share (query_max_len + passage_max_len // 4) + 3 special tokens fit
 
 
@@ -526,10 +532,8 @@ def lora_settings_given(cfg: FinetuneConfig) -> list[str]:
 
 def _check_lora(cfg: FinetuneConfig) -> None:
     given = lora_settings_given(cfg)
-    if cfg.task == "reranker" and (cfg.use_lora or given):
-        raise ConfigError("LoRA rerankers (FlagEmbedding's decoder-only reranker runners) are not supported yet: "
-                          "bge-ray train-reranker trains encoder cross-encoders in full; drop use_lora and the lora_ "
-                          "settings")
+    if cfg.model_type is not None and cfg.model_type not in MODEL_TYPES:
+        raise ConfigError(f"model_type must be encoder or decoder, got {cfg.model_type!r}")
     if cfg.use_lora is False and given:
         raise ConfigError(f"{', '.join(given)}: LoRA settings with use_lora: false (the model trains in full, so "
                           "they would do nothing): drop them, or set use_lora: true")

@@ -35,6 +35,7 @@ class TextSpec:
     use_fast_tokenizer: bool = True
     pairs: bool = False  # a reranker's input: each query with each of its passages, one sequence
     special_tokens: tuple[str, ...] = ()  # additional_special_tokens added to the tokenizer
+    llm_sep: str | None = None  # a decoder-only reranker's pairs: what comes between query, passage and prompt
 
     @classmethod
     def from_config(cls, cfg: FinetuneConfig) -> TextSpec:
@@ -47,7 +48,8 @@ class TextSpec:
                                         else cfg.passage_instruction_for_retrieval),
                    passage_instruction_format=cfg.passage_instruction_format, cache_dir=cfg.cache_dir,
                    trust_remote_code=cfg.trust_remote_code, use_fast_tokenizer=cfg.use_fast_tokenizer, pairs=rerank,
-                   special_tokens=tuple(cfg.additional_special_tokens or ()))
+                   special_tokens=tuple(cfg.additional_special_tokens or ()),
+                   llm_sep=cfg.sep_token if rerank and cfg.model_type == "decoder" else None)
 
     def query(self, text: str, instruction: str | None = None) -> str:
         """A query with its instruction: the row's own (its ``prompt``) when given, else the spec's."""

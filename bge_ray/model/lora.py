@@ -19,9 +19,11 @@ EMBEDDING_NAMES = ("embed_tokens",)  # what FlagEmbedding drops from target_modu
 
 
 def lora_config(rank: int, alpha: float, dropout: float, target_modules: list[str],
-                modules_to_save: list[str] | None) -> LoraConfig:
-    """FlagEmbedding's decoder runner's ``LoraConfig`` (a feature-extraction task)."""
-    return LoraConfig(task_type=TaskType.FEATURE_EXTRACTION, inference_mode=False, r=rank, lora_alpha=alpha,
+                modules_to_save: list[str] | None, causal_lm: bool = False) -> LoraConfig:
+    """FlagEmbedding's decoder runners' ``LoraConfig``: a feature-extraction task (an embedder's) or a
+    causal LM (an LLM reranker's)."""
+    task = TaskType.CAUSAL_LM if causal_lm else TaskType.FEATURE_EXTRACTION
+    return LoraConfig(task_type=task, inference_mode=False, r=rank, lora_alpha=alpha,
                       lora_dropout=dropout, target_modules=list(target_modules),
                       modules_to_save=list(modules_to_save) if modules_to_save else None)
 
@@ -74,11 +76,11 @@ def lora_targets(name_or_path: str, targets: list[str], modules_to_save: list[st
     return found, [t for t in kept if t not in names]
 
 
-def merged_model(adapter_dir: str, base: str, vocab_size: int, dtype: torch.dtype | None = None,
-                 cache_dir: str | None = None, trust_remote_code: bool = False) -> Any:
-    """The base model with an adapter export's adapters merged in (peft's ``merge_and_unload``), its
-    embeddings grown to ``vocab_size`` first where tokens were added."""
-    model = AutoModel.from_pretrained(base, cache_dir=cache_dir, trust_remote_code=trust_remote_code, dtype=dtype)
+def merged_model(adapter_dir: str, base: str, vocab_size: int, cache_dir: str | None = None,
+                 trust_remote_code: bool = False, auto_class: Any = AutoModel) -> Any:
+    """The base model (loaded with ``auto_class``) with an adapter export's adapters merged in (peft's
+    ``merge_and_unload``), its embeddings grown to ``vocab_size`` first where tokens were added."""
+    model = auto_class.from_pretrained(base, cache_dir=cache_dir, trust_remote_code=trust_remote_code)
     if model.get_input_embeddings().weight.shape[0] < vocab_size:
         model.resize_token_embeddings(vocab_size, mean_resizing=False)  # the adapter file holds the grown rows
     return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()

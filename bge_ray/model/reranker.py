@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModelForSequenceClassification
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from bge_ray.model.embedder import freeze_position_embeddings, set_attention_dropout
 from bge_ray.model.tokenizer import is_decoder_only
@@ -86,3 +86,49 @@ def rerank_loss(logits: torch.Tensor, group_size: int, teacher_scores: torch.Ten
         targets = torch.softmax(teacher_scores.detach().to(grouped.dtype).view(grouped.size(0), -1), dim=-1)
         loss = loss - torch.mean(torch.sum(F.log_softmax(grouped, dim=-1) * targets, dim=-1))
     return loss
+
+
+class LLMReranker(nn.Module):
+    """A decoder-only (LLM) reranker, FlagEmbedding's ``CrossDecoderModel``: a causal LM reading the pair
+    and its prompt (:func:`bge_ray.data.pairs.llm_pair_inputs`, padded on the left); the relevance logit is
+    its next token's "Yes" logit. ``forward`` returns one logit per pair."""
+
+    def __init__(self, model: nn.Module, yes_id: int) -> None:
+        super().__init__()
+        self.model = model
+        self.yes_id = yes_id
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, yes_id: int, cache_dir: str | None = None,
+                        trust_remote_code: bool = False, attention_dropout: float | None = None) -> LLMReranker:
+        config = AutoConfig.from_pretrained(name_or_path, cache_dir=cache_dir, trust_remote_code=trust_remote_code)
+        if attention_dropout is not None:
+            set_attention_dropout(config, attention_dropout, name_or_path)
+        config.use_cache = False
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, config=config, cache_dir=cache_dir,
+                                                     trust_remote_code=trust_remote_code, use_safetensors=None)
+        return cls(model, yes_id)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:  # noqa: ARG002 (a cross-encoder's)
+        positions = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # each pair's from its first token
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, logits_to_keep=1)
+        return out.logits[:, -1, self.yes_id]
+
+    def freeze_position_embeddings(self) -> int:
+        return freeze_position_embeddings(self.model)
+
+
+def yes_token(tokenizer: Any, name: str = "the model") -> int:
+    """The id of "Yes", whose logit an LLM reranker's score is (FlagEmbedding's ``yes_loc``).
+
+    Raises:
+        ValueError: the tokenizer splits "Yes" (FlagEmbedding trains on its last piece and scores with its
+            first, so the trained model would be scored with a token it was not trained on).
+    """
+    ids = tokenizer("Yes", add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise ValueError(f"{name}'s tokenizer splits \"Yes\" into {len(ids)} tokens; an LLM reranker's score is the "
+                         "logit of \"Yes\" as one token (FlagEmbedding trains on its last piece and scores with its "
+                         "first, which disagree here)")
+    return ids[0]

@@ -19,7 +19,7 @@ from bge_ray.cluster import actor_count, connect_ray
 from bge_ray.config.finetune import check_local_models, resolve_model_path
 from bge_ray.console import ProgressLine, log
 from bge_ray.data.collate import pad_ids
-from bge_ray.data.pairs import training_pairs
+from bge_ray.data.pairs import training_pair_ids
 from bge_ray.data.text import TextSpec
 from bge_ray.errors import ConfigError
 from bge_ray.model.embedder import check_matryoshka_dims
@@ -340,8 +340,8 @@ def _score_shared(model: Any, tokenizer: Any, vset: ValidationSet, spec: TextSpe
     texts = dict(zip(vset.doc_ids, vset.doc_texts, strict=True))
     pairs = [(q, d) for q, docs in vset.candidates.items() for d in docs]
     part, real = _shard(pairs, rank, world)
-    enc = training_pairs(tokenizer, spec.format([vset.dataset.queries[q] for q, _ in part], "query"),
-                         spec.format([texts[d] for _, d in part], "passage"), spec.query_max_len, spec.passage_max_len)
+    enc = training_pair_ids(tokenizer, spec.format([vset.dataset.queries[q] for q, _ in part], "query"),
+                            spec.format([texts[d] for _, d in part], "passage"), [None] * len(part), spec)
     scores = []
     for start in range(0, len(part), batch_size):
         ids, mask = pad_ids(enc["input_ids"][start:start + batch_size], tokenizer.pad_token_id, tokenizer.padding_side)

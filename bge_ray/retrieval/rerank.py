@@ -24,9 +24,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 from bge_ray.config.finetune import resolve_model_path
 from bge_ray.console import ProgressLine
 from bge_ray.data.collate import pad_ids
-from bge_ray.data.pairs import llm_pair_inputs, pair_inputs
+from bge_ray.data.pairs import LLM_PROMPT, llm_pair_inputs, pair_inputs
 from bge_ray.data.text import apply_instruction
 from bge_ray.errors import ConfigError
+from bge_ray.model.reranker import yes_token
 from bge_ray.model.tokenizer import is_decoder_only, load_tokenizer
 
 METADATA_FILE = "bge_ray.json"
@@ -47,6 +48,7 @@ class RerankSpec:
     batch_size: int = 32
     trust_remote_code: bool = False
     prompt: str | None = None  # a decoder-only (LLM) reranker's question (default: FlagEmbedding's)
+    sep: str = "\n"  # what an LLM reranker reads between query, passage and prompt
 
     @property
     def query_tokens(self) -> int:
@@ -78,6 +80,8 @@ def rerank_spec_for(model: str, **overrides: Any) -> RerankSpec:
             if meta.get(theirs) is not None:
                 values[ours] = meta[theirs]
         q, p = meta.get("query_max_len"), meta.get("passage_max_len")
+        if meta.get("sep_token") is not None:
+            values["sep"] = meta["sep_token"]
         if meta.get("task") == "reranker" and q and p:  # pairs cut as in training (data/pairs.py)
             values.update(max_length=q + p, query_max_length=q + p // 4, passage_max_length=p + q // 2)
     given = {k: v for k, v in overrides.items() if v is not None}
@@ -93,11 +97,6 @@ def rerank_spec_for(model: str, **overrides: Any) -> RerankSpec:
         raise ConfigError(f"reranker_query_max_length must be between 1 and reranker_max_length "
                           f"({spec.max_length}), got {spec.query_tokens}")
     return spec
-
-
-# FlagEmbedding's FlagLLMReranker's default question after each pair
-LLM_PROMPT = ("Given a query A and a passage B, determine whether the passage contains an answer to the query by "
-              "providing a prediction of either 'Yes' or 'No'.")
 
 
 def reranker_kind(spec: RerankSpec) -> str:
@@ -121,6 +120,10 @@ def reranker_kind(spec: RerankSpec) -> str:
             raise ConfigError(f"prompt is read by decoder-only (LLM) rerankers; {spec.model} is a cross-encoder, "
                               "which would ignore it: drop prompt")
         return "cross-encoder"
+    try:
+        yes_token(AutoTokenizer.from_pretrained(spec.model, trust_remote_code=spec.trust_remote_code), spec.model)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     return "llm"
 
 
@@ -139,7 +142,7 @@ class PairScorer:
         if self.kind == "llm":  # its tokenizer as FlagLLMReranker loads it (no EOS appended)
             self.tokenizer = AutoTokenizer.from_pretrained(spec.model, trust_remote_code=spec.trust_remote_code)
             self.model = AutoModelForCausalLM.from_pretrained(spec.model, **loading)
-            self.yes = self.tokenizer("Yes", add_special_tokens=False)["input_ids"][0]
+            self.yes = yes_token(self.tokenizer, spec.model)
         else:
             self.tokenizer = load_tokenizer(spec.model, None, spec.trust_remote_code)
             self.model = AutoModelForSequenceClassification.from_pretrained(spec.model, **loading)
@@ -152,9 +155,11 @@ class PairScorer:
         s = self.spec
         queries = [apply_instruction(q, s.query_instruction, s.query_instruction_format) for q in queries]
         passages = [apply_instruction(p, s.passage_instruction, s.passage_instruction_format) for p in passages]
-        if self.kind == "llm":
-            return {"input_ids": llm_pair_inputs(self.tokenizer, queries, passages, s.query_tokens, s.max_length,
-                                                 s.prompt if s.prompt is not None else LLM_PROMPT)}
+        if self.kind == "llm":  # FlagLLMReranker's cuts, or a bge-ray export's as trained
+            trained = s.passage_max_length is not None
+            return {"input_ids": llm_pair_inputs(
+                self.tokenizer, queries, passages, [s.prompt if s.prompt is not None else LLM_PROMPT] * len(queries),
+                s.query_tokens, s.passage_tokens, s.max_length, s.sep, tail_inside=trained)}
         return pair_inputs(self.tokenizer, queries, passages, s.query_tokens, s.passage_tokens, s.max_length)
 
     def _scores(self, inputs: dict[str, np.ndarray]) -> torch.Tensor:

@@ -97,7 +97,27 @@ def _usage(model_dir: str, cfg: dict[str, Any]) -> list[str]:
     ]
 
 
+def _llm_reranker_usage(model_dir: str, cfg: dict[str, Any]) -> list[str]:
+    if cfg.get("use_lora") and cfg.get("save_merged_lora_model"):
+        model_dir = f"{model_dir.rstrip('/')}/{MERGED_SUBDIR}"
+    inst = ", ".join(f"{k}={cfg.get(k)!r}" for k in ("query_instruction_for_rerank", "passage_instruction_for_rerank"))
+    return [
+        "```python",
+        f'model_dir = "{model_dir}"',
+        "",
+        "from FlagEmbedding import FlagLLMReranker",
+        f"reranker = FlagLLMReranker(model_dir, {inst})  # the instructions it was trained with",
+        "print(reranker.compute_score([['what causes tides', \"Tides are caused by the moon's gravity.\"]]))",
+        "```",
+        "",
+        "The score is the next token's \"Yes\" logit after the pair and the prompt (FlagEmbedding's question unless "
+        f"a row gave its own); pairs of {cfg['query_max_len']} + {cfg['passage_max_len']} tokens were trained on.",
+    ]
+
+
 def _reranker_usage(model_dir: str, cfg: dict[str, Any]) -> list[str]:
+    if cfg.get("model_type") == "decoder":
+        return _llm_reranker_usage(model_dir, cfg)
     fmt = cfg.get("query_instruction_format", "{}{}")
     query = apply_instruction("what causes tides", cfg.get("query_instruction_for_rerank"), fmt)
     passage = apply_instruction("Tides are caused by the moon's gravity.", cfg.get("passage_instruction_for_rerank"),
@@ -145,10 +165,11 @@ def model_card(model_dir: str, cfg: dict[str, Any], data: dict[str, int] | None 
     cfg = strip_credentials(cfg)
     base = cfg["model_name_or_path"]
     rerank = cfg.get("task") == "reranker"
-    what = ("A reranker (cross-encoder) fine-tuned from `{base}` with bge-ray {v}: cross-entropy over each query's "
+    kind = "an LLM reranker" if cfg.get("model_type") == "decoder" else "a cross-encoder"
+    what = ("A reranker ({kind}) fine-tuned from `{base}` with bge-ray {v}: cross-entropy over each query's "
             "group of one positive and its negatives, scored as query-passage pairs" if rerank else
             "A text embedding model fine-tuned from `{base}` with bge-ray {v}: contrastive learning (InfoNCE) on "
-            "query / positive / negative groups").format(base=base, v=__version__)
+            "query / positive / negative groups").format(base=base, v=__version__, kind=kind)
     lines = ["---", "library_name: sentence-transformers",
              f"pipeline_tag: {'text-ranking' if rerank else 'sentence-similarity'}",
              "tags: [sentence-transformers, " + ("cross-encoder, reranker" if rerank else

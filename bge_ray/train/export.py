@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from deepspeed.utils import safe_get_full_fp32_param
+from transformers import AutoModel, AutoModelForCausalLM
 
 from bge_ray.model.lora import merged_model
 from bge_ray.model.m3 import save_heads
@@ -103,18 +104,26 @@ def save_transformer(hf_model: Any, tokenizer: Any, state_dict: dict, out_dir: s
     tokenizer.save_pretrained(out_dir)
 
 
-def export_reranker(hf_model: Any, tokenizer: Any, state_dict: dict, out_dir: str, cfg_dict: dict[str, Any]) -> str:
-    """A reranker's model folder: the one-label sequence classifier (sentence-transformers' ``CrossEncoder``
-    and FlagEmbedding's ``FlagReranker`` load it), its tokenizer, and bge-ray's metadata."""
-    save_transformer(hf_model, tokenizer, state_dict, out_dir)
-    _write_json(os.path.join(out_dir, METADATA_FILE), {
+def reranker_metadata(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    """``bge_ray.json`` of a reranker: its task and kind, instructions, lengths (and an LLM reranker's
+    separator), the resolved config."""
+    return {
         "bge_ray_version": __version__,
         "task": "reranker",
-        **{k: cfg_dict[k] for k in ("query_instruction_for_rerank", "query_instruction_format",
-                                    "passage_instruction_for_rerank", "passage_instruction_format",
-                                    "query_max_len", "passage_max_len")},
+        **{k: cfg_dict.get(k) for k in ("model_type", "query_instruction_for_rerank", "query_instruction_format",
+                                        "passage_instruction_for_rerank", "passage_instruction_format",
+                                        "query_max_len", "passage_max_len")},
+        **({"sep_token": cfg_dict["sep_token"]} if cfg_dict.get("model_type") == "decoder" else {}),
         "training_config": strip_credentials(cfg_dict),
-    })
+    }
+
+
+def export_reranker(hf_model: Any, tokenizer: Any, state_dict: dict, out_dir: str, cfg_dict: dict[str, Any]) -> str:
+    """A reranker's model folder: the one-label sequence classifier (sentence-transformers' ``CrossEncoder``
+    and FlagEmbedding's ``FlagReranker`` load it) or an LLM reranker's causal LM (``FlagLLMReranker``
+    loads it), its tokenizer, and bge-ray's metadata."""
+    save_transformer(hf_model, tokenizer, state_dict, out_dir)
+    _write_json(os.path.join(out_dir, METADATA_FILE), reranker_metadata(cfg_dict))
     return out_dir
 
 
@@ -155,19 +164,25 @@ def export_model(hf_model: Any, tokenizer: Any, state_dict: dict, out_dir: str, 
 
 
 def export_lora(peft_model: Any, tokenizer: Any, state_dict: dict, out_dir: str, cfg_dict: dict[str, Any]) -> str:
-    """A LoRA run's model folder, laid out as FlagEmbedding's decoder runner leaves ``output_dir``: the
+    """A LoRA run's model folder, laid out as FlagEmbedding's decoder runners leave ``output_dir``: the
     adapters (peft's ``save_pretrained``, with the token embeddings where tokens were added), the
-    tokenizer, sentence-transformers files and bge-ray's metadata; with ``save_merged_lora_model``,
-    ``merged_model/``: the adapters merged into the base model, a full export (:func:`export_model`)."""
+    tokenizer, an embedder's sentence-transformers files and bge-ray's metadata; with
+    ``save_merged_lora_model``, ``merged_model/``: the adapters merged into the base model, a full export."""
+    reranker = cfg_dict.get("task") == "reranker"
     os.makedirs(out_dir, exist_ok=True)
     peft_model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    write_embedder_files(out_dir, int(peft_model.config.hidden_size), cfg_dict,
-                         {"unified_finetuning": False, "lora_base_model": cfg_dict["model_name_or_path"]})
+    base = {"lora_base_model": cfg_dict["model_name_or_path"]}
+    if reranker:
+        _write_json(os.path.join(out_dir, METADATA_FILE), {**reranker_metadata(cfg_dict), **base})
+    else:
+        write_embedder_files(out_dir, int(peft_model.config.hidden_size), cfg_dict, {"unified_finetuning": False, **base})
     if cfg_dict["save_merged_lora_model"]:
-        merged = merged_model(out_dir, cfg_dict["model_name_or_path"], len(tokenizer),
-                              cache_dir=cfg_dict.get("cache_dir"), trust_remote_code=bool(cfg_dict.get("trust_remote_code")))
-        export_model(merged, tokenizer, merged.state_dict(), os.path.join(out_dir, MERGED_SUBDIR), cfg_dict)
+        merged = merged_model(out_dir, cfg_dict["model_name_or_path"], len(tokenizer), cache_dir=cfg_dict.get("cache_dir"),
+                              trust_remote_code=bool(cfg_dict.get("trust_remote_code")),
+                              auto_class=AutoModelForCausalLM if reranker else AutoModel)
+        (export_reranker if reranker else export_model)(merged, tokenizer, merged.state_dict(),
+                                                         os.path.join(out_dir, MERGED_SUBDIR), cfg_dict)
     return out_dir
 
 

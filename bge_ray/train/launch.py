@@ -23,6 +23,7 @@ import ray
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.util.queue import Queue
+from transformers import AutoConfig
 
 from bge_ray.cluster import actor_count, capacity, check_fits, connect_for, need_for_training, side_actor
 from bge_ray.config.deepspeed import build_deepspeed_config
@@ -32,11 +33,11 @@ from bge_ray.console import log
 from bge_ray.data.pipeline import start_router
 from bge_ray.data.scan import load_training_data
 from bge_ray.errors import ConfigError
-from bge_ray.model.embedder import check_matryoshka_dims
+from bge_ray.model.embedder import check_matryoshka_dims, set_attention_dropout
 from bge_ray.model.lora import lora_targets
 from bge_ray.model.m3 import colbert_size
-from bge_ray.model.reranker import reranker_config
-from bge_ray.model.tokenizer import reads_as_decoder
+from bge_ray.model.reranker import reranker_config, yes_token
+from bge_ray.model.tokenizer import load_tokenizer, reads_as_decoder
 from bge_ray.retrieval.datasets import ValidationSet, load_validation_set
 from bge_ray.retrieval.encode import encoder_spec_for
 from bge_ray.retrieval.evaluate import evaluate_model
@@ -230,25 +231,8 @@ def _trainer(cfg: FinetuneConfig, loop_config: dict[str, Any], storage: str, run
             callbacks=callbacks))
 
 
-def resolve_lora(cfg: FinetuneConfig) -> FinetuneConfig:
-    """``use_lora`` decided for an embedder (unset: on for a decoder-only model, as FlagEmbedding's decoder
-    runner), and ``target_modules`` cut to the modules the model has (a line names those it lacks).
-
-    Raises:
-        ValueError: LoRA settings for an encoder that trains in full, LoRA with BGE-M3's heads, or
-            target modules the model does not have.
-    """
-    decoder = reads_as_decoder(cfg.model_name_or_path, cfg.cache_dir, cfg.trust_remote_code)
-    use_lora = decoder if cfg.use_lora is None else cfg.use_lora
-    if not use_lora:
-        given = lora_settings_given(cfg)
-        if given:
-            raise ValueError(f"{', '.join(given)}: LoRA settings, but {cfg.model_name_or_path} is an encoder, which "
-                             "trains in full unless use_lora: true; set it, or drop them")
-        return dataclasses.replace(cfg, use_lora=False)
-    if cfg.unified_finetuning:
-        raise ValueError("LoRA with unified_finetuning is not supported: BGE-M3's heads train in full beside an "
-                         "encoder that trains in full; set use_lora: false")
+def _lora_targets(cfg: FinetuneConfig) -> list[str]:
+    """The target modules LoRA adapts in the model (a line names those left out, and why)."""
     targets, missing = lora_targets(cfg.model_name_or_path, cfg.target_modules, cfg.modules_to_save,
                                     bool(cfg.additional_special_tokens), cfg.cache_dir, cfg.trust_remote_code)
     dropped = [t for t in cfg.target_modules if t not in targets]
@@ -257,12 +241,56 @@ def resolve_lora(cfg: FinetuneConfig) -> FinetuneConfig:
         if len(dropped) > len(missing):
             why.append("embed_tokens only once additional_special_tokens add tokens, as in FlagEmbedding")
         log(f"target_modules: LoRA adapts {' '.join(targets)}; not {' '.join(dropped)} ({'; '.join(why)})")
-    return dataclasses.replace(cfg, use_lora=True, target_modules=targets)
+    return targets
+
+
+def resolve_model_kind(cfg: FinetuneConfig) -> FinetuneConfig:
+    """``cfg`` with what the model decides: a decoder-only model trains as FlagEmbedding's decoder runners
+    train it (``use_lora`` on unless said otherwise; a reranker's ``model_type: decoder``), an encoder in
+    full; LoRA's targets cut to the modules the model has.
+
+    Raises:
+        ValueError: LoRA settings for an encoder, LoRA with BGE-M3's heads, a ``model_type`` the model is
+            not, target modules the model does not have.
+    """
+    name = cfg.model_name_or_path
+    decoder = reads_as_decoder(name, cfg.cache_dir, cfg.trust_remote_code)
+    kind = "decoder" if decoder else "encoder"
+    rerank = cfg.task == "reranker"
+    if rerank and cfg.model_type not in (None, kind):
+        raise ValueError(f"model_type {cfg.model_type}: {name} is {'a decoder-only' if decoder else 'an encoder'} model")
+    if not decoder:
+        if rerank:  # a cross-encoder: its config, its attention dropout's name
+            reranker_config(name, cfg.cache_dir, cfg.trust_remote_code, cfg.attention_dropout)
+            if cfg.use_lora:
+                raise ValueError(f"use_lora for {name}, an encoder reranker: its new classification head would not "
+                                 "train (FlagEmbedding's encoder reranker runner has no LoRA); train it in full")
+            if cfg.sep_token != "\n":
+                log(f"sep_token does nothing for {name}: an encoder's pair is its tokenizer's own "
+                    "([CLS] query [SEP] passage [SEP] for BERT), as in FlagEmbedding's encoder runner")
+        given = lora_settings_given(cfg)
+        if not cfg.use_lora and given:
+            raise ValueError(f"{', '.join(given)}: LoRA settings, but {name} is an encoder, which trains in full "
+                             "unless use_lora: true; set it, or drop them")
+        if not cfg.use_lora:
+            return dataclasses.replace(cfg, use_lora=False, model_type=kind if rerank else None)
+    elif rerank:  # an LLM reranker: "Yes" one token, the attention dropout's name
+        yes_token(load_tokenizer(name, cfg.cache_dir, cfg.trust_remote_code, cfg.use_fast_tokenizer), name)
+        if cfg.attention_dropout is not None:
+            set_attention_dropout(AutoConfig.from_pretrained(name, cache_dir=cfg.cache_dir,
+                                                             trust_remote_code=cfg.trust_remote_code),
+                                  cfg.attention_dropout, name)
+    use_lora = decoder if cfg.use_lora is None else cfg.use_lora
+    if use_lora and cfg.unified_finetuning:
+        raise ValueError("LoRA with unified_finetuning is not supported: BGE-M3's heads train in full beside an "
+                         "encoder that trains in full; set use_lora: false")
+    return dataclasses.replace(cfg, use_lora=use_lora, model_type=kind if rerank else None,
+                               target_modules=_lora_targets(cfg) if use_lora else cfg.target_modules)
 
 
 def check_model(cfg: FinetuneConfig) -> FinetuneConfig:
     """What the model's config must allow, checked before Ray starts: Matryoshka dims within its size,
-    a BGE-M3 head size it can have, a reranker's encoder, LoRA's targets; ``cfg`` with LoRA decided.
+    a BGE-M3 head size it can have, a reranker's kind, LoRA's targets; ``cfg`` with what the model decides.
 
     Raises:
         ConfigError: the setting the model contradicts, and why.
@@ -272,12 +300,10 @@ def check_model(cfg: FinetuneConfig) -> FinetuneConfig:
             check_matryoshka_dims(cfg.model_name_or_path, cfg.mrl_dims, cfg.cache_dir, cfg.trust_remote_code)
         if cfg.unified_finetuning:
             colbert_size(cfg.model_name_or_path, cfg.colbert_dim, cfg.cache_dir, cfg.trust_remote_code)
-        if cfg.task == "reranker":  # an encoder whose config reads; the attention dropout it names
-            reranker_config(cfg.model_name_or_path, cfg.cache_dir, cfg.trust_remote_code, cfg.attention_dropout)
         if cfg.eval_retriever:
             encoder_spec_for(cfg.eval_retriever)  # an embedder, not a reranker
-        return resolve_lora(cfg) if cfg.task == "embedder" else cfg
-    except ValueError as e:
+        return resolve_model_kind(cfg)
+    except (OSError, ValueError) as e:
         raise ConfigError(str(e)) from None
 
 

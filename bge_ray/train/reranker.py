@@ -10,9 +10,10 @@ import torch
 
 from bge_ray.data.collate import PairCollator
 from bge_ray.data.text import TextSpec
-from bge_ray.model.reranker import Reranker, rerank_loss
+from bge_ray.model.lora import add_lora, lora_config
+from bge_ray.model.reranker import LLMReranker, Reranker, rerank_loss, yes_token
 from bge_ray.retrieval.evaluate import validate_reranker
-from bge_ray.train.export import export_reranker, transformer_state
+from bge_ray.train.export import export_lora, export_reranker, transformer_state
 from bge_ray.train.recipe import EmbedderRecipe
 
 
@@ -27,10 +28,19 @@ class RerankerRecipe(EmbedderRecipe):
                 for ds in self.datasets]
 
     def build_model(self) -> torch.nn.Module:
+        """A cross-encoder (a new classification head drawn from ``seed``), or an LLM reranker with LoRA
+        adapters drawn from ``seed`` (``use_lora``): alike on every worker."""
         cfg = self.cfg
-        return Reranker.from_pretrained(cfg.model_name_or_path, cache_dir=cfg.cache_dir,
-                                        trust_remote_code=cfg.trust_remote_code,
-                                        attention_dropout=cfg.attention_dropout, seed=cfg.seed)
+        loading = {"cache_dir": cfg.cache_dir, "trust_remote_code": cfg.trust_remote_code,
+                   "attention_dropout": cfg.attention_dropout}
+        if cfg.model_type != "decoder":
+            return Reranker.from_pretrained(cfg.model_name_or_path, seed=cfg.seed, **loading)
+        model = LLMReranker.from_pretrained(cfg.model_name_or_path, yes_token(self.tokenizer), **loading)
+        if cfg.use_lora:
+            model.model = add_lora(model.model, lora_config(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
+                                                            cfg.target_modules, cfg.modules_to_save, causal_lm=True),
+                                   cfg.seed)
+        return model
 
     def train_step(self, item: tuple[int, dict[str, Any]], waited: float, forward: int = 0) -> None:  # noqa: ARG002
         """One micro-batch: every (query, passage) pair scored, cross-entropy over each query's group
@@ -49,5 +59,9 @@ class RerankerRecipe(EmbedderRecipe):
                                  self.cfg.eval_batch_size, self.device)
 
     def export_weights(self, state_dict: dict[str, torch.Tensor], out_dir: str) -> None:
+        if self.cfg.use_lora:
+            export_lora(self.engine.module.model, self.tokenizer, transformer_state(state_dict), out_dir,
+                        self.cfg.to_dict())
+            return
         export_reranker(self.engine.module.model, self.tokenizer, transformer_state(state_dict), out_dir,
                         self.cfg.to_dict())
