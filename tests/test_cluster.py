@@ -68,7 +68,7 @@ def test_cluster_constraints_pin_versions_pyproject_allows():
 
 
 @pytest.mark.parametrize("name", ["quickstart.yaml", "bge-base-8gpu.yaml", "bge-large-multinode.yaml",
-                                  "reranker-8gpu.yaml"])
+                                  "reranker-8gpu.yaml", "llm-embedder-lora.yaml"])
 def test_training_job_configs_are_valid(name):
     cfg = load_config(os.path.join(JOB_CONFIGS, name))
     assert cfg.eval_data and cfg.output_dir
@@ -81,6 +81,9 @@ def test_training_job_configs_are_valid(name):
     assert os.path.isabs(cfg.output_dir)  # survives the job's temporary working_dir
     if name == "bge-large-multinode.yaml":
         assert cfg.zero_stage == 3 and cfg.num_workers > 8
+    if name == "llm-embedder-lora.yaml":  # FlagEmbedding's decoder-only example's LoRA block, at scale
+        assert cfg.use_lora and cfg.save_merged_lora_model and cfg.additional_special_tokens == ["<instruct>", "<query>"]
+        assert cfg.zero_stage == 3 and cfg.sentence_pooling_method == "last_token"
 
 
 def test_sweep_and_mine_job_configs_are_valid():
