@@ -104,6 +104,7 @@ def test_lora_and_its_model_are_decided_and_checked_before_ray(tiny_decoder, tin
     assert cfg.target_modules == ["q_proj"]
     err = capsys.readouterr().err
     assert "not embed_tokens fc1" in err and "has no fc1" in err and "additional_special_tokens" in err
+    assert "is a decoder-only model: it trains as FlagEmbedding's decoder runner trains it (LoRA rank 64, alpha 16" in err
     tokens = {**base, "model_name_or_path": tiny_decoder, "additional_special_tokens": list(TOKENS)}
     assert check_model(load_config(None, {**tokens, "target_modules": ["q_proj", "embed_tokens"]})).target_modules == [
         "q_proj", "embed_tokens"]

@@ -284,8 +284,12 @@ def resolve_model_kind(cfg: FinetuneConfig) -> FinetuneConfig:
     if use_lora and cfg.unified_finetuning:
         raise ValueError("LoRA with unified_finetuning is not supported: BGE-M3's heads train in full beside an "
                          "encoder that trains in full; set use_lora: false")
-    return dataclasses.replace(cfg, use_lora=use_lora, model_type=kind if rerank else None,
-                               target_modules=_lora_targets(cfg) if use_lora else cfg.target_modules)
+    targets = _lora_targets(cfg) if use_lora else cfg.target_modules
+    if decoder:
+        log(f"{name} is a decoder-only model: it trains as FlagEmbedding's decoder runner trains it ("
+            + (f"LoRA rank {cfg.lora_rank}, alpha {cfg.lora_alpha:g} on {' '.join(targets)}" if use_lora else "in full")
+            + (", the next token's \"Yes\" logit" if rerank else ", EOS appended, left padding") + ")")
+    return dataclasses.replace(cfg, use_lora=use_lora, model_type=kind if rerank else None, target_modules=targets)
 
 
 def check_model(cfg: FinetuneConfig) -> FinetuneConfig:
