@@ -98,6 +98,11 @@ def test_lora_and_its_model_are_decided_and_checked_before_ray(tiny_decoder, tin
     assert check_model(load_config(None, {**base, "model_name_or_path": tiny_decoder})).use_lora is True
     assert check_model(load_config(None, {**base, "model_name_or_path": tiny_model})).use_lora is False
     assert check_model(load_config(None, {**base, "model_name_or_path": tiny_decoder, "use_lora": False})).use_lora is False
+    from transformers import GPT2Config, T5Config
+
+    from bge_ray.model.tokenizer import is_decoder_only
+
+    assert is_decoder_only(GPT2Config()) and not is_decoder_only(T5Config())  # T5 (GTR, sentence-t5) is no LLM
     # embed_tokens is adapted only once tokens are added (FlagEmbedding's rule), and the line says so
     cfg = check_model(load_config(None, {**base, "model_name_or_path": tiny_decoder,
                                          "target_modules": ["q_proj", "embed_tokens", "fc1"]}))

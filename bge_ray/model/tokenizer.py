@@ -6,13 +6,18 @@ import functools
 from typing import Any
 
 from transformers import AutoConfig, AutoTokenizer
-from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
 def is_decoder_only(config: Any) -> bool:
-    """Whether a transformers config is a decoder-only (LLM) model's: its type has no masked-LM class
-    (BERT, XLM-RoBERTa, ModernBERT... have one; Llama, Mistral, Qwen, Gemma, GPT-2 do not)."""
-    return config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    """Whether a transformers config is a decoder-only (LLM) model's: a causal LM type without a
+    masked-LM class (Llama, Mistral, Qwen, Gemma, GPT-2; not BERT, XLM-RoBERTa, ModernBERT, nor an
+    encoder-decoder such as T5), or a remote-code model whose architectures are causal LMs."""
+    if getattr(config, "is_encoder_decoder", False) or config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return False
+    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return True
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in getattr(config, "architectures", None) or [])
 
 
 def reads_as_decoder(name_or_path: str, cache_dir: str | None = None, trust_remote_code: bool = False) -> bool:
