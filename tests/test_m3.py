@@ -22,6 +22,7 @@ from bge_ray.model.m3 import COLBERT_FILE, SPARSE_FILE, M3Embedder, colbert_size
 from bge_ray.model.tokenizer import load_tokenizer
 from bge_ray.train.export import export_model
 from tests.flagembedding_compat import import_flag_model
+from tests.helpers import build_tiny_bert
 from tests.test_grad_cache import Plain, _batch, _close, _grads
 
 T = 0.05
@@ -283,11 +284,23 @@ M3_CFG = {"sentence_pooling_method": "cls", "normalize_embeddings": True, "query
 @pytest.fixture(scope="module")
 def m3_model(tiny_model, tmp_path_factory) -> str:
     """An exported BGE-M3-shaped model whose sparse head gives most tokens a weight."""
-    tokenizer = load_tokenizer(tiny_model)
-    model = M3Embedder.from_pretrained(tiny_model, tokenizer=tokenizer, seed=2)
+    return _export_m3(tiny_model, str(tmp_path_factory.mktemp("m3") / "model"))
+
+
+@pytest.fixture(scope="module")
+def m3_spread(tmp_path_factory) -> str:
+    """:func:`m3_model` on a BERT drawn wider, so its rankings are not float-noise ties: at BERT's init the
+    [CLS] embeddings of a tiny random model differ by ~1e-7 between texts, and how a batch is padded decides
+    the order."""
+    base = build_tiny_bert(str(tmp_path_factory.mktemp("m3_spread_base")), init_range=0.2)
+    return _export_m3(base, str(tmp_path_factory.mktemp("m3_spread") / "model"))
+
+
+def _export_m3(base: str, out: str) -> str:
+    tokenizer = load_tokenizer(base)
+    model = M3Embedder.from_pretrained(base, tokenizer=tokenizer, seed=2)
     with torch.no_grad():
         model.sparse_linear.bias.fill_(0.3)
-    out = str(tmp_path_factory.mktemp("m3") / "model")
     export_model(model.model, tokenizer, model.model.state_dict(), out, {**M3_CFG, "unified_finetuning": True,
                                                                          "m3_score_weights": [1.0, 0.3, 1.0]},
                  heads=model.state_dict())
@@ -354,7 +367,7 @@ def test_search_in_chunks_equals_scoring_every_pair(m3_model):
     assert COLBERT_BUDGET > 0 and runs["sparse"] != runs["dense"]
 
 
-def test_eval_scores_every_mode_of_an_m3_model(ray_cluster, m3_model, tmp_path):
+def test_eval_scores_every_mode_of_an_m3_model(ray_cluster, m3_spread, tmp_path):
     """bge-ray eval on Ray Data: one row per mode, each equal to scoring every pair in process."""
     from bge_ray.retrieval.datasets import load_dataset
     from bge_ray.retrieval.evaluate import evaluate, format_table
@@ -363,7 +376,7 @@ def test_eval_scores_every_mode_of_an_m3_model(ray_cluster, m3_model, tmp_path):
     from tests.helpers import make_beir_subset
 
     beir = make_beir_subset(str(tmp_path / "beir"), n_queries=8, n_extra_docs=20)
-    rows = evaluate([m3_model], beir, ks=(1, 10), concurrency=1, output_dir=str(tmp_path / "out"))
+    rows = evaluate([m3_spread], beir, ks=(1, 10), concurrency=1, output_dir=str(tmp_path / "out"))
     assert [r["mode"] for r in rows] == ["dense", "sparse", "colbert", "hybrid"]
     assert "| model | mode | queries |" in format_table(rows, (1, 10), markdown=True)
     ds = load_dataset(beir)
@@ -372,8 +385,8 @@ def test_eval_scores_every_mode_of_an_m3_model(ray_cluster, m3_model, tmp_path):
     doc_ids = [str(c["_id"]) for c in corpus]
     texts = [(c.get("title", "") + " " + c["text"]).strip() for c in corpus]
     qids = list(ds.eval_queries)
-    tokenizer = load_tokenizer(m3_model)
-    model = M3Embedder.from_pretrained(m3_model, tokenizer=tokenizer).eval()
+    tokenizer = load_tokenizer(m3_spread)
+    model = M3Embedder.from_pretrained(m3_spread, tokenizer=tokenizer).eval()
     q = encode_m3_texts(model, tokenizer, [ds.eval_queries[i] for i in qids], 64, 16, torch.device("cpu"))
     d = encode_m3_texts(model, tokenizer, texts, 256, 16, torch.device("cpu"))
     dense = torch.as_tensor(q["dense"]) @ torch.as_tensor(d["dense"]).T
