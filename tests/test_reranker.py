@@ -22,7 +22,7 @@ from bge_ray.config import compat, load_config
 from bge_ray.config.fields import field_hints
 from bge_ray.config.finetune import RerankerConfig
 from bge_ray.data.collate import PairCollator, pad_ids
-from bge_ray.data.pairs import pair_inputs, tokenize_pairs, training_pair_ids, training_pairs
+from bge_ray.data.pairs import LLM_PROMPT, llm_pair_inputs, pair_inputs, tokenize_pairs, training_pairs
 from bge_ray.data.text import TextSpec
 from bge_ray.errors import ConfigError
 from bge_ray.model.reranker import Reranker, rerank_loss, reranker_config
@@ -544,8 +544,8 @@ def test_llm_reranker_finetune_with_lora_exports_what_flagllmreranker_scores_ali
     assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"], start["model.layers.0.self_attn.q_proj.weight"])
     assert torch.equal(merged["model.layers.0.self_attn.k_proj.weight"], start["model.layers.0.self_attn.k_proj.weight"])
     pairs = [[r["query"], r["pos"][0]] for r in rows[:3]] + [[rows[0]["query"], rows[0]["neg"][0]]]
-    spec = TextSpec(tokenizer=out, query_max_len=16, passage_max_len=48, pairs=True, llm_sep="\n")
-    ids = training_pair_ids(tok, [q for q, _ in pairs], [p for _, p in pairs], [None] * len(pairs), spec)["input_ids"]
+    # the pairs as FlagLLMReranker cuts them at max_length 512 (query 384 tokens, passage 512, its question)
+    ids = llm_pair_inputs(tok, [q for q, _ in pairs], [p for _, p in pairs], [LLM_PROMPT] * len(pairs), 384, 512, 512)
     with torch.no_grad():
         ours = [float(trained(torch.tensor([x]), torch.ones(1, len(x), dtype=torch.long))) for x in ids]
     import_flag_model()
@@ -553,7 +553,7 @@ def test_llm_reranker_finetune_with_lora_exports_what_flagllmreranker_scores_ali
 
     fe = FlagLLMReranker(os.path.join(out, "merged_model"), use_fp16=False, devices="cpu",
                          query_instruction_for_rerank=None, passage_instruction_for_rerank=None, max_length=512)
-    np.testing.assert_allclose(fe.compute_score(pairs), ours, atol=1e-5)  # short pairs: no cut either way
+    np.testing.assert_allclose(fe.compute_score(pairs), ours, atol=1e-5)
     with open(os.path.join(out, "README.md")) as f:
         card = f.read()
     assert "FlagLLMReranker(model_dir, query_instruction_for_rerank=None" in card and "merged_model" in card

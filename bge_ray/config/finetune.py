@@ -68,7 +68,8 @@ class FinetuneConfig:
                                   "scoring with its \"Yes\" logit, LoRA by default): read from the model's config, and "
                                   "checked against it when given", shown="the model's")
     sep_token: str = knob("\n", "what a decoder-only reranker reads between query, passage and prompt "
-                          "(FlagEmbedding's sep_token; an encoder's pair is its tokenizer's own)")
+                          "(FlagEmbedding's sep_token; an encoder's pair is its tokenizer's own)",
+                          shown="a newline")
     use_lora: bool | None = knob(None, "train LoRA adapters (peft) instead of every weight. Unset: on for a "
                                  "decoder-only (LLM) model, as FlagEmbedding's decoder runner, off for an encoder",
                                  shown="unset: on for a decoder-only model")
