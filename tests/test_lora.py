@@ -16,7 +16,7 @@ from bge_ray.config import load_config
 from bge_ray.config.finetune import FinetuneConfig, RerankerConfig
 from bge_ray.errors import ConfigError
 from bge_ray.model.embedder import Embedder
-from bge_ray.model.lora import add_lora, grow_embeddings, lora_config
+from bge_ray.model.lora import add_lora, grow_embeddings, lora_config, lora_config_of
 from bge_ray.model.tokenizer import load_tokenizer
 from bge_ray.train.launch import check_model
 from tests.flagembedding_compat import import_flag_model
@@ -61,8 +61,7 @@ def test_a_decoder_is_tokenized_and_adapted_as_flagembeddings_decoder_runner_doe
     model = Embedder.from_pretrained(tiny_decoder, pooling="last_token")
     assert grow_embeddings(model.model, len(tok), seed=0)
     cfg = FinetuneConfig()  # LoRA's defaults are FlagEmbedding's: rank 64, alpha 16, dropout 0.1, 7 projections
-    peft = add_lora(model.model, lora_config(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules,
-                                             cfg.modules_to_save), seed=0)
+    peft = add_lora(model.model, lora_config_of(cfg), seed=0)
 
     def trainable(m: torch.nn.Module) -> dict[str, tuple[int, ...]]:
         return {n.split("base_model.model.")[-1]: tuple(p.shape) for n, p in m.named_parameters() if p.requires_grad}

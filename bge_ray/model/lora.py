@@ -15,6 +15,8 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from torch import nn
 from transformers import AutoConfig, AutoModel
 
+from bge_ray.config.finetune import FinetuneConfig
+
 EMBEDDING_NAMES = ("embed_tokens",)  # what FlagEmbedding drops from target_modules when no token was added
 
 
@@ -26,6 +28,12 @@ def lora_config(rank: int, alpha: float, dropout: float, target_modules: list[st
     return LoraConfig(task_type=task, inference_mode=False, r=rank, lora_alpha=alpha,
                       lora_dropout=dropout, target_modules=list(target_modules),
                       modules_to_save=list(modules_to_save) if modules_to_save else None)
+
+
+def lora_config_of(cfg: FinetuneConfig, causal_lm: bool = False) -> LoraConfig:
+    """:func:`lora_config` with a fine-tune's LoRA fields."""
+    return lora_config(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, cfg.modules_to_save,
+                       causal_lm=causal_lm)
 
 
 def grow_embeddings(model: nn.Module, size: int, seed: int) -> bool:

@@ -50,7 +50,7 @@ from bge_ray.data.text import TextSpec
 from bge_ray.errors import CheckpointError
 from bge_ray.model.embedder import Embedder
 from bge_ray.model.grad_cache import micro_steps, train_micro_batch
-from bge_ray.model.lora import add_lora, grow_embeddings, lora_config
+from bge_ray.model.lora import add_lora, grow_embeddings, lora_config_of
 from bge_ray.model.loss import contrastive_loss, m3_loss, matryoshka_loss
 from bge_ray.model.m3 import M3Embedder
 from bge_ray.model.optim import build_optimizer, build_scheduler
@@ -343,8 +343,7 @@ class EmbedderRecipe:
         if cfg.additional_special_tokens:
             grow_embeddings(model.model, len(self.tokenizer), cfg.seed)
         if cfg.use_lora:
-            model.model = add_lora(model.model, lora_config(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
-                                                            cfg.target_modules, cfg.modules_to_save), cfg.seed)
+            model.model = add_lora(model.model, lora_config_of(cfg), cfg.seed)
         if cfg.fix_encoder:
             model.freeze_encoder()
         return model

@@ -10,7 +10,7 @@ import torch
 
 from bge_ray.data.collate import PairCollator
 from bge_ray.data.text import TextSpec
-from bge_ray.model.lora import add_lora, lora_config
+from bge_ray.model.lora import add_lora, lora_config_of
 from bge_ray.model.reranker import LLMReranker, Reranker, rerank_loss, yes_token
 from bge_ray.retrieval.evaluate import validate_reranker
 from bge_ray.train.export import export_lora, export_reranker, transformer_state
@@ -37,9 +37,7 @@ class RerankerRecipe(EmbedderRecipe):
             return Reranker.from_pretrained(cfg.model_name_or_path, seed=cfg.seed, **loading)
         model = LLMReranker.from_pretrained(cfg.model_name_or_path, yes_token(self.tokenizer), **loading)
         if cfg.use_lora:
-            model.model = add_lora(model.model, lora_config(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
-                                                            cfg.target_modules, cfg.modules_to_save, causal_lm=True),
-                                   cfg.seed)
+            model.model = add_lora(model.model, lora_config_of(cfg, causal_lm=True), cfg.seed)
         return model
 
     def train_step(self, item: tuple[int, dict[str, Any]], waited: float, forward: int = 0) -> None:  # noqa: ARG002
