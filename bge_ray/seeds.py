@@ -49,3 +49,9 @@ def negatives_rng(seed: int, row_key: int) -> random.Random:
 def init_seed(seed: int, rank: int) -> int:
     """Torch's seed on a training worker (dropout; the same model on every rank)."""
     return seed + rank
+
+
+def icl_rng(seed: int, row_keys: list[int]) -> random.Random:
+    """``icl``: how many in-context examples each query of a worker's batch gets, and which (the batch is
+    named by its rows)."""
+    return random.Random(f"icl:{seed}:{','.join(map(str, row_keys))}")

@@ -135,7 +135,7 @@ def test_lora_and_its_model_are_decided_and_checked_before_ray(tiny_decoder, tin
     ({"additional_special_tokens": ["<a>", " "]}, "additional_special_tokens holds an empty token"),
     ({"use_flash_attn": True}, "flash-attention 2 is not bundled"),
     ({"from_peft": "adapters/"}, "starting from another run's LoRA adapters"),
-    ({"icl_suffix_str": "\n<response>"}, "in-context examples"),
+    ({"icl_suffix_str": "\n<response>"}, "icl_suffix_str: in-context example settings without icl"),
 ])
 def test_lora_settings_that_cannot_work_are_refused_with_the_reason(tmp_path, extra, match):
     with pytest.raises(ConfigError, match=match):

@@ -186,7 +186,7 @@ def test_hn_mine_and_add_reranker_score_invocations_parse_unchanged(tiny_model, 
                         "--reranker_batch_size 32")
     cfg = load_config(None, score, cls=ScoreConfig)
     assert (cfg.output_file, cfg.batch_size) == (scored, 32)
-    with pytest.raises(ConfigError, match="LoRA rerankers are not supported yet"):
+    with pytest.raises(ConfigError, match="bge-ray score loads no adapters: give the merged model"):
         load_config(None, score + ["--reranker_peft_path", "adapter"], cls=ScoreConfig)
     cfg = load_config(None, score + ["--normalize", "True", "--reranker_query_max_length", "64",
                                      "--query_instruction_format_for_rerank", "<{}>{}"], cls=ScoreConfig)

@@ -26,7 +26,6 @@ _HUB = "bge-ray does not upload models: push output_dir with `hf upload`"
 _EVAL = "bge-ray validates retrieval on eval_data (eval_strategy, eval_steps, metric_for_best_model)"
 _PEFT_START = ("starting from another run's LoRA adapters is not supported yet: merge them into the model first "
                "(peft's merge_and_unload) and fine-tune that")
-_ICL = "in-context examples (FlagEmbedding's icl runner) are not supported yet"
 _HF_ONLY = "an HF Trainer feature bge-ray does not have"
 
 NO_EFFECT: dict[str, str] = {
@@ -107,8 +106,6 @@ AT_DEFAULT: dict[str, tuple[tuple[Any, ...], str]] = {
     "peft_model_path": ((None, ""), _PEFT_START), "from_peft": ((None,), _PEFT_START), "raw_peft": ((None,), _PEFT_START),
     "only_merge_lora_model": ((False,), "bge-ray merges at export (save_merged_lora_model); to merge a finished "
                                         "run's adapters, use peft's merge_and_unload"),
-    "example_query_max_len": ((), _ICL), "example_passage_max_len": ((), _ICL),
-    "retrieval_use_examples": ((False,), _ICL), "icl_suffix_str": ((), _ICL),
 }
 
 CONVERTED = {

@@ -122,6 +122,14 @@ class FinetuneConfig:
                                 "merged into one data set")
     drop_threshold: int = knob(0, "same_dataset_within_batch: a folder's merged small files are left out when "
                                "they hold fewer rows")
+    icl: bool = knob(False, "in-context examples, as FlagEmbedding's decoder_only.icl runner (bge-en-icl): each query "
+                     "gets 0-5 (query, positive) examples from other rows of its batch before it and icl_suffix_str "
+                     "after it; needs same_dataset_within_batch")
+    example_query_max_len: int = knob(64, "icl: tokens an example's query keeps")
+    example_passage_max_len: int = knob(96, "icl: tokens an example's positive keeps")
+    retrieval_use_examples: bool = knob(True, "icl: retrieval rows get examples too (symmetric task types always do)")
+    icl_suffix_str: str = knob("\nResponse:", "icl: what follows every query (and joins an example's query to its "
+                               "positive)", shown="\\nResponse:")
     shuffle_ratio: float = knob(0.0, "share of positives cut in three pieces and put back in a random order "
                                 "(FlagEmbedding's passage shuffling; texts of 100 characters or fewer are kept)")
     cache_path: str | None = knob(None, "where compressed training files' plain copies are kept (chunks are read "
@@ -326,6 +334,7 @@ class FinetuneConfig:
         _check_task(self)
         _check_training(self)
         _check_lora(self)
+        _check_icl(self)
         _check_matryoshka(self)
         _check_m3(self)
         _check_validation(self)
@@ -473,6 +482,8 @@ def _check_model_and_data(cfg: FinetuneConfig) -> None:
 
 # what only an embedder has: a reranker refuses each at any other value (FlagEmbedding's reranker runner
 # has no such flag), naming what it trains instead
+ICL_FIELDS = {"icl": False, "example_query_max_len": 64, "example_passage_max_len": 96, "retrieval_use_examples": True,
+              "icl_suffix_str": "\nResponse:"}
 EMBEDDER_ONLY = {
     "temperature": 0.02, "sentence_pooling_method": "cls", "normalize_embeddings": True,
     "negatives_cross_device": False, "kd_loss_type": "kl_div", "use_mrl": False, "mrl_dims": [], "mrl_weights": None,
@@ -480,7 +491,7 @@ EMBEDDER_ONLY = {
     "fix_encoder": False, "m3_score_weights": [1.0, 0.3, 1.0], "m3_loss_weights": [1.0, 0.1, 1.0],
     "query_instruction_for_retrieval": None, "passage_instruction_for_retrieval": None,
     "same_dataset_within_batch": False, "small_threshold": 0, "drop_threshold": 0, "sub_batch_size": None,
-    "additional_special_tokens": None,
+    "additional_special_tokens": None, **ICL_FIELDS,
 }
 RERANKER_ONLY = {"query_instruction_for_rerank": None, "passage_instruction_for_rerank": None,
                  "eval_retriever": None, "eval_rerank_top_k": 100, "model_type": None, "sep_token": "\n"}
@@ -597,6 +608,22 @@ def _check_training(cfg: FinetuneConfig) -> None:
         raise ConfigError("weight_decay and max_grad_norm must be >= 0 (max_grad_norm 0 turns clipping off)")
     if cfg.save_total_limit is not None and cfg.save_total_limit < 1:
         raise ConfigError(f"save_total_limit must be >= 1 or unset, got {cfg.save_total_limit}")
+
+
+def _check_icl(cfg: FinetuneConfig) -> None:
+    if not cfg.icl:
+        given = [n for n, default in ICL_FIELDS.items() if getattr(cfg, n) != default]
+        if given:
+            raise ConfigError(f"{', '.join(given)}: in-context example settings without icl (only FlagEmbedding's "
+                              "decoder_only.icl runner reads them): add icl: true, or drop them")
+        return
+    if not cfg.same_dataset_within_batch:
+        raise ConfigError("icl draws a query's examples from its batch, which needs same_dataset_within_batch: true "
+                          "(FlagEmbedding's icl runner supports nothing else)")
+    if cfg.unified_finetuning:
+        raise ConfigError("icl with unified_finetuning: FlagEmbedding trains in-context examples on dense embeddings "
+                          "only; train one or the other")
+    _at_least(cfg, ("example_query_max_len", "example_passage_max_len"), 1)
 
 
 def _check_matryoshka(cfg: FinetuneConfig) -> None:

@@ -6,7 +6,8 @@
          rows trained before a resume left out, each row cut to its group for the epoch (1 positive +
          group_size-1 negatives, seeded by seed, epoch and the row's file:line)
       -> map_batches(tokenize_rows), 64 rows a task: instructions applied, the drawn texts tokenized
-         (a reranker's: tokenize_pairs, each query with each of its drawn passages)
+         (a reranker's: tokenize_pairs, each query with each of its drawn passages; icl's:
+         tokenize_icl_rows, queries left as text for the worker to add examples)
       -> BatchRouter (a Ray actor): reads the stream in order (Ray Data keeps it), cuts it into the
          plan's global batches and hands slice r of each to worker r.
 
@@ -37,6 +38,7 @@ from ray.data.datasource import Datasource, ReadTask
 
 from bge_ray.cluster import side_actor
 from bge_ray.config.finetune import FinetuneConfig
+from bge_ray.data.icl import tokenize_icl_rows
 from bge_ray.data.jsonl import iter_lines_at
 from bge_ray.data.pairs import tokenize_pairs
 from bge_ray.data.plan import DataSet, EpochPlan, FileIndex, Segment, plan_epoch
@@ -232,8 +234,8 @@ def epoch_stream(reads_ref: Any, plan: EpochPlan, spec: TextSpec | None) -> ray.
     ctx.execution_options.preserve_order = True  # the plan's order, whatever finishes first
     ds = ray.data.read_datasource(WindowDatasource(reads_ref, plan.windows(), plan.window_rows))
     if spec is not None:
-        ds = ds.map_batches(tokenize_pairs if spec.pairs else tokenize_rows, fn_kwargs={"spec": spec}, batch_format="pyarrow",
-                            batch_size=TOKENIZE_BATCH_ROWS)
+        tokenize = tokenize_pairs if spec.pairs else tokenize_icl_rows if spec.icl_suffix is not None else tokenize_rows
+        ds = ds.map_batches(tokenize, fn_kwargs={"spec": spec}, batch_format="pyarrow", batch_size=TOKENIZE_BATCH_ROWS)
     return ds
 
 

@@ -36,6 +36,10 @@ class TextSpec:
     pairs: bool = False  # a reranker's input: each query with each of its passages, one sequence
     special_tokens: tuple[str, ...] = ()  # additional_special_tokens added to the tokenizer
     llm_sep: str | None = None  # a decoder-only reranker's pairs: what comes between query, passage and prompt
+    icl_suffix: str | None = None  # icl (in-context examples): what follows every query; None: no icl
+    example_query_max_len: int = 64
+    example_passage_max_len: int = 96
+    retrieval_use_examples: bool = True
 
     @classmethod
     def from_config(cls, cfg: FinetuneConfig) -> TextSpec:
@@ -49,7 +53,10 @@ class TextSpec:
                    passage_instruction_format=cfg.passage_instruction_format, cache_dir=cfg.cache_dir,
                    trust_remote_code=cfg.trust_remote_code, use_fast_tokenizer=cfg.use_fast_tokenizer, pairs=rerank,
                    special_tokens=tuple(cfg.additional_special_tokens or ()),
-                   llm_sep=cfg.sep_token if rerank and cfg.model_type == "decoder" else None)
+                   llm_sep=cfg.sep_token if rerank and cfg.model_type == "decoder" else None,
+                   icl_suffix=cfg.icl_suffix_str if cfg.icl else None, example_query_max_len=cfg.example_query_max_len,
+                   example_passage_max_len=cfg.example_passage_max_len,
+                   retrieval_use_examples=cfg.retrieval_use_examples)
 
     def query(self, text: str, instruction: str | None = None) -> str:
         """A query with its instruction: the row's own (its ``prompt``) when given, else the spec's."""

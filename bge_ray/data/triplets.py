@@ -2,7 +2,8 @@
 
 A row is ``{"query": str, "pos": [str, ...], "neg": [str, ...]}`` with optional ``pos_scores``,
 ``neg_scores`` (teacher scores, same lengths as ``pos``/``neg``) and ``prompt`` (a query
-instruction for this row that overrides ``query_instruction_for_retrieval``); a reranker's rows may
+instruction for this row that overrides ``query_instruction_for_retrieval``), ``type`` and ``category``
+(FlagEmbedding's task type; a clustering row's label, its in-context example's answer); a reranker's rows may
 carry ``query_prompt`` / ``passage_prompt`` (its instructions for this row, FlagEmbedding's reranker names).
 """
 
@@ -33,6 +34,7 @@ ROW_SCHEMA = pa.schema(
         ("query_prompt", pa.string()),
         ("passage_prompt", pa.string()),
         ("type", pa.string()),
+        ("category", pa.string()),
         ("batch_size", pa.int64()),
         ("train_group_size", pa.int64()),
         ("source", pa.string()),
@@ -114,7 +116,8 @@ def validate_row(obj: Any, rules: RowRules) -> str | None:
         err = _check_scores(obj, key, texts_key, rules.knowledge_distillation)
         if err:
             return err
-    for key, kind in (("prompt", str), ("query_prompt", str), ("passage_prompt", str), ("type", str), ("batch_size", int), ("train_group_size", int)):
+    for key, kind in (("prompt", str), ("query_prompt", str), ("passage_prompt", str), ("type", str), ("category", str),
+                      ("batch_size", int), ("train_group_size", int)):
         value = obj.get(key)
         if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
             return f"'{key}' must be {'a string' if kind is str else 'an integer'}, got {type(value).__name__}"
@@ -134,8 +137,8 @@ def parse_line(raw: bytes | LineTooLong, path: str, line: int, rules: RowRules) 
     """Parse and validate one JSONL line into a row dict (``error`` set when the row is bad)."""
     source = f"{path}:{line}"
     out = {"query": None, "pos": [], "neg": [], "pos_scores": [], "neg_scores": [], "prompt": None,
-           "query_prompt": None, "passage_prompt": None, "type": None, "batch_size": None, "train_group_size": None, "source": source, "row_key": row_key(path, line),
-           "error": None}
+           "query_prompt": None, "passage_prompt": None, "type": None, "category": None, "batch_size": None,
+           "train_group_size": None, "source": source, "row_key": row_key(path, line), "error": None}
     obj, err = decode_json_line(raw, source)
     if err:
         out["error"] = err
@@ -149,7 +152,7 @@ def parse_line(raw: bytes | LineTooLong, path: str, line: int, rules: RowRules) 
     out["neg"] = obj.get("neg") or []
     out["pos_scores"] = [float(s) for s in obj.get("pos_scores") or []]
     out["neg_scores"] = [float(s) for s in obj.get("neg_scores") or []]
-    for key in ("prompt", "query_prompt", "passage_prompt", "type", "batch_size", "train_group_size"):
+    for key in ("prompt", "query_prompt", "passage_prompt", "type", "category", "batch_size", "train_group_size"):
         out[key] = obj.get(key)
     return out
 

@@ -15,6 +15,7 @@ import torch
 from transformers.utils import cached_file
 
 from bge_ray.config.finetune import resolve_model_path
+from bge_ray.data.icl import model_queries
 from bge_ray.data.text import TextSpec
 from bge_ray.errors import ConfigError
 from bge_ray.model.embedder import Embedder
@@ -102,9 +103,11 @@ def encoder_spec_for(model: str, **overrides: Any) -> EncoderSpec:
                  "query_instruction_format": meta.get("query_instruction_format", "{}{}"),
                  "passage_instruction": meta.get("passage_instruction_for_retrieval"),
                  "passage_instruction_format": meta.get("passage_instruction_format", "{}{}")}
-        trained = (meta.get("training_config") or {}).get("m3_score_weights")
-        if meta.get("unified_finetuning") and trained:
-            found["m3_weights"] = tuple(float(w) for w in trained)  # what its ensemble was trained with
+        trained = meta.get("training_config") or {}
+        if meta.get("unified_finetuning") and trained.get("m3_score_weights"):
+            found["m3_weights"] = tuple(float(w) for w in trained["m3_score_weights"])  # its ensemble's training
+        if trained.get("icl"):  # queries end with the suffix it was trained with
+            found["icl_suffix"] = trained.get("icl_suffix_str", "\nResponse:")
     else:
         found = _sentence_transformers_spec(path)
     found.update({k: v for k, v in overrides.items() if v is not None})
@@ -138,6 +141,8 @@ class TextEncoder:
     def embed(self, texts: list[str], kind: str, instructions: list[str | None] | None = None) -> np.ndarray:
         """Embed ``texts`` as queries or passages; ``instructions`` (per query) override the spec's."""
         formatted = self.spec.text.format(texts, kind, instructions)
+        if kind == "query":
+            formatted = model_queries(self.tokenizer, self.spec.text, formatted)
         return encode_texts(self.model, self.tokenizer, formatted, self.spec.text.max_len(kind), self.spec.batch_size,
                             self.device)
 

@@ -19,6 +19,7 @@ from bge_ray.cluster import actor_count, connect_ray
 from bge_ray.config.finetune import check_local_models, resolve_model_path
 from bge_ray.console import ProgressLine, log
 from bge_ray.data.collate import pad_ids
+from bge_ray.data.icl import model_queries
 from bge_ray.data.pairs import training_pair_ids
 from bge_ray.data.text import TextSpec
 from bge_ray.errors import ConfigError
@@ -315,7 +316,7 @@ def validate(model: Any, tokenizer: Any, vset: ValidationSet, spec: EncoderSpec,
             model.train()
     else:
         qids = list(vset.dataset.eval_queries)
-        queries = spec.text.format([vset.dataset.queries[q] for q in qids], "query")
+        queries = model_queries(tokenizer, spec.text, spec.text.format([vset.dataset.queries[q] for q in qids], "query"))
         docs = spec.text.format(vset.doc_texts, "passage")
         q_emb = _embed_shared(model, tokenizer, queries, spec.text.query_max_len, spec.batch_size, device)
         d_emb = _embed_shared(model, tokenizer, docs, spec.text.passage_max_len, spec.batch_size, device)

@@ -173,7 +173,9 @@ class ScoreConfig(RowJobConfig):
     COMMAND: ClassVar[str] = "score"
     ALIASES: ClassVar[dict[str, str]] = {"reranker_batch_size": "batch_size"}  # add_reranker_score's name
     TRANSLATE: ClassVar[Any] = Flags(ROW_JOB_IGNORED, {
-        "reranker_peft_path": ((None,), "LoRA rerankers are not supported yet: merge the adapter first"),
+        "reranker_peft_path": ((None,), "bge-ray score loads no adapters: give the merged model as "
+                                        "reranker_name_or_path (a LoRA run's output_dir/merged_model, with "
+                                        "save_merged_lora_model, or peft's merge_and_unload)"),
         "cutoff_layers": ((None, ()), "layerwise rerankers are not supported yet"),
         "compress_ratio": ((1,), "lightweight rerankers are not supported yet"),
         "compress_layers": ((None, ()), "lightweight rerankers are not supported yet"),

@@ -63,6 +63,8 @@ def _usage(model_dir: str, cfg: dict[str, Any]) -> list[str]:
     flag_class = "FlagLLMModel" if pooling == "last_token" else "FlagModel"
     fe_args = f"normalize_embeddings={normalize}{fe_inst}" + ("" if flag_class == "FlagLLMModel" else
                                                              f", pooling_method={pooling!r}")
+    if cfg.get("icl"):  # FlagEmbedding's in-context example embedder class
+        flag_class, fe_args = "FlagICLModel", f"normalize_embeddings={normalize}{fe_inst}, suffix={cfg['icl_suffix_str']!r}"
     if cfg.get("use_lora") and cfg.get("save_merged_lora_model"):
         model_dir = f"{model_dir.rstrip('/')}/{MERGED_SUBDIR}"
     return [
@@ -83,6 +85,7 @@ def _usage(model_dir: str, cfg: dict[str, Any]) -> list[str]:
         f"model = {flag_class}(model_dir, {fe_args})",
         "```",
         "",
+        *_icl_note(cfg),
         "transformers (queries with their instruction, pooling as trained):",
         "",
         "```python",
@@ -95,6 +98,15 @@ def _usage(model_dir: str, cfg: dict[str, Any]) -> list[str]:
         *(["embedding = torch.nn.functional.normalize(embedding, dim=-1)"] if normalize else []),
         "```",
     ]
+
+
+def _icl_note(cfg: dict[str, Any]) -> list[str]:
+    if not cfg.get("icl"):
+        return []
+    return [f"Trained with in-context examples (FlagEmbedding's icl runner): every query ends with "
+            f"`{cfg['icl_suffix_str']!r}`; append it to queries in sentence-transformers and transformers. "
+            "FlagICLModel's `examples_for_task` (a list of `instruct` / `query` / `response` dicts) puts examples "
+            "before them.", ""]
 
 
 def _llm_reranker_usage(model_dir: str, cfg: dict[str, Any]) -> list[str]:

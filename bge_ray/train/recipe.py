@@ -44,6 +44,7 @@ from ray.train.v2._internal.execution import storage as ray_train_storage
 from bge_ray.config.deepspeed import engine_config
 from bge_ray.config.finetune import FinetuneConfig
 from bge_ray.data.collate import LENGTH_POOL_BATCHES, GroupCollator, length_grouped
+from bge_ray.data.icl import IclCollator
 from bge_ray.data.pipeline import router_batches
 from bge_ray.data.plan import DataSet
 from bge_ray.data.text import TextSpec
@@ -321,11 +322,14 @@ class EmbedderRecipe:
     def make_collators(self) -> list[Any]:
         """One collator per data set: padded queries and groups of passages."""
         cfg = self.cfg
-        return [GroupCollator(group_size=None if ds.kind == "symmetric_class" else ds.group_size,
-                              pad_token_id=self.tokenizer.pad_token_id, padding_side=self.tokenizer.padding_side,
-                              pad_to_multiple_of=cfg.pad_to_multiple_of,
-                              knowledge_distillation=cfg.knowledge_distillation and ds.has_scores)
-                for ds in self.datasets]
+        collators = [GroupCollator(group_size=None if ds.kind == "symmetric_class" else ds.group_size,
+                                   pad_token_id=self.tokenizer.pad_token_id, padding_side=self.tokenizer.padding_side,
+                                   pad_to_multiple_of=cfg.pad_to_multiple_of,
+                                   knowledge_distillation=cfg.knowledge_distillation and ds.has_scores)
+                     for ds in self.datasets]
+        if cfg.icl:  # the queries' in-context examples come from the batch: added here, on the worker
+            collators = [IclCollator(c, self.tokenizer, TextSpec.from_config(cfg), cfg.seed) for c in collators]
+        return collators
 
     def build_model(self) -> torch.nn.Module:
         """The embedder: its token embeddings grown for added tokens and LoRA adapters on it (``use_lora``),
