@@ -2,7 +2,7 @@
 # The test command (README "Test"; .ci/run calls exactly this).
 # Installs bge-ray with its test extras (the CPU build of torch first where there is no GPU),
 # lints, and runs the whole suite on one local Ray cluster. `--fast`: only the tests that start
-# no Ray cluster and train nothing (pytest -m "not slow"); other arguments go to pytest.
+# no Ray cluster or process group and train nothing (pytest -m "not slow"); other arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v nvidia-smi >/dev/null 2>&1; then

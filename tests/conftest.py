@@ -64,7 +64,8 @@ from tests.helpers import build_tiny_bert, build_tiny_llm_reranker  # noqa: E402
 
 def pytest_collection_modifyitems(config, items):  # noqa: ARG001 - pytest's hook signature
     """The fast tier is every test that starts no Ray cluster and trains nothing: a test that uses the
-    session's Ray head is marked ``slow`` here; tests that train without it carry the mark themselves."""
+    session's Ray head is marked ``slow`` here; tests that train or start a process group without it carry
+    the mark themselves."""
     for item in items:
         if "ray_head" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)

@@ -207,6 +207,7 @@ def _worker(rank, world, init_file, out_dir, mode):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two processes in a gloo group
 @pytest.mark.parametrize("mode", ["hard", "kl_div", "m3_kd_loss"])
 def test_cross_device_equals_single_process_global_batch(mode):
     with tempfile.TemporaryDirectory() as tmp:

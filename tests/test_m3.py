@@ -177,6 +177,7 @@ def _flag_dense(parts, q, p, teacher, kd):
     return fe(queries=q, passages=p, teacher_scores=teacher.flatten().tolist() if kd else None).loss
 
 
+@pytest.mark.slow  # two processes in a gloo group
 @pytest.mark.parametrize("kd", [None, "kl_div"])
 def test_cross_device_dense_negatives_with_local_sparse_and_colbert(kd):
     """Per worker the loss is FlagEmbedding's M3 cross-device loss; the workers' averaged gradient is that of
