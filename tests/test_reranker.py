@@ -28,6 +28,8 @@ from bge_ray.errors import ConfigError
 from bge_ray.model.reranker import Reranker, rerank_loss, reranker_config
 from bge_ray.model.tokenizer import load_tokenizer
 from bge_ray.retrieval.rerank import PairScorer, RerankSpec
+from bge_ray.tools.config import ScoreConfig
+from bge_ray.train.launch import check_model
 from tests.flagembedding_compat import import_flag_model
 from tests.helpers import FE_DS_STAGE0, FE_EXAMPLES
 
@@ -418,8 +420,29 @@ def test_what_an_llm_reranker_scorer_cannot_use_is_refused_before_ray(tiny_reran
     layerwise = shutil.copytree(tiny_llm_reranker, tmp_path / "layerwise")
     config = json.loads((layerwise / "config.json").read_text())
     (layerwise / "config.json").write_text(json.dumps({**config, "architectures": ["LayerWiseMiniCPMForCausalLM"]}))
-    with pytest.raises(ConfigError, match="layerwise / lightweight LLM reranker .* not supported yet"):
+    with pytest.raises(ConfigError, match="layerwise / lightweight LLM reranker .* not supported. Its model code"):
         score(input_file=[FE_EXAMPLES], output_dir=str(tmp_path / "b"), reranker_name_or_path=str(layerwise))
+    with pytest.raises(ConfigError, match="layerwise / lightweight LLM reranker .* transformers 5"):
+        check_model(load_config(None, {"model_name_or_path": str(layerwise), "train_data": [FE_EXAMPLES],
+                                       "output_dir": str(tmp_path / "c")}, RerankerConfig))
+    with pytest.raises(ConfigError, match="--cutoff_layers '28' is not supported: .* transformers 5"):
+        load_config(None, ["--input_file", FE_EXAMPLES, "--output_dir", str(tmp_path / "d"), "--reranker_name_or_path",
+                           tiny_llm_reranker, "--cutoff_layers", "28"], cls=ScoreConfig)
+
+
+def test_layerwise_and_lightweight_model_code_imports_what_this_transformers_lacks():
+    """The reason layerwise and lightweight rerankers are refused: when this fails, support them."""
+    import importlib.util
+
+    import transformers
+
+    assert not os.path.exists(os.path.join(os.path.dirname(transformers.__file__), "modeling_attn_mask_utils.py"))
+    root = importlib.util.find_spec("FlagEmbedding").submodule_search_locations[0]
+    for code in ("finetune/reranker/decoder_only/layerwise/modeling_minicpm_reranker.py",
+                 "inference/reranker/decoder_only/models/modeling_minicpm_reranker.py",
+                 "inference/reranker/decoder_only/models/gemma_model.py"):
+        with open(os.path.join(root, code), encoding="utf-8") as f:
+            assert "from transformers.modeling_attn_mask_utils import" in f.read(), code
 
 
 # ---- decoder-only (LLM) rerankers: training ---------------------------------------------------------

@@ -46,6 +46,19 @@ def reranker_config(name_or_path: str, cache_dir: str | None = None, trust_remot
     return config
 
 
+def layered_reranker(config: Any, name: str) -> str | None:
+    """Why ``name`` (its config) cannot be trained or scored, when it is a layerwise or lightweight LLM
+    reranker (bge-reranker-v2-minicpm-layerwise, bge-reranker-v2.5-gemma2-lightweight); else None."""
+    arch = " ".join(getattr(config, "architectures", None) or [])
+    if "layerwise" not in arch.lower() and "costwise" not in arch.lower():
+        return None
+    return (f"{name} is a layerwise / lightweight LLM reranker ({arch}): not supported. Its model code (FlagEmbedding's "
+            "modeling_minicpm_reranker.py / gemma_model.py, the checkpoints' remote code) imports "
+            "transformers.modeling_attn_mask_utils, which transformers 5 no longer has, so it does not run with the "
+            "transformers bge-ray needs (FlagEmbedding 1.4.2's own layerwise classes fail the same way). Decoder-only "
+            "rerankers scored by their \"Yes\" logit (bge-reranker-v2-gemma style) are supported")
+
+
 class Reranker(nn.Module):
     """A one-label sequence classifier; ``forward`` returns one logit per (query, passage) pair."""
 

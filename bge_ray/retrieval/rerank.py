@@ -27,7 +27,7 @@ from bge_ray.data.collate import pad_ids
 from bge_ray.data.pairs import LLM_PROMPT, llm_pair_inputs, pair_inputs
 from bge_ray.data.text import apply_instruction
 from bge_ray.errors import ConfigError
-from bge_ray.model.reranker import yes_token
+from bge_ray.model.reranker import layered_reranker, yes_token
 from bge_ray.model.tokenizer import is_decoder_only, load_tokenizer
 
 METADATA_FILE = "bge_ray.json"
@@ -111,10 +111,9 @@ def reranker_kind(spec: RerankSpec) -> str:
         config = AutoConfig.from_pretrained(spec.model, trust_remote_code=spec.trust_remote_code)
     except (OSError, ValueError) as e:
         raise ConfigError(f"reranker {spec.model}: its config cannot be read ({e})") from None
-    arch = " ".join(getattr(config, "architectures", None) or []).lower()
-    if "layerwise" in arch or "costwise" in arch:
-        raise ConfigError(f"reranker {spec.model} is a layerwise / lightweight LLM reranker ({arch}): not supported "
-                          "yet (decoder-only rerankers scored by their \"Yes\" logit are)")
+    refused = layered_reranker(config, f"reranker {spec.model}")
+    if refused:
+        raise ConfigError(refused)
     if not is_decoder_only(config):
         if spec.prompt is not None:
             raise ConfigError(f"prompt is read by decoder-only (LLM) rerankers; {spec.model} is a cross-encoder, "

@@ -17,6 +17,8 @@ from bge_ray.config.finetune import POOLING_METHODS, check_local_inputs, check_s
 from bge_ray.errors import ConfigError
 from bge_ray.storage import filesystem
 
+_LAYERED = ("it is for layerwise and lightweight LLM rerankers, whose model code does not run under transformers 5 "
+            "(it imports transformers.modeling_attn_mask_utils, which is gone)")
 # hn_mine / add_reranker_score flags that mean nothing here; accepted so a FlagEmbedding command moves over.
 ROW_JOB_IGNORED = {
     "embedder_model_class": "the model class is read from the model's config",
@@ -176,9 +178,8 @@ class ScoreConfig(RowJobConfig):
         "reranker_peft_path": ((None,), "bge-ray score loads no adapters: give the merged model as "
                                         "reranker_name_or_path (a LoRA run's output_dir/merged_model, with "
                                         "save_merged_lora_model, or peft's merge_and_unload)"),
-        "cutoff_layers": ((None, ()), "layerwise rerankers are not supported yet"),
-        "compress_ratio": ((1,), "lightweight rerankers are not supported yet"),
-        "compress_layers": ((None, ()), "lightweight rerankers are not supported yet"),
+        "cutoff_layers": ((None, ()), _LAYERED), "compress_ratio": ((1,), _LAYERED),
+        "compress_layers": ((None, ()), _LAYERED),
     })
 
     reranker_name_or_path: str | None = knob(None, "a reranker teacher: a cross-encoder (one logit per pair) or a "

@@ -36,7 +36,7 @@ from bge_ray.errors import ConfigError
 from bge_ray.model.embedder import check_matryoshka_dims, set_attention_dropout
 from bge_ray.model.lora import lora_targets
 from bge_ray.model.m3 import colbert_size
-from bge_ray.model.reranker import reranker_config, yes_token
+from bge_ray.model.reranker import layered_reranker, reranker_config, yes_token
 from bge_ray.model.tokenizer import load_tokenizer, reads_as_decoder
 from bge_ray.retrieval.datasets import ValidationSet, load_validation_set
 from bge_ray.retrieval.encode import encoder_spec_for
@@ -274,7 +274,11 @@ def resolve_model_kind(cfg: FinetuneConfig) -> FinetuneConfig:
                              "unless use_lora: true; set it, or drop them")
         if not cfg.use_lora:
             return dataclasses.replace(cfg, use_lora=False, model_type=kind if rerank else None)
-    elif rerank:  # an LLM reranker: "Yes" one token, the attention dropout's name
+    elif rerank:  # an LLM reranker: not layered, "Yes" one token, the attention dropout's name
+        refused = layered_reranker(AutoConfig.from_pretrained(name, cache_dir=cfg.cache_dir,
+                                                              trust_remote_code=cfg.trust_remote_code), name)
+        if refused:
+            raise ValueError(refused)
         yes_token(load_tokenizer(name, cfg.cache_dir, cfg.trust_remote_code, cfg.use_fast_tokenizer), name)
         if cfg.attention_dropout is not None:
             set_attention_dropout(AutoConfig.from_pretrained(name, cache_dir=cfg.cache_dir,
