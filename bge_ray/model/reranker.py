@@ -52,11 +52,11 @@ def layered_reranker(config: Any, name: str) -> str | None:
     arch = " ".join(getattr(config, "architectures", None) or [])
     if "layerwise" not in arch.lower() and "costwise" not in arch.lower():
         return None
-    return (f"{name} is a layerwise / lightweight LLM reranker ({arch}): not supported. Its model code (FlagEmbedding's "
-            "modeling_minicpm_reranker.py / gemma_model.py, the checkpoints' remote code) imports "
-            "transformers.modeling_attn_mask_utils, which transformers 5 no longer has, so it does not run with the "
-            "transformers bge-ray needs (FlagEmbedding 1.4.2's own layerwise classes fail the same way). Decoder-only "
-            "rerankers scored by their \"Yes\" logit (bge-reranker-v2-gemma style) are supported")
+    return (f"{name} is a layerwise / lightweight LLM reranker ({arch}): not supported. bge-ray has no scorer or "
+            "trainer for its per-layer heads; its model code (FlagEmbedding's modeling_minicpm_reranker.py / "
+            "gemma_model.py, the checkpoints' remote code) imports transformers.modeling_attn_mask_utils, which "
+            "transformers 5 removed, so under transformers 5 it runs nowhere (FlagEmbedding 1.4.2's own classes fail "
+            "alike). Decoder-only rerankers scored by their \"Yes\" logit (bge-reranker-v2-gemma style) are supported")
 
 
 class Reranker(nn.Module):

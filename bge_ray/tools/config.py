@@ -17,8 +17,8 @@ from bge_ray.config.finetune import POOLING_METHODS, check_local_inputs, check_s
 from bge_ray.errors import ConfigError
 from bge_ray.storage import filesystem
 
-_LAYERED = ("it is for layerwise and lightweight LLM rerankers, whose model code does not run under transformers 5 "
-            "(it imports transformers.modeling_attn_mask_utils, which is gone)")
+_LAYERED = ("it is for layerwise and lightweight LLM rerankers, which bge-ray does not score; their model code does "
+            "not run under transformers 5 (it imports transformers.modeling_attn_mask_utils, which is gone)")
 # hn_mine / add_reranker_score flags that mean nothing here; accepted so a FlagEmbedding command moves over.
 ROW_JOB_IGNORED = {
     "embedder_model_class": "the model class is read from the model's config",
