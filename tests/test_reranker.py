@@ -420,7 +420,7 @@ def test_what_an_llm_reranker_scorer_cannot_use_is_refused_before_ray(tiny_reran
     layerwise = shutil.copytree(tiny_llm_reranker, tmp_path / "layerwise")
     config = json.loads((layerwise / "config.json").read_text())
     (layerwise / "config.json").write_text(json.dumps({**config, "architectures": ["LayerWiseMiniCPMForCausalLM"]}))
-    with pytest.raises(ConfigError, match="layerwise / lightweight LLM reranker .* not supported. Its model code"):
+    with pytest.raises(ConfigError, match="layerwise / lightweight LLM reranker .* not supported. bge-ray has no scorer"):
         score(input_file=[FE_EXAMPLES], output_dir=str(tmp_path / "b"), reranker_name_or_path=str(layerwise))
     with pytest.raises(ConfigError, match="layerwise / lightweight LLM reranker .* transformers 5"):
         check_model(load_config(None, {"model_name_or_path": str(layerwise), "train_data": [FE_EXAMPLES],
