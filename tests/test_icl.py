@@ -145,6 +145,20 @@ def test_the_worker_draws_a_batchs_examples_from_its_rows_alike_on_every_run(tin
     assert first["p_input_ids"].shape[0] == 8 * 3 and (first["q_input_ids"][:, -1] == tok.eos_token_id).all()
 
 
+def test_teacher_scores_of_an_icl_batch_reach_the_loss_with_their_passages(tiny_decoder, tmp_path):
+    """knowledge_distillation (FlagEmbedding's icl script turns it on): each row's drawn scores, positive first."""
+    cfg = load_config(None, {"model_name_or_path": tiny_decoder, **icl_args(tmp_path, knowledge_distillation=True)})
+    spec, tok = TextSpec.from_config(cfg), load_tokenizer(tiny_decoder, special_tokens=TOKENS)
+    rows = our_rows(os.path.join(FE_EXAMPLE_DATA, FILES["retrieval"]), 4, 3).to_pylist()
+    for n, row in enumerate(rows):
+        row.update(pos_scores=[float(n)], neg_scores=[n + 0.5, n + 0.25])
+    table = tokenize_icl_rows(pa.Table.from_pylist(rows, schema=ROW_SCHEMA), spec)
+    collator = IclCollator(GroupCollator(3, tok.pad_token_id, "left", knowledge_distillation=True), tok, spec, cfg.seed)
+    out = collator(numpy_batch(table))
+    np.testing.assert_array_equal(out["teacher_scores"], [[n, n + 0.5, n + 0.25] for n in range(4)])
+    assert out["p_input_ids"].shape[0] == 4 * 3
+
+
 def test_a_clustering_row_without_its_category_is_named(tiny_decoder, tmp_path):
     cfg = load_config(None, {"model_name_or_path": tiny_decoder, **icl_args(tmp_path)})
     rows = our_rows(os.path.join(FE_EXAMPLE_DATA, FILES["clustering"]), 3, 3).to_pylist()
