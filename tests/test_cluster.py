@@ -68,7 +68,7 @@ def test_cluster_constraints_pin_versions_pyproject_allows():
 
 
 @pytest.mark.parametrize("name", ["quickstart.yaml", "bge-base-8gpu.yaml", "bge-large-multinode.yaml",
-                                  "reranker-8gpu.yaml", "llm-embedder-lora.yaml"])
+                                  "reranker-8gpu.yaml", "llm-embedder-lora.yaml", "bge-en-icl.yaml"])
 def test_training_job_configs_are_valid(name):
     cfg = load_config(os.path.join(JOB_CONFIGS, name))
     assert cfg.eval_data and cfg.output_dir
@@ -84,6 +84,9 @@ def test_training_job_configs_are_valid(name):
     if name == "llm-embedder-lora.yaml":  # FlagEmbedding's decoder-only example's LoRA block, at scale
         assert cfg.use_lora and cfg.save_merged_lora_model and cfg.additional_special_tokens == ["<instruct>", "<query>"]
         assert cfg.zero_stage == 3 and cfg.sentence_pooling_method == "last_token"
+    if name == "bge-en-icl.yaml":  # FlagEmbedding's icl_same_dataset.sh, at scale
+        assert cfg.icl and cfg.same_dataset_within_batch and cfg.icl_suffix_str == "\n<response>"
+        assert (cfg.example_query_max_len, cfg.query_max_len, cfg.zero_stage) == (256, 2048, 3)
 
 
 def test_sweep_and_mine_job_configs_are_valid():
