@@ -20,7 +20,7 @@ from typing import Any
 import pyarrow as pa
 
 from bge_ray.data.collate import GroupCollator
-from bge_ray.data.text import TextSpec
+from bge_ray.data.text import TextSpec, carried_columns, regroup
 from bge_ray.errors import DataValidationError
 from bge_ray.model.tokenizer import load_tokenizer
 from bge_ray.seeds import icl_rng
@@ -46,11 +46,15 @@ def head(tok: Any, texts: list[str], max_tokens: int) -> list[str]:
     return [tok.decode(i[:max_tokens]) for i in tok(texts, add_special_tokens=False)["input_ids"]]
 
 
+def suffix_tokens(tok: Any, suffix: str) -> int:
+    """Tokens of the suffix and EOS after a text (FlagEmbedding counts those of ``f"{suffix}{eos_token}"``)."""
+    return len(tok(f"{suffix}{tok.eos_token}", add_special_tokens=False)["input_ids"])
+
+
 def suffix_room(tok: Any, suffix: str) -> int:
     """Tokens a query leaves for the BOS before it and the suffix and EOS after it (FlagEmbedding counts
-    the tokens of the strings ``f"{bos_token}"`` and ``f"{suffix}{eos_token}"``)."""
-    return (len(tok(f"{tok.bos_token}", add_special_tokens=False)["input_ids"])
-            + len(tok(f"{suffix}{tok.eos_token}", add_special_tokens=False)["input_ids"]))
+    those of the string ``f"{bos_token}"`` too)."""
+    return len(tok(f"{tok.bos_token}", add_special_tokens=False)["input_ids"]) + suffix_tokens(tok, suffix)
 
 
 def icl_query_texts(tok: Any, queries: list[str], max_len: int, suffix: str) -> list[str]:
@@ -104,15 +108,11 @@ def row_parts(tok: Any, queries: list[str], positives: list[str], passages: list
     flat = [t for row in passages for t in row]
     symmetric = [k in SYMMETRIC for k, row in zip(kinds, passages, strict=True) for _ in row]
     sym_texts = cut_then_suffix(tok, [t for t, s in zip(flat, symmetric, strict=True) if s],
-                                spec.passage_max_len - 1 - len(tok(f"{suffix}{tok.eos_token}",
-                                                                   add_special_tokens=False)["input_ids"]), suffix)
+                                spec.passage_max_len - 1 - suffix_tokens(tok, suffix), suffix)
     it = iter(sym_texts)
     flat = [next(it) if s else t for t, s in zip(flat, symmetric, strict=True)]
     ids = tok(flat, truncation=True, max_length=spec.passage_max_len)["input_ids"] if flat else []
-    nested, k = [], 0
-    for row in passages:
-        nested.append(ids[k:k + len(row)])
-        k += len(row)
+    nested = regroup(ids, [len(row) for row in passages])
     answers = [c if k == "symmetric_clustering" else p for k, c, p in zip(kinds, categories, positives, strict=True)]
     with_examples = [spec.retrieval_use_examples or k in ALWAYS_EXAMPLES for k in kinds]
     ex_q = head(tok, queries, spec.example_query_max_len)
@@ -143,10 +143,7 @@ def tokenize_icl_rows(batch: pa.Table, spec: TextSpec) -> pa.Table:
     out = {"q_text": pa.array(parts["q_text"], type=pa.string()),
            "ex_q": pa.array(parts["ex_q"], type=pa.string()), "ex_p": pa.array(parts["ex_p"], type=pa.string()),
            "pos_ids": pa.array([g[:1] for g in parts["passage_ids"]], type=ids_type),
-           "neg_ids": pa.array([g[1:] for g in parts["passage_ids"]], type=ids_type)}
-    for name in ("pos_scores", "neg_scores", "row_key", "source", "dataset", "num_neg"):
-        if name in batch.column_names:
-            out[name] = batch.column(name)
+           "neg_ids": pa.array([g[1:] for g in parts["passage_ids"]], type=ids_type), **carried_columns(batch)}
     return pa.table(out)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from bge_ray.data.text import TextSpec
+from bge_ray.data.text import TextSpec, carried_columns, regroup
 from bge_ray.model.tokenizer import load_tokenizer
 
 # FlagEmbedding's question after an LLM reranker's pair (its data set's and FlagLLMReranker's default)
@@ -117,13 +117,7 @@ def tokenize_pairs(batch: pa.Table, spec: TextSpec) -> pa.Table:
     for key, name in (("input_ids", "ids"), ("token_type_ids", "types")):
         if key not in enc:
             continue
-        nested, k = [], 0
-        for size in sizes:
-            nested.append(enc[key][k:k + size])
-            k += size
+        nested = regroup(enc[key], sizes)
         out[f"pos_{name}"] = pa.array(nested[:n], type=ids_type)
         out[f"neg_{name}"] = pa.array(nested[n:], type=ids_type)
-    for name in ("pos_scores", "neg_scores", "row_key", "source", "dataset", "num_neg"):
-        if name in batch.column_names:
-            out[name] = batch.column(name)
-    return pa.table(out)
+    return pa.table({**out, **carried_columns(batch)})

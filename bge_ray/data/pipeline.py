@@ -43,7 +43,7 @@ from bge_ray.data.jsonl import iter_lines_at
 from bge_ray.data.pairs import tokenize_pairs
 from bge_ray.data.plan import DataSet, EpochPlan, FileIndex, Segment, plan_epoch
 from bge_ray.data.scan import TrainingData
-from bge_ray.data.text import TextSpec
+from bge_ray.data.text import TextSpec, carried_columns, regroup
 from bge_ray.data.triplets import ROW_SCHEMA, RowRules, parse_line, sample_row
 from bge_ray.errors import DataValidationError
 from bge_ray.model.tokenizer import load_tokenizer
@@ -212,17 +212,11 @@ def tokenize_rows(batch: pa.Table, spec: TextSpec) -> pa.Table:
     flat = [t for row in texts for t in row]
     q_ids = tok(queries, truncation=True, max_length=spec.query_max_len, add_special_tokens=True)["input_ids"]
     p_ids = tok(flat, truncation=True, max_length=spec.passage_max_len, add_special_tokens=True)["input_ids"] if flat else []
-    nested, k = [], 0
-    for row in texts:
-        nested.append(p_ids[k:k + len(row)])
-        k += len(row)
+    nested = regroup(p_ids, [len(row) for row in texts])
     n = batch.num_rows
     ids_type = pa.list_(pa.list_(pa.int32()))
     out = {"q_ids": pa.array(q_ids, type=pa.list_(pa.int32())), "pos_ids": pa.array(nested[:n], type=ids_type),
-           "neg_ids": pa.array(nested[n:], type=ids_type)}
-    for name in ("pos_scores", "neg_scores", "row_key", "source", "dataset", "num_neg"):
-        if name in batch.column_names:
-            out[name] = batch.column(name)
+           "neg_ids": pa.array(nested[n:], type=ids_type), **carried_columns(batch)}
     return pa.table(out)
 
 

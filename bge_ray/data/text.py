@@ -5,8 +5,25 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 from bge_ray.config.finetune import FinetuneConfig
+
+CARRIED_COLUMNS = ("pos_scores", "neg_scores", "row_key", "source", "dataset", "num_neg")  # kept by tokenizing
+
+
+def regroup(flat: list, sizes: list[int]) -> list[list]:
+    """``flat`` cut back into consecutive groups of ``sizes`` (texts tokenized at once, per row again)."""
+    groups, k = [], 0
+    for size in sizes:
+        groups.append(flat[k:k + size])
+        k += size
+    return groups
+
+
+def carried_columns(batch: Any) -> dict[str, Any]:
+    """The columns of a stream table (``pyarrow.Table``) that tokenizing passes on unchanged."""
+    return {name: batch.column(name) for name in CARRIED_COLUMNS if name in batch.column_names}
 
 
 def apply_instruction(text: str, instruction: str | None, fmt: str = "{}{}") -> str:

@@ -14,7 +14,7 @@ import ray.data
 import torch
 from transformers.utils import cached_file
 
-from bge_ray.config.finetune import resolve_model_path
+from bge_ray.config.finetune import ICL_FIELDS, resolve_model_path
 from bge_ray.data.icl import model_queries
 from bge_ray.data.text import TextSpec
 from bge_ray.errors import ConfigError
@@ -107,7 +107,7 @@ def encoder_spec_for(model: str, **overrides: Any) -> EncoderSpec:
         if meta.get("unified_finetuning") and trained.get("m3_score_weights"):
             found["m3_weights"] = tuple(float(w) for w in trained["m3_score_weights"])  # its ensemble's training
         if trained.get("icl"):  # queries end with the suffix it was trained with
-            found["icl_suffix"] = trained.get("icl_suffix_str", "\nResponse:")
+            found["icl_suffix"] = trained.get("icl_suffix_str", ICL_FIELDS["icl_suffix_str"])
     else:
         found = _sentence_transformers_spec(path)
     found.update({k: v for k, v in overrides.items() if v is not None})

@@ -275,15 +275,13 @@ def resolve_model_kind(cfg: FinetuneConfig) -> FinetuneConfig:
         if not cfg.use_lora:
             return dataclasses.replace(cfg, use_lora=False, model_type=kind if rerank else None)
     elif rerank:  # an LLM reranker: not layered, "Yes" one token, the attention dropout's name
-        refused = layered_reranker(AutoConfig.from_pretrained(name, cache_dir=cfg.cache_dir,
-                                                              trust_remote_code=cfg.trust_remote_code), name)
+        config = AutoConfig.from_pretrained(name, cache_dir=cfg.cache_dir, trust_remote_code=cfg.trust_remote_code)
+        refused = layered_reranker(config, name)
         if refused:
             raise ValueError(refused)
         yes_token(load_tokenizer(name, cfg.cache_dir, cfg.trust_remote_code, cfg.use_fast_tokenizer), name)
         if cfg.attention_dropout is not None:
-            set_attention_dropout(AutoConfig.from_pretrained(name, cache_dir=cfg.cache_dir,
-                                                             trust_remote_code=cfg.trust_remote_code),
-                                  cfg.attention_dropout, name)
+            set_attention_dropout(config, cfg.attention_dropout, name)
     use_lora = decoder if cfg.use_lora is None else cfg.use_lora
     if use_lora and cfg.unified_finetuning:
         raise ValueError("LoRA with unified_finetuning is not supported: BGE-M3's heads train in full beside an "

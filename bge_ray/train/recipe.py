@@ -328,7 +328,8 @@ class EmbedderRecipe:
                                    knowledge_distillation=cfg.knowledge_distillation and ds.has_scores)
                      for ds in self.datasets]
         if cfg.icl:  # the queries' in-context examples come from the batch: added here, on the worker
-            collators = [IclCollator(c, self.tokenizer, TextSpec.from_config(cfg), cfg.seed) for c in collators]
+            spec = TextSpec.from_config(cfg)
+            collators = [IclCollator(c, self.tokenizer, spec, cfg.seed) for c in collators]
         return collators
 
     def build_model(self) -> torch.nn.Module:
