@@ -61,7 +61,7 @@ def one_setting(batch: int, steps: int, sub: int) -> dict:
     model = Embedder.from_pretrained(path, pooling="mean", attention_dropout=0.0)
     ds = engine_config(build_deepspeed_config(cfg, world_size=1, total_steps=steps), model.model.config.hidden_size,
                        sum(p.numel() for p in model.parameters()), micro_steps(batch, group, cfg.sub_batch_size))
-    engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg, False), config=ds,
+    engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg), config=ds,
                                       dist_init_required=False)
     times, losses = [], []
     for s in range(steps):

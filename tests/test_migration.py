@@ -25,7 +25,6 @@ from tests.helpers import FE_DS_STAGE0, FE_EXAMPLE_DATA, FE_EXAMPLES, make_beir_
 DIFFERENT_DEFAULTS = {
     "model_name_or_path": "required in both",
     "train_data": "required in both",
-    "optim": "HF 5 defaults to fused AdamW: the same update; bge-ray fuses only when asked",
     "gradient_checkpointing": "None and False both mean off",
     "report_to": "bge-ray writes TensorBoard event files by default; HF reports nowhere",
     "eval_strategy": "bge-ray's None: validate every eval_steps when eval_data is given, as HF's steps",

@@ -17,7 +17,7 @@ def test_no_weight_decay_on_biases_and_norms(tiny_model):
                          learning_rate=3e-4, adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-7)
     model = Embedder.from_pretrained(tiny_model)
     model.freeze_position_embeddings()
-    opt = build_optimizer(model, cfg, use_gpu=False)
+    opt = build_optimizer(model, cfg)
     decay, no_decay = opt.param_groups
     names = {id(p): n for n, p in model.named_parameters()}
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
@@ -67,3 +67,30 @@ def test_unknown_or_unsupported_schedulers_are_refused(tmp_path, name, match):
     with pytest.raises(ConfigError, match=match):
         FinetuneConfig(model_name_or_path="m", train_data=[str(data)], output_dir=str(tmp_path / "o"),
                        lr_scheduler_type=name).validate()
+
+
+def test_fused_adamw_is_hfs_default_and_takes_the_unfused_update(tiny_model):
+    """HF TrainingArguments (transformers 5, torch >= 2.8) default to fused AdamW, on CPUs too; bge-ray's
+    default is the same, and its fused step moves the weights as the unfused one does."""
+    from transformers import TrainingArguments
+
+    assert FinetuneConfig().optim == TrainingArguments(output_dir="unused").optim == "adamw_torch_fused"
+    steps = []
+    for optim in ("adamw_torch_fused", "adamw_torch"):
+        torch.manual_seed(0)
+        model = Embedder.from_pretrained(tiny_model)
+        cfg = FinetuneConfig(model_name_or_path=tiny_model, train_data=["x"], output_dir="o", optim=optim,
+                             learning_rate=1e-3, weight_decay=0.01)
+        opt = build_optimizer(model, cfg)
+        assert opt.defaults.get("fused") is (True if optim == "adamw_torch_fused" else None)
+        ids = torch.randint(1000, 2000, (4, 12), generator=torch.Generator().manual_seed(1))
+        for _ in range(3):
+            q, p = model(ids, torch.ones_like(ids), ids.flip(0), torch.ones_like(ids))
+            (q @ p.T).logsumexp(-1).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        steps.append({n: w.detach().clone() for n, w in model.named_parameters()})
+    start = dict(Embedder.from_pretrained(tiny_model).named_parameters())
+    assert sum(not torch.equal(w, start[n]) for n, w in steps[0].items()) > len(start) // 2  # the steps moved them
+    for name, w in steps[0].items():
+        torch.testing.assert_close(w, steps[1][name], rtol=1e-5, atol=1e-6)

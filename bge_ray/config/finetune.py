@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import importlib.metadata
 import json
 import os
 from dataclasses import dataclass
@@ -30,6 +31,18 @@ STRATEGIES = ("steps", "epoch", "no")  # HF's logging / save / eval strategies
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                  "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay")
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")  # HF's names for torch's AdamW, unfused / fused
+
+
+def default_optim() -> str:
+    """HF TrainingArguments' default, as transformers 5 picks it: fused AdamW from torch 2.8 on (read
+    from the installed version, without importing torch)."""
+    try:
+        major, minor = (int(x) for x in importlib.metadata.version("torch").split(".")[:2])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return "adamw_torch"
+    return "adamw_torch_fused" if (major, minor) >= (2, 8) else "adamw_torch"
+
+
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK")
 ZERO_SHORTHANDS = {"zero0": 0, "zero1": 1, "zero2": 2, "zero3": 3, "0": 0, "1": 1, "2": 2, "3": 3}
 REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "hdfs://", "abfs://", "abfss://", "az://", "file://")
@@ -172,8 +185,9 @@ class FinetuneConfig:
                                   "and no scheduler, as HF does)")
     lr_scheduler_kwargs: dict[str, float] | None = knob(None, "more arguments of the schedule, e.g. "
                                                         "{\"num_cycles\": 2} or {\"min_lr_rate\": 0.1}")
-    optim: str = knob("adamw_torch", "adamw_torch or adamw_torch_fused (torch's AdamW; fused runs on GPUs only); "
-                      "a DeepSpeed JSON's optimizer takes precedence")
+    optim: str = knob(default_optim(), "adamw_torch or adamw_torch_fused (torch's AdamW, fused: one kernel per "
+                      "step, on GPUs and CPUs); the default follows HF's: fused from torch 2.8 on; a DeepSpeed "
+                      "JSON's optimizer takes precedence", shown="adamw_torch_fused (torch >= 2.8, as HF)")
     num_train_epochs: float = knob(3.0, "passes over the data (fractions allowed)")
     max_steps: int = knob(-1, "optimizer steps to train; overrides num_train_epochs when > 0")
     per_device_train_batch_size: int = knob(8, "queries per worker per micro-batch")
@@ -581,8 +595,6 @@ def _check_training(cfg: FinetuneConfig) -> None:
     if cfg.optim not in OPTIMIZERS:
         raise ConfigError(f"optim {cfg.optim!r} is not supported: bge-ray trains with torch's AdamW ("
                           f"{', '.join(OPTIMIZERS)}), or with the optimizer a DeepSpeed JSON names")
-    if cfg.optim == "adamw_torch_fused" and cfg.use_gpu is False:
-        raise ConfigError("optim adamw_torch_fused runs on GPUs only: use adamw_torch on CPU")
     for name in ("logging_strategy", "save_strategy"):
         if getattr(cfg, name) not in STRATEGIES:
             best = ("; with eval_data every validation takes a checkpoint and the best is kept (final_model: best, "

@@ -11,8 +11,9 @@ from transformers import get_scheduler
 from bge_ray.config.finetune import FinetuneConfig
 
 
-def build_optimizer(model: torch.nn.Module, cfg: FinetuneConfig, use_gpu: bool) -> torch.optim.Optimizer:
-    """AdamW without weight decay on biases and norms (as HF's Trainer does); fused on GPUs."""
+def build_optimizer(model: torch.nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimizer:
+    """AdamW without weight decay on biases and norms (as HF's Trainer does), fused with
+    ``adamw_torch_fused`` (HF's default from torch 2.8), on GPUs and CPUs alike."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -20,7 +21,7 @@ def build_optimizer(model: torch.nn.Module, cfg: FinetuneConfig, use_gpu: bool) 
         (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     kwargs: dict[str, Any] = {"lr": cfg.learning_rate, "betas": (cfg.adam_beta1, cfg.adam_beta2), "eps": cfg.adam_epsilon}
-    if use_gpu and cfg.optim == "adamw_torch_fused":
+    if cfg.optim == "adamw_torch_fused":
         kwargs["fused"] = True
     return torch.optim.AdamW(groups, **kwargs)
 
