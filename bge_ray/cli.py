@@ -161,7 +161,7 @@ def cmd_train(argv: list[str], cls: type = FinetuneConfig) -> int:
 def print_train_summary(result: Any) -> None:
     cfg, metrics = result.config, result.metrics
     keys = ["step", "train_loss", "loss", "groups_per_s", "tokens_per_s", "launch_to_first_step_s",
-            "peak_rss_gib_per_worker", "wall_s"]
+            "peak_rss_gib_per_worker", "peak_gpu_mem_gib_per_worker", "wall_s"]
     metric = cfg.metric_for_best_model
     if cfg.eval_data:
         keys += [f"zero_shot_{metric}", f"eval_{metric}", "best_step", f"best_eval_{metric}"]

@@ -360,3 +360,37 @@ def test_flagembedding_trainer_flags_schedule_save_and_resume_as_hf(ray_cluster,
     assert os.path.dirname(again.checkpoint.path) != run_dir  # a new run; the first is left as it was
     with pytest.raises(bge_ray.ConfigError, match="holds no bge-ray checkpoint"):
         bge_ray.finetune(dict(cfg, output_dir=str(tmp_path / "x"), resume_from_checkpoint=str(tmp_path)))
+
+
+def _second_call_true():
+    calls = iter(range(100))
+    return lambda: next(calls) == 1
+
+
+def _lockstep_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from bge_ray.train.recipe import batches_in_lockstep, vote_group
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    seen = []
+    for group in (vote_group(), dist.new_group(backend="gloo")):  # the default group; a side group as GPU runs use
+        mine = iter([{"b": i} for i in range(5 if rank == 0 else 3)])  # rank 1 runs dry first
+        flag = _second_call_true()  # rank 0 asks for a progress line at its second batch
+        seen.append([(b["b"], progress) for b, _, progress in batches_in_lockstep(mine, 10, group, flag)])
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"seen": seen, "gloo_needs_no_side_group": vote_group() is None}, f)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two processes in a gloo group
+def test_workers_stop_together_and_hear_rank0s_flag_over_a_cpu_vote(tmp_path):
+    """Each batch's vote (any worker dry? rank 0 wants a progress line?) is one CPU all-reduce: both
+    workers stop at the shorter one's end and both see rank 0's flag, over the default group or a side group."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_lockstep_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        out = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert out["gloo_needs_no_side_group"]
+        assert out["seen"] == [[[0, False], [1, True], [2, False]]] * 2

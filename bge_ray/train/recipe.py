@@ -105,23 +105,32 @@ def all_gather(obj: Any) -> list[Any]:
     return out
 
 
-def batches_in_lockstep(it: Iterator[dict], limit: int, device: torch.device,
+def vote_group() -> Any:
+    """The process group for the per-batch votes: a CPU (gloo) group beside a GPU run's NCCL one, so that
+    a vote never waits for the GPU's queued work; None (the default group) on gloo or without a group.
+    Every worker calls it, in the same order (it makes a group)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and dist.get_backend() != "gloo":
+        return dist.new_group(backend="gloo")
+    return None
+
+
+def batches_in_lockstep(it: Iterator[dict], limit: int, group: Any = None,
                         flag: Any = lambda: False) -> Iterator[tuple[dict, float, bool]]:
     """Up to ``limit`` batches, the seconds spent waiting for each and rank 0's ``flag()``, stopping on
     every worker as soon as any worker runs dry (a collective with a missing participant hangs
-    forever). One all-reduce a batch carries both answers."""
+    forever). One all-reduce a batch, on the CPU over ``group`` (:func:`vote_group`), carries both
+    answers; one worker alone needs none."""
     rank, size = world()
     for _ in range(limit):
         t0 = time.perf_counter()
         batch = next(it, None)
         waited = time.perf_counter() - t0
-        votes = torch.tensor([1 if batch is not None else 0, 1 if rank == 0 and flag() else 0], dtype=torch.int64,
-                             device=device)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(votes)
-        if int(votes[0].item()) < size:
+        votes = torch.tensor([1 if batch is not None else 0, 1 if rank == 0 and flag() else 0], dtype=torch.int64)
+        if size > 1:
+            dist.all_reduce(votes, group=group)
+        if int(votes[0]) < size:
             return
-        yield batch, waited, bool(votes[1].item())
+        yield batch, waited, bool(votes[1])
 
 
 class FirstBatchEarly:
@@ -161,9 +170,11 @@ class FirstBatchEarly:
 
 @dataclass
 class StepWindow:
-    """What the micro-batches since the last log record did."""
+    """What the micro-batches since the last log record did. ``loss`` sums the micro-batches' losses
+    where they are (on the GPU, a tensor): read when a record is made, not after every step, so the host
+    never waits for the GPU between steps."""
 
-    loss: float = 0.0
+    loss: Any = 0.0
     micro: int = 0
     groups: int = 0
     tokens: int = 0
@@ -174,8 +185,8 @@ class StepWindow:
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0 - self.paused
 
-    def add(self, loss: float, groups: int, tokens: int, wait: float) -> None:
-        self.loss += loss
+    def add(self, loss: Any, groups: int, tokens: int, wait: float) -> None:
+        self.loss = self.loss + loss
         self.micro += 1
         self.groups += groups
         self.tokens += tokens
@@ -194,6 +205,11 @@ class ResumePoint:
 
 def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 ** 2)
+
+
+def _peak_gpu_gib(device: torch.device) -> float:
+    """The most GPU memory PyTorch held at once in this process (0 without a GPU)."""
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
 
 
 def _quiet_ray_train_reports() -> None:
@@ -240,6 +256,7 @@ class EmbedderRecipe:
             raise RuntimeError(f"bf16 is on but {torch.cuda.get_device_name(self.device)} has no bf16: use fp16 instead")
         if cfg.use_gpu and cfg.tf32 is not None:  # HF's tf32: matmuls and cuDNN convolutions
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
+        self.votes = vote_group()
         self.resume = self._find_resume_point()
         start_epoch, _ = self.plan.position(self.global_step, cfg.gradient_accumulation_steps)
         # the first epoch's pipeline starts now and runs while the tokenizer, model and engine load
@@ -307,7 +324,7 @@ class EmbedderRecipe:
         self.zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
         optimizer = scheduler = None
         if "optimizer" not in ds_config:
-            optimizer = build_optimizer(model, cfg, cfg.use_gpu)
+            optimizer = build_optimizer(model, cfg)
         if "scheduler" not in ds_config:
             # HF's rule: a DeepSpeed JSON's optimizer without a scheduler gets lr_scheduler_type's, as ours does
             def scheduler(opt: torch.optim.Optimizer) -> Any:
@@ -403,7 +420,7 @@ class EmbedderRecipe:
         if first_micro == 0:
             self.epoch_rows = []
         batches = self.first_batches if epoch == start_epoch and self.first_batches is not None else self._open_epoch(epoch)
-        lockstep = batches_in_lockstep(batches, self.plan.micro_batches_per_epoch - first_micro, self.device,
+        lockstep = batches_in_lockstep(batches, self.plan.micro_batches_per_epoch - first_micro, self.votes,
                                        self.reports.progress_due)
         for micro, (raw, waited, progress) in enumerate(lockstep, start=first_micro):
             yield micro, raw, waited, progress
@@ -432,7 +449,7 @@ class EmbedderRecipe:
         """One micro-batch of one data set: collate, forward, contrastive loss (in-batch and cross-device
         negatives unless the data set has none), backward, DeepSpeed step. ``forward``: the micro-batches the
         run trained before this one (FlagEmbedding's count for ``self_distill_start_step``)."""
-        d, inputs = self.take_batch(item)
+        d, inputs, tokens = self.take_batch(item)
         teacher, cfg, in_batch = inputs.get("teacher_scores"), self.cfg, self.datasets[d].in_batch_negatives
         settings = {"temperature": cfg.temperature, "teacher_scores": teacher, "kd_loss_type": cfg.kd_loss_type,
                     "cross_device": cfg.negatives_cross_device and in_batch, "in_batch_negatives": in_batch}
@@ -450,18 +467,20 @@ class EmbedderRecipe:
             def loss_fn(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
                 return contrastive_loss(q, p, **settings)
         loss = train_micro_batch(self.engine, inputs, loss_fn, cfg.sub_batch_size)
-        tokens = int(inputs["q_attention_mask"].sum() + inputs["p_attention_mask"].sum())
-        self.count(float(loss), int(inputs["q_input_ids"].shape[0]), tokens, waited)
+        self.count(loss, int(inputs["q_input_ids"].shape[0]), tokens, waited)
 
-    def take_batch(self, item: tuple[int, dict[str, Any]]) -> tuple[int, dict[str, torch.Tensor]]:
-        """(data set, model inputs on the device) of a raw batch; its rows recorded as trained."""
+    def take_batch(self, item: tuple[int, dict[str, Any]]) -> tuple[int, dict[str, torch.Tensor], int]:
+        """(data set, model inputs on the device, real tokens in them, counted on the host) of a raw batch;
+        its rows recorded as trained."""
         if self.first_batch_s is None:
             self.first_batch_s = time.time() - self.t_start
         d, raw = item
         self.epoch_rows.append(np.asarray(raw["row_key"], dtype=np.int64))
-        return d, {k: torch.as_tensor(v, device=self.device) for k, v in self.collators[d](raw).items()}
+        host = self.collators[d](raw)
+        tokens = int(sum(np.asarray(v).sum() for k, v in host.items() if k.endswith("attention_mask")))
+        return d, {k: torch.as_tensor(v, device=self.device) for k, v in host.items()}, tokens
 
-    def count(self, loss: float, groups: int, tokens: int, waited: float) -> None:
+    def count(self, loss: Any, groups: int, tokens: int, waited: float) -> None:
         """Add a micro-batch to the log window and the run's totals."""
         for window in (self.window, self.totals):
             window.add(loss, groups, tokens, waited)
@@ -506,7 +525,8 @@ class EmbedderRecipe:
         w = self.window
         elapsed = w.elapsed()
         due = 1.0 if self.rank == 0 and self.reports.due() else 0.0
-        loss_sum, micro_n, groups, tokens, wait, due = all_reduce([w.loss, w.micro, w.groups, w.tokens, w.wait, due])
+        loss_sum, micro_n, groups, tokens, wait, due = all_reduce([float(w.loss), w.micro, w.groups, w.tokens, w.wait,
+                                                                   due])
         grad_norm = self.engine.get_global_grad_norm()
         self.last_record = {
             "kind": "train", "step": self.global_step, "total_steps": self.plan.total_steps, "time": time.time(),
@@ -598,9 +618,12 @@ class EmbedderRecipe:
 
     def save_final(self) -> None:
         """The last checkpoint, with the exported model and the run's summary."""
-        loss_sum, micro_n = all_reduce([self.totals.loss, self.totals.micro])
-        (peak,) = all_reduce([_peak_rss_gib()], op=dist.ReduceOp.MAX if dist.is_initialized() else None)
+        loss_sum, micro_n = all_reduce([float(self.totals.loss), self.totals.micro])
+        peak, peak_gpu = all_reduce([_peak_rss_gib(), _peak_gpu_gib(self.device)],
+                                    op=dist.ReduceOp.MAX if dist.is_initialized() else None)
         summary = {k: v for k, v in self.last_record.items() if k not in ("kind", "time")}
+        if self.device.type == "cuda":
+            summary["peak_gpu_mem_gib_per_worker"] = peak_gpu
         summary.update(kind="final", train_loss=loss_sum / max(1, micro_n), peak_rss_gib_per_worker=peak,
                        train_runtime_s=time.time() - self.t_start, world_size=self.world,
                        resumed_at_step=self.resume.global_step if self.resume else 0,

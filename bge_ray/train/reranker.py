@@ -43,13 +43,13 @@ class RerankerRecipe(EmbedderRecipe):
     def train_step(self, item: tuple[int, dict[str, Any]], waited: float, forward: int = 0) -> None:  # noqa: ARG002
         """One micro-batch: every (query, passage) pair scored, cross-entropy over each query's group
         (+ the teacher's soft targets), backward, DeepSpeed step."""
-        d, inputs = self.take_batch(item)
+        d, inputs, tokens = self.take_batch(item)
         logits = self.engine(inputs["input_ids"], inputs["attention_mask"], inputs.get("token_type_ids"))
         loss = rerank_loss(logits.float(), self.datasets[d].group_size, inputs.get("teacher_scores"))
         self.engine.backward(loss)
         self.engine.step()
         groups = inputs["input_ids"].shape[0] // self.datasets[d].group_size
-        self.count(float(loss.detach()), groups, int(inputs["attention_mask"].sum()), waited)
+        self.count(loss.detach(), groups, tokens, waited)
 
     def measure(self) -> dict[str, float]:
         """The metrics of reranking each validation query's candidates (the retriever's top k)."""
