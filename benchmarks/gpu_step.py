@@ -25,7 +25,8 @@ import time
 
 import torch
 
-PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L4": 121.0, "A10G": 125.0}
+# dense bf16 peaks by card name; L40S before L4, which its name contains
+PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 125.0}
 
 
 def peak_tflops(name: str) -> float | None:

@@ -33,6 +33,7 @@ import time
 RAY_TRAIN = r"""
 import sys, time
 t0 = float(sys.argv[1])
+workers, gpu = int(sys.argv[4]), sys.argv[5] == "1"
 import ray
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
@@ -40,9 +41,8 @@ if sys.argv[2].startswith("attach"):
     ray.init(address=sys.argv[2].split("=", 1)[1])
 else:
     # a GPU machine's every core, as bge-ray train takes it; 2 on the CPU machine the figures were first made on
-    ray.init(num_cpus=None if sys.argv[5] == "1" else max(2, int(sys.argv[4])), include_dashboard=sys.argv[2] == "1")
+    ray.init(num_cpus=None if gpu else max(2, workers), include_dashboard=sys.argv[2] == "1")
 t_init = time.time() - t0
-workers, gpu = int(sys.argv[4]), sys.argv[5] == "1"
 
 def loop(config):
     import time

@@ -47,8 +47,10 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, os.path.dirname(HERE))
+import gpu_step  # noqa: E402 - benchmarks/gpu_step.py: the bare step, and the cards' peaks
+
 STEADY_AFTER = 10
-PEAK_DENSE_BF16 = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 125.0}
 MATMUL_REACHED = {"H200": 790.0}  # measured on this workplace's H200 (8192^3 bf16 matmul, device notes)
 
 BASE = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072}
@@ -101,10 +103,9 @@ def environment(device: str) -> dict:
 
 
 def peak_tflops(gpu: str | None) -> tuple[float | None, float | None]:
-    for key, value in PEAK_DENSE_BF16.items():
-        if gpu and key in gpu:
-            return value, MATMUL_REACHED.get(key)
-    return None, None
+    """(the card's dense bf16 peak, the rate a large bf16 matmul reached on it here), from ``gpu_step.py``'s table."""
+    peak = gpu_step.peak_tflops(gpu) if gpu else None
+    return peak, next((v for k, v in MATMUL_REACHED.items() if k in gpu), None) if peak else None
 
 
 # ---------------------------------------------------------------------------------------------- data
