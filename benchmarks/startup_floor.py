@@ -46,7 +46,7 @@ t_init = time.time() - t0
 
 def loop(config):
     import time
-    print("FLOOR_FN", time.time() - config["t0"], flush=True)  # reported metrics without a checkpoint are not kept
+    print(f"FLOOR_FN {time.time() - config['t0']}", flush=True)  # reported metrics without a checkpoint are not kept
 
 trainer = TorchTrainer(loop, train_loop_config={"t0": t0}, scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu),
                        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
@@ -75,7 +75,7 @@ import torch
 import torch.distributed as dist
 dist.init_process_group(os.environ["FLOOR_BACKEND"])
 at = time.time() - float(os.environ["FLOOR_T0"])
-print("FLOOR_FN", at, flush=True)
+print(f"FLOOR_FN {at}", flush=True)  # one write: the processes share the output
 dist.destroy_process_group()
 """
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +15,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from bge_ray.console import log
 from bge_ray.errors import ConfigError
+
+HUGE_PAGE_MALLOC = "glibc.malloc.hugetlb=1"
 
 
 def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -38,10 +41,11 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None
         os.environ.pop("RAY_ADDRESS")
     address = address or os.environ.get("RAY_ADDRESS")
     to_console = os.environ.get("BGE_RAY_WORKER_LOGS", "").lower() == "console"
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
+    env = {"env_vars": worker_env(os.environ)}
     if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
         # a `ray job submit` driver: the job's runtime env (working_dir, env_vars) already applies to
-        # every worker, and Ray refuses a second one that touches the same fields
+        # every worker, and Ray refuses a second one that touches the same fields (worker_env: what
+        # a CPU job's env_vars gain from)
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         ray.init(address=address or "auto", log_to_driver=to_console)
     elif address:
@@ -58,6 +62,22 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None
     if not to_console:
         log(f"the workers' own output (Ray, DeepSpeed, transformers) is in Ray's logs: {_logs_dir()} on each node "
             "(BGE_RAY_WORKER_LOGS=console shows it here)")
+
+
+def worker_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment variables of the Ray workers bge-ray starts (a local cluster, or one it joins).
+
+    glibc's malloc gives each large tensor a fresh mapping and unmaps it when freed, so every CPU
+    step faults its activations in again, 4 KiB a fault, in the kernel (benchmarks/README.md, "malloc
+    and huge pages", measures it). ``glibc.malloc.hugetlb=1`` (glibc 2.35+; older glibc and
+    other C libraries ignore it) marks those mappings for transparent huge pages, 2 MiB a fault.
+    Where memory lands only: every number computed is the same. A user's own GLIBC_TUNABLES is kept,
+    and one that names glibc.malloc.hugetlb wins (``glibc.malloc.hugetlb=0`` turns this off).
+    """
+    tunables = environ.get("GLIBC_TUNABLES", "")
+    if "glibc.malloc.hugetlb" not in tunables:
+        tunables = f"{tunables}:{HUGE_PAGE_MALLOC}" if tunables else HUGE_PAGE_MALLOC
+    return {"TOKENIZERS_PARALLELISM": "false", "GLIBC_TUNABLES": tunables}
 
 
 def _logs_dir() -> str:

@@ -181,3 +181,23 @@ def test_with_no_address_bge_ray_joins_the_cluster_ray_start_recorded(ray_head, 
     joined = next(line.split() for line in out.stdout.splitlines() if line.startswith("JOINED"))
     assert joined[1].rsplit(":", 1)[1] == ray_head["address"].rsplit(":", 1)[1]  # the head's GCS port
     assert float(joined[2]) == 4.0  # the session head's CPUs, not a new local cluster of 7
+
+
+def test_workers_get_huge_page_malloc_and_keep_the_users_tunables(ray_head):
+    """Every Ray worker bge-ray starts or joins gets glibc.malloc.hugetlb=1 (a CPU step's tensors
+    fault in 2 MiB at a time, not 4 KiB) added to the user's own GLIBC_TUNABLES, which it keeps."""
+    env = dict(os.environ, GLIBC_TUNABLES="glibc.malloc.arena_max=4")
+    script = ("import os, ray\nfrom bge_ray.cluster import connect_ray\nconnect_ray(None)\n"
+              "print('WORKER', ray.get(ray.remote(lambda: os.environ.get('GLIBC_TUNABLES')).remote()))\n")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = next(line.split()[1] for line in out.stdout.splitlines() if line.startswith("WORKER"))
+    assert seen == "glibc.malloc.arena_max=4:glibc.malloc.hugetlb=1"
+
+
+def test_worker_env_adds_huge_page_malloc_unless_the_user_chose():
+    from bge_ray.cluster import worker_env
+
+    assert worker_env({})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    assert worker_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=0"
+    assert worker_env({})["TOKENIZERS_PARALLELISM"] == "false"
