@@ -44,8 +44,8 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None
     env = {"env_vars": worker_env(os.environ)}
     if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
         # a `ray job submit` driver: the job's runtime env (working_dir, env_vars) already applies to
-        # every worker, and Ray refuses a second one that touches the same fields (worker_env: what
-        # a CPU job's env_vars gain from)
+        # every worker, and Ray refuses a second one that touches the same fields (a CPU job gains
+        # from putting worker_env's GLIBC_TUNABLES in its own env_vars)
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         ray.init(address=address or "auto", log_to_driver=to_console)
     elif address:

@@ -13,6 +13,7 @@ import time
 import pytest
 import yaml
 
+from bge_ray.cluster import worker_env
 from bge_ray.config import load_config
 from bge_ray.errors import ConfigError
 from tests.helpers import REPO
@@ -196,8 +197,6 @@ def test_workers_get_huge_page_malloc_and_keep_the_users_tunables(ray_head):
 
 
 def test_worker_env_adds_huge_page_malloc_unless_the_user_chose():
-    from bge_ray.cluster import worker_env
-
     assert worker_env({})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
     assert worker_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=0"
     assert worker_env({})["TOKENIZERS_PARALLELISM"] == "false"
